@@ -1,0 +1,247 @@
+"""Load a ChatGLM2 checkpoint in THUDM's layout onto transformers' ``GlmForCausalLM``.
+
+THUDM names are mapped onto GLM's as each shard is read, so peak host memory is about the model
+plus one shard. Nothing here runs ``trust_remote_code``.
+
+>>> from builder import load_chatglm2, TINY_CHECKPOINT
+>>> model, tokenizer = load_chatglm2(TINY_CHECKPOINT)
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ChatGLM2Config
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+
+# THUDM name (after `transformer.`) -> GLM name; `{i}` is the layer number.
+_RENAMES = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "encoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_LAYER_RENAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense": "self_attn.o_proj",
+    "mlp.dense_h_to_4h": "mlp.gate_up_proj",
+    "mlp.dense_4h_to_h": "mlp.down_proj",
+}
+_LAYER = re.compile(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$")
+# Buffers THUDM saves that GLM recomputes.
+_IGNORED = re.compile(r"(rotary_pos_emb\.inv_freq|\.rotary_emb\.inv_freq)$")
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint directory lacks a file it needs, or holds a tensor we cannot place."""
+
+
+def map_thudm_tensor(name: str, tensor: torch.Tensor, config: ChatGLM2Config
+                     ) -> list[tuple[str, torch.Tensor]]:
+    """One THUDM tensor as the GLM tensors it becomes (the fused QKV splits in three).
+
+    Works for a quantized checkpoint too: its ``weight`` / ``weight_scale`` rows split the same way.
+    """
+    if _IGNORED.search(name):
+        return []
+    short = name.removeprefix("transformer.")
+    if short in _RENAMES:
+        return [(_RENAMES[short], tensor)]
+    match = _LAYER.match(name)
+    if not match:
+        raise CheckpointError(f"unexpected tensor {name!r} in checkpoint (not a ChatGLM2 weight)")
+    layer, rest = match.groups()
+    prefix = f"model.layers.{layer}."
+    if rest.startswith("self_attention.query_key_value."):
+        suffix = rest.removeprefix("self_attention.query_key_value.")
+        # rows: [q: heads × kv_channels | k: groups × kv_channels | v: groups × kv_channels]
+        q, k, v = tensor.split([config.q_size, config.kv_size, config.kv_size], dim=0)
+        return [(f"{prefix}self_attn.{p}_proj.{suffix}", t.contiguous())
+                for p, t in (("q", q), ("k", k), ("v", v))]
+    for old, new in _LAYER_RENAMES.items():
+        if rest == old or rest.startswith(old + "."):
+            return [(prefix + new + rest[len(old):], tensor)]
+    raise CheckpointError(f"unexpected tensor {name!r} in checkpoint (not a ChatGLM2 weight)")
+
+
+def glm_to_thudm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GLM names back to THUDM's, fusing q/k/v again (used to write checkpoints)."""
+    renames = {v: k for k, v in _RENAMES.items()}
+    layer_renames = {v: k for k, v in _LAYER_RENAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    pending_qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state_dict.items():
+        if _IGNORED.search(name):
+            continue
+        if name in renames:
+            out["transformer." + renames[name]] = tensor
+            continue
+        match = re.match(r"^model\.layers\.(\d+)\.(.+)$", name)
+        if not match:
+            raise ValueError(f"unexpected GLM tensor {name!r}")
+        layer, rest = match.groups()
+        prefix = f"transformer.encoder.layers.{layer}."
+        qkv = re.match(r"^self_attn\.([qkv])_proj\.(.+)$", rest)
+        if qkv:
+            which, suffix = qkv.groups()
+            pending_qkv.setdefault(f"{prefix}self_attention.query_key_value.{suffix}", {})[which] = tensor
+            continue
+        for new, old in layer_renames.items():
+            if rest == new or rest.startswith(new + "."):
+                out[prefix + old + rest[len(new):]] = tensor
+                break
+        else:
+            raise ValueError(f"unexpected GLM tensor {name!r}")
+    for name, parts in pending_qkv.items():
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight shards, from the index file when there is one."""
+    for index_name in _INDEX_FILES:
+        index = path / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [n for n in names if not (path / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are not in {path}: {missing}")
+            return [path / n for n in names]
+    for pattern in _WEIGHT_GLOBS:
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(
+        f"no weights in {path}: expected *.safetensors or pytorch_model*.bin shards "
+        f"(optionally with {' or '.join(_INDEX_FILES)})")
+
+
+def check_checkpoint(path: str | Path) -> ChatGLM2Config:
+    """Check that ``path`` is a loadable ChatGLM2 checkpoint and return its config, reading no weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
+    expected = [CONFIG_FILE, TOKENIZER_FILE]
+    missing = [n for n in expected if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is missing {missing}; a ChatGLM2 checkpoint needs "
+            f"{expected} and weight shards (*.safetensors or pytorch_model*.bin)")
+    config = ChatGLM2Config.from_json(path / CONFIG_FILE)
+    weight_files(path)
+    return config
+
+
+def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(THUDM name, tensor) for every tensor, one shard in memory at a time."""
+    for file in weight_files(path):
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as shard:
+                for name in shard.keys():
+                    yield name, shard.get_tensor(name)
+        else:
+            shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for name in list(shard):
+                yield name, shard.pop(name)
+            del shard
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU, float16 on CUDA (never bfloat16 by default: the P40 has none)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         "use float16")
+
+
+# A hook that may replace a GLM tensor as it is loaded (the quantizer uses it). It gets the GLM name
+# and the tensor and returns True when it has placed the tensor itself.
+TensorHook = Callable[[str, torch.Tensor], bool]
+
+
+def load_weights(model: torch.nn.Module, path: Path, config: ChatGLM2Config, *,
+                 device: torch.device, dtype: torch.dtype, hook: TensorHook | None = None) -> None:
+    """Stream the checkpoint's tensors into ``model`` (built on the meta device)."""
+    expected = {n for n, p in model.named_parameters()}
+    loaded: set[str] = set()
+    for thudm_name, tensor in iter_checkpoint_tensors(path):
+        for name, value in map_thudm_tensor(thudm_name, tensor, config):
+            if hook is not None and hook(name, value):
+                loaded.add(name)
+                continue
+            if name not in expected:
+                raise CheckpointError(f"tensor {thudm_name!r} maps to {name!r}, which the model lacks")
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            old = getattr(module, attr)
+            if tuple(old.shape) != tuple(value.shape):
+                raise CheckpointError(
+                    f"tensor {thudm_name!r} has shape {tuple(tensor.shape)}, but config.json implies "
+                    f"{tuple(old.shape)} for {name}")
+            cast = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+            setattr(module, attr, torch.nn.Parameter(cast, requires_grad=False))
+            loaded.add(name)
+    missing = sorted(expected - loaded - _quantized_names(model))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def _quantized_names(model: torch.nn.Module) -> set[str]:
+    """Parameter names the hook replaced with quantized modules (they no longer exist)."""
+    return set()
+
+
+def build_empty_model(config: ChatGLM2Config, dtype: torch.dtype):
+    """A ``GlmForCausalLM`` of this shape with no storage (meta tensors), ready to be filled."""
+    from transformers import GlmForCausalLM
+
+    glm_config = config.to_glm_config(dtype)
+    with torch.device("meta"):
+        model = GlmForCausalLM(glm_config)
+    return model
+
+
+def finish_model(model, device: torch.device, dtype: torch.dtype):
+    """Recompute the rotary buffers lost on the meta device and put the model in eval mode."""
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    model.model.rotary_emb = GlmRotaryEmbedding(config=model.config).to(device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"model tensors were never loaded: {leftover[:5]}")
+    model.config.dtype = dtype
+    return model.eval()
+
+
+def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None):
+    """Load a ChatGLM2 checkpoint (THUDM layout) as ``(GlmForCausalLM, ChatGLM2Tokenizer)``.
+
+    >>> model, tokenizer = load_chatglm2("THUDM-chatglm2-6b/", device="cuda")  # float16
+    """
+    from .tokenizer import ChatGLM2Tokenizer
+
+    path = Path(path)
+    config = check_checkpoint(path)
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    check_dtype(dtype, device)
+    tokenizer = ChatGLM2Tokenizer(path / TOKENIZER_FILE)
+    model = build_empty_model(config, dtype)
+    load_weights(model, path, config, device=device, dtype=dtype)
+    return finish_model(model, device, dtype), tokenizer
