@@ -1,11 +1,31 @@
-"""glm-build: ChatGLM2 on NVIDIA Triton Inference Server, several precisions side by side."""
-from pathlib import Path
+"""glm-build: ChatGLM2 on NVIDIA Triton Inference Server, several precisions side by side.
 
-from .chat import chat, stream_chat
-from .checkpoint import load_chatglm2
-from .config import CHATGLM2_6B, ChatGLM2Config
+The public names are imported lazily, so ``builder.serving`` (the router, ``glm-serve``) and the
+tokenizer work without importing torch.
+
+>>> from builder import load_chatglm2, chat, TINY_CHECKPOINT
+>>> model, tokenizer = load_chatglm2(TINY_CHECKPOINT)
+>>> chat(model, tokenizer, "3只鸡和2只兔子一共有几条腿？", temperature=0)
+"""
+from importlib import import_module
+from pathlib import Path
 
 # The embedded tiny ChatGLM2 checkpoint (THUDM layout); `make tiny-model` re-creates it.
 TINY_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-chatglm2"
 
-__all__ = ["CHATGLM2_6B", "ChatGLM2Config", "TINY_CHECKPOINT", "chat", "load_chatglm2", "stream_chat"]
+_LAZY = {
+    "chat": "chat", "stream_chat": "chat",
+    "load_chatglm2": "checkpoint",
+    "CHATGLM2_6B": "config", "ChatGLM2Config": "config",
+    "estimate_memory": "memory",
+    "load_profile": "profiles",
+    "quantize": "quantize",
+}
+
+__all__ = ["TINY_CHECKPOINT", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'builder' has no attribute {name!r}")

@@ -53,7 +53,7 @@ def generate_ids(model, input_ids: list[int], *, max_length: int, temperature: f
     cache = DynamicCache()
     tokens = torch.tensor([input_ids], device=device)  # [1, seq]
     for _ in range(max_length - len(input_ids)):
-        out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
         next_id = sample_next(out.logits[0, -1], temperature, top_p, generator)
         if next_id in stop_ids:
             return

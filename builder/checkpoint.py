@@ -196,14 +196,11 @@ def load_weights(model: torch.nn.Module, path: Path, config: ChatGLM2Config, *,
             cast = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
             setattr(module, attr, torch.nn.Parameter(cast, requires_grad=False))
             loaded.add(name)
-    missing = sorted(expected - loaded - _quantized_names(model))
+    if hook is not None and hasattr(hook, "check_complete"):
+        hook.check_complete()
+    missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {missing[:5]}")
-
-
-def _quantized_names(model: torch.nn.Module) -> set[str]:
-    """Parameter names the hook replaced with quantized modules (they no longer exist)."""
-    return set()
 
 
 def build_empty_model(config: ChatGLM2Config, dtype: torch.dtype):
@@ -229,19 +226,77 @@ def finish_model(model, device: torch.device, dtype: torch.dtype):
 
 
 def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None, bits: int = 16, group_size: int | None = None):
     """Load a ChatGLM2 checkpoint (THUDM layout) as ``(GlmForCausalLM, ChatGLM2Tokenizer)``.
 
+    With ``bits`` 8 or 4 each projection is quantized as its shard is read, so peak host memory
+    is about the quantized model plus one shard. A pre-quantized checkpoint (THUDM's int4/int8
+    format, ``quantization_bit`` in config.json) loads as it is.
+
     >>> model, tokenizer = load_chatglm2("THUDM-chatglm2-6b/", device="cuda")  # float16
+    >>> model, tokenizer = load_chatglm2("THUDM-chatglm2-6b/", bits=4)  # int4 on the CPU
     """
+    from .quantize import check_bits, make_load_hook, make_prequantized_hook
     from .tokenizer import ChatGLM2Tokenizer
 
     path = Path(path)
     config = check_checkpoint(path)
+    if bits != 16:
+        check_bits(bits, group_size)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     check_dtype(dtype, device)
     tokenizer = ChatGLM2Tokenizer(path / TOKENIZER_FILE)
     model = build_empty_model(config, dtype)
-    load_weights(model, path, config, device=device, dtype=dtype)
+    hook = None
+    if config.quantization_bit:
+        if bits not in (16, config.quantization_bit):
+            raise ValueError(f"bits={bits}: {path} holds weights quantized to "
+                             f"{config.quantization_bit} bits (config.json quantization_bit); "
+                             f"load it with bits={config.quantization_bit}")
+        hook = make_prequantized_hook(model, config.quantization_bit, device=device)
+    elif bits != 16:
+        hook = make_load_hook(model, bits, group_size, device=device)
+    load_weights(model, path, config, device=device, dtype=dtype, hook=hook)
     return finish_model(model, device, dtype), tokenizer
+
+
+def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: int | None = None,
+                   progress: Callable[[str], None] | None = None) -> Path:
+    """Quantize checkpoint ``src`` once, offline, into ``dst`` in THUDM's int8/int4 format.
+
+    ``dst`` gets ``config.json`` (with ``quantization_bit``), ``tokenizer.model`` and one
+    safetensors file whose names and layout are THUDM's, so ``load_chatglm2(dst)`` and THUDM's own
+    code both read it. Written to a temporary folder beside ``dst`` and moved into place at the end.
+
+    >>> save_quantized("chatglm2-6b/", "chatglm2-6b-int4/", 4)
+    """
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if group_size is not None:
+        raise ValueError(f"group_size={group_size}: THUDM's format stores one scale per row; "
+                         "save group-wise weights is not supported (quantize at initialize instead)")
+    say = progress or (lambda message: None)
+    say(f"quantizing {src} to int{bits}")
+    model, _ = load_chatglm2(src, bits=bits, dtype=torch.float16)
+    config = dataclasses.replace(check_checkpoint(src), quantization_bit=bits, torch_dtype="float16")
+    say(f"writing THUDM int{bits} tensors")
+    state = glm_to_thudm({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
+    try:
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(src / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(dst)
+        staging.rename(dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"wrote {dst}")
+    return dst

@@ -1,0 +1,61 @@
+"""How well a (possibly quantized) model answers: held-out perplexity, agreement, accuracy.
+
+>>> heldout_perplexity(model, tokenizer, dialogues("heldout"))
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .chat import chat
+from .corpus import Dialogue
+
+
+def answer_example(tokenizer, dialogue: Dialogue) -> tuple[list[int], int]:
+    """Token ids of the whole dialogue (answer + eos included) and where the answer starts."""
+    prompt = tokenizer.build_chat_input(dialogue.query, dialogue.history)
+    answer = tokenizer.encode(dialogue.answer) + [tokenizer.eos_id]
+    return prompt + answer, len(prompt)
+
+
+@torch.inference_mode()
+def answer_logits(model, tokenizer, dialogue: Dialogue) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits predicting each answer token [answer_len, vocab] (float32), and those tokens."""
+    ids, start = answer_example(tokenizer, dialogue)
+    device = model.get_input_embeddings().weight.device
+    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+    return logits[start - 1:-1], torch.tensor(ids[start:], device=device)
+
+
+def heldout_perplexity(model, tokenizer, dialogues: Sequence[Dialogue]) -> float:
+    """exp(mean negative log-likelihood) of the answer tokens (eos included)."""
+    total, count = 0.0, 0
+    for dialogue in dialogues:
+        logits, targets = answer_logits(model, tokenizer, dialogue)
+        total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        count += len(targets)
+    return math.exp(total / count)
+
+
+def top1_agreement(model, reference, tokenizer, dialogues: Sequence[Dialogue]) -> float:
+    """Fraction of answer positions where both models' most likely next token agree."""
+    same, count = 0, 0
+    for dialogue in dialogues:
+        a, _ = answer_logits(model, tokenizer, dialogue)
+        b, _ = answer_logits(reference, tokenizer, dialogue)
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        count += len(a)
+    return same / count
+
+
+def answer_accuracy(model, tokenizer, dialogues: Sequence[Dialogue]) -> float:
+    """Fraction of dialogues whose greedy answer equals the expected answer exactly."""
+    right = 0
+    for dialogue in dialogues:
+        budget = len(tokenizer.build_chat_input(dialogue.query, dialogue.history)) + 64
+        response, _ = chat(model, tokenizer, dialogue.query, dialogue.history,
+                           max_length=budget, temperature=0)
+        right += response == dialogue.answer
+    return right / len(dialogues)

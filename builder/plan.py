@@ -1,0 +1,429 @@
+"""Fit, placement and routing limits: which variant goes on which device, and how long a request
+each one can take.
+
+Every variant is one Triton Python-backend instance, so one process with its own CUDA context (the
+profile's ``process_overhead_bytes``). A variant serving a request of ``T`` tokens (prompt +
+``max_token``) needs the larger of its ``encode`` (prefill) and ``generate`` estimates at ``T``.
+
+1. **Placement**: the variants, largest first, each sized at ``min_tokens``, onto the profile's
+   ``count`` devices: each on the device with the most memory left (spreading the headroom), or,
+   when that leaves one out, first fit (packing tighter). If one cannot be placed,
+   :class:`PlacementError` says what fits instead.
+2. **Routing limits**: on each device the headroom left goes to the lowest precision first (long
+   requests to int4, short ones to fp16 when memory is tight): each variant's limit is the largest
+   ``T ≤ max_tokens`` whose need fits while the others keep what they were given (at least
+   ``min_tokens``).
+
+>>> from builder import CHATGLM2_6B, load_profile
+>>> plan = make_plan(CHATGLM2_6B, ["fp16", "int8", "int4"], load_profile("p40x2"))
+>>> [(p.variant.precision, p.device) for p in plan.placements]
+[('fp16', 0), ('int8', 1), ('int4', 1)]
+>>> plan.limits()["chatglm2-6b-int4"]
+32768
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from .config import CHATGLM2_6B, ChatGLM2Config
+from .memory import GIB, PHASES, MemoryEstimate, estimate_breakdown
+from .profiles import GpuProfile, list_profiles, load_profile
+from .routing import Route, RoutingTable
+
+MODEL_NAME = "chatglm2-6b"  # the router's name; variants are MODEL_NAME-<precision>
+
+PRECISIONS: dict[str, tuple[int, int | None]] = {
+    "fp16": (16, None),
+    "int8": (8, None),
+    "int4-g128": (4, 128),  # group-wise int4: one scale per 128 inputs, closer to fp16 than int4
+    "int4": (4, None),  # ChatGLM's per-row int4 (THUDM's chatglm2-6b-int4 format)
+}
+"""precision → (bits, group_size), highest precision first: the order the router tries them in."""
+
+ALL_LOGITS = False
+"""Whether the serving runtime computes logits for every prompt position. ``builder.chat`` passes
+``logits_to_keep=1``, so it does not; THUDM's code (the published table's) did, which is why the
+report compares against the table with ``all_logits=True`` but plans with this."""
+
+MAX_SUGGESTED_COUNT = 16  # the largest NAMExN a PlacementError suggests
+
+
+class PlacementError(ValueError):
+    """The asked variants do not fit on the profile's devices; the message says what would."""
+
+    def __init__(self, message: str, *, fitting: Sequence[tuple[str, ...]] = (),
+                 suggested_gpu: str | None = None):
+        super().__init__(message)
+        self.fitting = list(fitting)  # maximal subsets of the asked precisions that fit
+        self.suggested_gpu = suggested_gpu  # the smallest NAMExN holding them all, or None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One precision of the model, served by its own Triton model ``chatglm2-6b-<precision>``.
+
+    >>> v = Variant("int4")
+    >>> v.bits, v.group_size, v.name
+    (4, None, 'chatglm2-6b-int4')
+    """
+
+    precision: str  # a key of PRECISIONS
+    bits: int = field(init=False)  # 16 (not quantized), 8 or 4
+    group_size: int | None = field(init=False)  # None: one scale per output row
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; known: "
+                             f"{', '.join(PRECISIONS)}")
+        bits, group_size = PRECISIONS[self.precision]
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "group_size", group_size)
+
+    @property
+    def name(self) -> str:
+        return f"{MODEL_NAME}-{self.precision}"
+
+    @property
+    def rank(self) -> int:
+        """0 for the highest precision; larger is lower."""
+        return list(PRECISIONS).index(self.precision)
+
+    def dtype(self, profile: GpuProfile) -> str:
+        """The activations' dtype: float16 for fp16 everywhere; bfloat16 for int8/int4 on a CPU
+        (torch's fused int8 kernel is 11× slower with other activations), float16 on a GPU."""
+        if self.bits == 16 or profile.kind == "gpu":
+            return "float16"
+        return "bfloat16"
+
+
+def variants_of(precisions: Iterable[str] | str) -> tuple[Variant, ...]:
+    """``"fp16,int4"`` or ``["int4", "fp16"]`` → variants, highest precision first.
+
+    >>> [v.name for v in variants_of("int4,fp16")]
+    ['chatglm2-6b-fp16', 'chatglm2-6b-int4']
+    """
+    names = precisions.split(",") if isinstance(precisions, str) else list(precisions)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    if not names:
+        raise ValueError(f"no precision asked; known: {', '.join(PRECISIONS)}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"precision {', '.join(duplicates)} asked more than once")
+    return tuple(sorted((Variant(n) for n in names), key=lambda v: v.rank))
+
+
+def phase_breakdown(config: ChatGLM2Config, variant: Variant, tokens: int, phase: str,
+                    profile: GpuProfile) -> MemoryEstimate:
+    """One phase's estimate for ``variant`` on ``profile``'s device kind, in this runtime."""
+    return estimate_breakdown(config, variant.bits, tokens, phase, group_size=variant.group_size,
+                              dtype_bytes=2, device="cuda" if profile.kind == "gpu" else "cpu",
+                              process_overhead=profile.process_overhead_bytes,
+                              all_logits=ALL_LOGITS)
+
+
+def need_breakdown(config: ChatGLM2Config, variant: Variant, tokens: int,
+                   profile: GpuProfile) -> MemoryEstimate:
+    """The estimate of the phase that needs more at ``tokens``: a request of ``tokens`` may be
+    one long prefill (encode) or a short prompt decoded that far (generate)."""
+    return max((phase_breakdown(config, variant, tokens, phase, profile) for phase in PHASES),
+               key=lambda e: e.total)
+
+
+def need_bytes(config: ChatGLM2Config, variant: Variant, tokens: int, profile: GpuProfile) -> int:
+    """Bytes one instance of ``variant`` needs to serve a request of ``tokens`` in total.
+
+    >>> from builder import CHATGLM2_6B, load_profile
+    >>> round(need_bytes(CHATGLM2_6B, Variant("int4"), 2048, load_profile("p40")) / GIB, 2)
+    5.0
+    """
+    return need_breakdown(config, variant, tokens, profile).total
+
+
+def largest_fit(config: ChatGLM2Config, variant: Variant, available: int, profile: GpuProfile,
+                max_tokens: int) -> int:
+    """The largest ``T ≤ max_tokens`` whose need fits in ``available`` bytes; 0 when none does.
+
+    Binary search: the need grows with ``T`` (both phases do).
+    """
+    lo, hi = 0, max_tokens  # need(lo) fits (or lo == 0), need(hi + 1) does not matter
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if need_bytes(config, variant, mid, profile) <= available:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One variant on one device, with its routing limit."""
+
+    variant: Variant
+    device: int | None  # GPU index (instance_group gpus); None: a CPU instance
+    max_tokens: int  # routing limit: the longest request (prompt + max_token) it takes
+    need_bytes: int  # estimated need at max_tokens
+    min_need_bytes: int  # estimated need at the plan's min_tokens (what placement used)
+    weights_bytes: int  # the variant's parameters in their stored format
+    dtype: str  # activations' dtype ("float16" / "bfloat16")
+
+    @property
+    def device_label(self) -> str:
+        return "CPU" if self.device is None else f"GPU {self.device}"
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """One device's budget and what the plan puts on it."""
+
+    index: int | None  # None: the host (cpu profile)
+    budget_bytes: int
+    used_bytes: int  # sum of its variants' needs at their limits
+    variants: tuple[str, ...]
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes
+
+    @property
+    def label(self) -> str:
+        return "CPU" if self.index is None else f"GPU {self.index}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each variant runs and how long a request it takes; see :func:`make_plan`."""
+
+    config: ChatGLM2Config
+    profile: GpuProfile
+    placements: tuple[Placement, ...]  # highest precision first
+    max_tokens: int  # no limit goes above this (default: the config's seq_length)
+    min_tokens: int  # every variant's limit is at least this (unless overridden lower)
+
+    @property
+    def devices(self) -> tuple[DeviceUse, ...]:
+        """Every device of the profile, used or not."""
+        indices: list[int | None] = [None] if self.profile.kind == "cpu" \
+            else list(range(self.profile.count))
+        return tuple(DeviceUse(
+            index=i, budget_bytes=self.profile.memory_bytes,
+            used_bytes=sum(p.need_bytes for p in self.placements if p.device == i),
+            variants=tuple(p.variant.name for p in self.placements if p.device == i))
+            for i in indices)
+
+    def limits(self) -> dict[str, int]:
+        """{model name: routing limit in tokens}, highest precision first."""
+        return {p.variant.name: p.max_tokens for p in self.placements}
+
+    def routing_table(self) -> RoutingTable:
+        return RoutingTable(tuple(Route(p.variant.name, p.variant.precision, p.variant.bits,
+                                        p.max_tokens) for p in self.placements))
+
+    def as_dict(self) -> dict:
+        """For build.json (bytes as integers)."""
+        return {
+            "profile": self.profile.label, "max_tokens": self.max_tokens,
+            "min_tokens": self.min_tokens,
+            "placements": [{"name": p.variant.name, "precision": p.variant.precision,
+                            "bits": p.variant.bits, "group_size": p.variant.group_size,
+                            "device": p.device, "dtype": p.dtype, "max_tokens": p.max_tokens,
+                            "need_bytes": p.need_bytes, "min_need_bytes": p.min_need_bytes,
+                            "weights_bytes": p.weights_bytes} for p in self.placements],
+            "devices": [{"index": d.index, "budget_bytes": d.budget_bytes,
+                         "used_bytes": d.used_bytes, "headroom_bytes": d.headroom_bytes,
+                         "variants": list(d.variants)} for d in self.devices],
+        }
+
+
+# -- placement ------------------------------------------------------------------------------------
+def pack_decreasing(needs: Mapping[Variant, int], budget: int, count: int, *,
+                    spread: bool = True) -> dict[Variant, int] | None:
+    """{variant: device index}, the largest need first; None when one does not fit.
+
+    ``spread=True`` (worst fit) puts each variant on the device with the most memory left, so the
+    headroom, and with it the routing limits, is shared out; ``spread=False`` is first fit, which
+    packs tighter. :func:`place` tries the first and falls back on the second.
+
+    >>> needs = {Variant("fp16"): 6, Variant("int8"): 4, Variant("int4"): 3}
+    >>> sorted((v.precision, d) for v, d in pack_decreasing(needs, 10, 2, spread=False).items())
+    [('fp16', 0), ('int4', 1), ('int8', 0)]
+    >>> sorted((v.precision, d) for v, d in pack_decreasing(needs, 10, 2).items())
+    [('fp16', 0), ('int4', 1), ('int8', 1)]
+    """
+    used = [0] * count
+    placed: dict[Variant, int] = {}
+    for variant in sorted(needs, key=lambda v: (-needs[v], v.rank)):
+        free = [d for d in range(count) if used[d] + needs[variant] <= budget]
+        if not free:
+            return None
+        device = min(free, key=lambda d: (used[d], d)) if spread else free[0]
+        used[device] += needs[variant]
+        placed[variant] = device
+    return dict(sorted(placed.items(), key=lambda item: item[0].rank))
+
+
+def place(needs: Mapping[Variant, int], budget: int, count: int) -> dict[Variant, int] | None:
+    """Worst-fit decreasing, or first-fit decreasing when spreading leaves one out."""
+    return (pack_decreasing(needs, budget, count, spread=True)
+            or pack_decreasing(needs, budget, count, spread=False))
+
+
+def _needs(config, variants, tokens, profile) -> dict[Variant, int]:
+    return {v: need_bytes(config, v, tokens, profile) for v in variants}
+
+
+def _fits(config, variants, tokens, profile) -> bool:
+    count = 1 if profile.kind == "cpu" else profile.count
+    return place(_needs(config, variants, tokens, profile), profile.memory_bytes,
+                 count) is not None
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB ({n / 1e9:.2f} GB)"
+
+
+def _joined(variants: Iterable[Variant]) -> str:
+    return "+".join(v.precision for v in variants)
+
+
+def placement_error(config: ChatGLM2Config, variants: Sequence[Variant], profile: GpuProfile,
+                    tokens: int, model_label: str) -> PlacementError:
+    """The refusal, with every maximal subset that fits and the smallest NAMExN that fits all."""
+    needs = _needs(config, variants, tokens, profile)
+    where = "this host" if profile.kind == "cpu" else (
+        f"{profile.label} ({profile.count} × {_size(profile.memory_bytes)})")
+    lines = [f"cannot place {_joined(variants)} of {model_label} on {where}.",
+             f"Each variant is its own Triton process; its need for a {tokens}-token request "
+             f"(weights + KV cache + activations + per-process overhead):"]
+    width = max(len(v.name) for v in variants)
+    lines += [f"  {v.name:<{width}}  {_size(needs[v])}" for v in variants]
+    lines.append(f"  {'together':<{width}}  {_size(sum(needs.values()))}; budget "
+                 f"{_size(profile.memory_bytes)} per {'host' if profile.kind == 'cpu' else 'GPU'}")
+    too_big = [v for v in variants if needs[v] > profile.memory_bytes]
+    if too_big:
+        lines.append(f"{_joined(too_big)} alone is larger than one device: no number of "
+                     f"{profile.name} GPUs fits {'it' if len(too_big) == 1 else 'them'}.")
+    fitting = [s for n in range(len(variants) - 1, 0, -1)
+               for s in itertools.combinations(variants, n) if _fits(config, s, tokens, profile)]
+    maximal = [s for s in fitting if not any(set(s) < set(t) for t in fitting)]
+    if maximal:
+        lines.append(f"What fits on {profile.label}: " + ", ".join(
+            f"{_joined(s)} (--quant {','.join(v.precision for v in s)})" for s in maximal))
+    else:
+        lines.append(f"None of the asked variants fits on {profile.label}.")
+    suggested = None
+    if profile.kind == "gpu" and not too_big:
+        suggested = next((profile.with_count(n).label for n in range(profile.count + 1,
+                                                                        MAX_SUGGESTED_COUNT + 1)
+                          if _fits(config, variants, tokens, profile.with_count(n))), None)
+    larger = [name for name in list_profiles() if name != profile.name
+              and (other := load_profile(name)).kind == "gpu"
+              and _fits(config, variants, tokens, other)]
+    if suggested or larger:
+        options = ([f"--gpu {suggested}"] if suggested else []) + (
+            [f"one GPU of {', '.join(larger)}"] if larger else [])
+        lines.append(f"All of {_joined(variants)} fit on " + " or ".join(options) + ".")
+    return PlacementError("\n".join(lines), fitting=[tuple(v.precision for v in s)
+                                                     for s in maximal],
+                          suggested_gpu=suggested)
+
+
+# -- the plan -------------------------------------------------------------------------------------
+def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: GpuProfile, *,
+              max_tokens: int | None = None, min_tokens: int = 2048,
+              limits_override: Mapping[str, int] | None = None,
+              model_label: str | None = None) -> Plan:
+    """Place the variants of ``precisions`` on ``profile`` and give each a routing limit.
+
+    ``max_tokens``: no limit above it (default ``config.seq_length``). ``min_tokens``: every
+    variant must take requests this long (capped at ``max_tokens``). ``limits_override``:
+    {precision or model name: tokens} replacing computed limits; each must fit with the others
+    at their floor. ``model_label`` names the model in errors.
+
+    >>> from builder import CHATGLM2_6B, load_profile
+    >>> make_plan(CHATGLM2_6B, "int4", load_profile("p40")).devices[0].headroom_bytes > 10 * GIB
+    True
+    >>> make_plan(CHATGLM2_6B, "fp16,int8,int4", load_profile("p40"))
+    Traceback (most recent call last):
+    builder.plan.PlacementError: cannot place fp16+int8+int4 of ChatGLM2-6B on p40 ...
+    """
+    variants = variants_of(precisions)
+    if model_label is None:
+        model_label = "ChatGLM2-6B" if config == CHATGLM2_6B else "this model"
+    if max_tokens is None:
+        max_tokens = config.seq_length
+    _check_tokens("max_tokens", max_tokens)
+    _check_tokens("min_tokens", min_tokens)
+    if max_tokens > config.seq_length:
+        raise ValueError(f"max_tokens {max_tokens} exceeds the model's seq_length "
+                         f"{config.seq_length}")
+    floor = min(min_tokens, max_tokens)
+    overrides = _normalize_overrides(limits_override or {}, variants, max_tokens)
+
+    floor_needs = _needs(config, variants, floor, profile)
+    count = 1 if profile.kind == "cpu" else profile.count
+    devices = place(floor_needs, profile.memory_bytes, count)
+    if devices is None:
+        raise placement_error(config, variants, profile, floor, model_label)
+
+    limits: dict[Variant, int] = {}
+    for device in sorted(set(devices.values())):
+        group = [v for v in variants if devices[v] == device]
+        limits.update(_device_limits(config, group, device, profile, floor, max_tokens,
+                                     overrides))
+    return Plan(config=config, profile=profile, max_tokens=max_tokens, min_tokens=floor,
+                placements=tuple(Placement(
+                    variant=v, device=None if profile.kind == "cpu" else devices[v],
+                    max_tokens=limits[v], need_bytes=need_bytes(config, v, limits[v], profile),
+                    min_need_bytes=floor_needs[v], weights_bytes=need_breakdown(
+                        config, v, 1, profile).weights, dtype=v.dtype(profile))
+                    for v in variants))
+
+
+def _device_limits(config, group: list[Variant], device: int, profile, floor: int,
+                   max_tokens: int, overrides: Mapping[Variant, int]) -> dict[Variant, int]:
+    """Routing limits on one device: overrides first (checked), then lowest precision first."""
+    budget = profile.memory_bytes
+    limits = {v: overrides.get(v, floor) for v in group}
+    reserved = {v: need_bytes(config, v, limits[v], profile) for v in group}
+    for v in [v for v in group if v in overrides]:
+        others = sum(reserved[o] for o in group if o != v)
+        allowed = largest_fit(config, v, budget - others, profile, max_tokens)
+        if limits[v] > allowed:
+            where = "the host" if profile.kind == "cpu" else f"GPU {device}"
+            raise ValueError(
+                f"--limits {v.precision}={limits[v]}: {v.name} would need "
+                f"{_size(reserved[v])} at {limits[v]} tokens, but on {where} of {profile.label} "
+                f"({_size(budget)}) the others keep {_size(others)}; the most it can take "
+                f"there is {allowed} tokens")
+    for v in sorted((v for v in group if v not in overrides), key=lambda v: -v.rank):
+        others = sum(reserved[o] for o in group if o != v)
+        limits[v] = largest_fit(config, v, budget - others, profile, max_tokens)
+        reserved[v] = need_bytes(config, v, limits[v], profile)
+    return limits
+
+
+def _normalize_overrides(raw: Mapping[str, int], variants: Sequence[Variant],
+                         max_tokens: int) -> dict[Variant, int]:
+    by_key = {v.precision: v for v in variants} | {v.name: v for v in variants}
+    out: dict[Variant, int] = {}
+    for key, value in raw.items():
+        variant = by_key.get(str(key).strip().lower())
+        if variant is None:
+            raise ValueError(f"--limits names {key!r}, which is not among the asked variants "
+                             f"({', '.join(v.precision for v in variants)})")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"--limits {key}={value!r}: the limit must be a positive integer "
+                             f"of tokens")
+        if value > max_tokens:
+            raise ValueError(f"--limits {key}={value}: above max_tokens {max_tokens} "
+                             f"(the model's seq_length unless --max-tokens says less)")
+        out[variant] = value
+    return out
+
+
+def _check_tokens(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer of tokens, got {value!r}")

@@ -1,0 +1,450 @@
+"""ChatGLM2's weight-only INT8/INT4 quantization, on transformers' ``GlmForCausalLM``.
+
+THUDM's scheme, per output row: ``scale = max|w| / (2^(bits-1) - 1)``, ``q = round(w / scale)``;
+int4 packs two values per byte, element 2j in the high nibble (so ``chatglm2-6b-int4`` checkpoints
+load as they are). The four projections of every decoder layer are replaced (GLM names ``q/k/v_proj``,
+``o_proj``, ``gate_up_proj``, ``down_proj``); embeddings, ``lm_head`` and norms are not. Group-wise
+int4 (``group_size`` 32/64/128: one scale per row per group) is offered beside it.
+
+Kernels: on CPU torch's fused weight-only kernels (``_weight_int8pack_mm`` with bfloat16 activations,
+``_weight_int4pack_mm_for_cpu``); on CUDA THUDM's own way, extract the weight to fp16 then one fp16
+matmul; anywhere else (or for shapes the CPU kernels refuse) dequantize, then matmul.
+
+>>> model = quantize(model, 4)                  # in place, and returned
+>>> hook = make_load_hook(model, 8)            # or quantize while a checkpoint streams in
+>>> load_weights(model, path, config, device=device, dtype=dtype, hook=hook); hook.check_complete()
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+# The decoder-layer projections ChatGLM2 quantizes (query_key_value, dense, dense_h_to_4h,
+# dense_4h_to_h in THUDM's names), matched on a module's dotted name.
+_PROJECTION = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.gate_up_proj|mlp\.down_proj)$")
+
+FilterFn = Callable[[torch.nn.Module, str], bool]
+
+
+def check_bits(bits, group_size=None) -> None:
+    """Fail at once, naming the argument and its value."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"bits must be 4 or 8 (16 means no quantization), got bits={bits!r}")
+    if group_size is not None:
+        if bits != 4:
+            raise ValueError(f"group_size applies to int4 only, got group_size={group_size!r} with bits={bits}")
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (one scale per row), "
+                             f"got group_size={group_size!r}")
+
+
+# -- the math: small pure functions ---------------------------------------------------------------
+def qmax(bits: int) -> int:
+    """The largest magnitude a ``bits``-bit symmetric code holds: 127 for int8, 7 for int4."""
+    return 2 ** (bits - 1) - 1
+
+
+def row_scales(weight: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """``max|w| / qmax`` per output row, or per row per group of ``group_size`` inputs (float32).
+
+    >>> row_scales(torch.tensor([[1.0, -2.54], [0.0, 0.0]]), 8)    # tensor([0.0200, 0.0000])
+    """
+    w = weight.float()  # [out, in]
+    if group_size is not None:
+        w = w.reshape(w.shape[0], -1, group_size)  # [out, groups, group_size]
+    return w.abs().amax(dim=-1) / qmax(bits)  # [out] or [out, groups]
+
+
+def _per_column(scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """A row's (or a group's) scale beside every weight it scales: [out] / [out, groups] -> [out, in]."""
+    if scale.dim() == 1:
+        return scale[:, None]  # [out, 1], broadcasts
+    return scale.repeat_interleave(in_features // scale.shape[1], dim=1)  # [out, in]
+
+
+def quantize_rows(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``round(w / scale)`` as int8, clamped to ``[-qmax, qmax]``; a zero scale (all-zero row) gives 0."""
+    w = weight.float()  # [out, in]
+    s = _per_column(scale.float(), w.shape[1])
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return torch.round(w / s).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)  # [out, in]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two int4 values per byte, element 2j in the HIGH nibble: [out, in] int8 -> [out, in/2] int8."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of inputs per row, got {q.shape[-1]}")
+    u = q.to(torch.int16) & 0xF  # two's-complement nibbles, [out, in]
+    packed = (u[..., 0::2] << 4) | u[..., 1::2]  # [out, in/2], 0..255
+    return packed.to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: [out, in/2] int8 -> [out, in] int8 in [-8, 7]."""
+    b = packed.view(torch.int8)
+    high = b >> 4  # arithmetic shift keeps the sign, [out, in/2]
+    low = (b << 4) >> 4  # sign-extend the low nibble, [out, in/2]
+    return torch.stack([high, low], dim=-1).flatten(-2)  # [out, in]
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` in float32: [out, in] int8 and [out] / [out, groups] -> [out, in]."""
+    return q.float() * _per_column(scale.float(), q.shape[1])
+
+
+# -- torch's CPU int4 kernel format -----------------------------------------------------------------
+def _cpu_int4_group(in_features: int, group_size: int | None) -> int | None:
+    """The group size the CPU int4 kernel runs with, or None when it cannot take this shape.
+
+    Per-row scales are given to every group of a row, so any group size is the same math; the
+    kernel accepts 32/64/128 only, dividing ``in_features``. The tiny test model's 344 inputs have
+    none, and those projections fall back to dequantize-then-matmul.
+    """
+    if group_size is not None:
+        return group_size if in_features % group_size == 0 else None
+    return next((g for g in (128, 64, 32) if in_features % g == 0), None)
+
+
+def _cpu_int4pack(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] int8 in [-8, 7] -> the kernel's prepacked uint8 [out, in/2] (its unsigned nibble is q + 8)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+
+
+_PACK_ROWS = 64  # the kernel packs blocks of 32 (AVX2) or 64 (AVX-512) rows into contiguous bytes
+
+
+@functools.lru_cache(maxsize=8)  # a 6B model has two block shapes: [64, 4096] and [64, 13696]
+def _int4pack_gather_index(rows: int, cols: int) -> torch.Tensor:
+    """Where each weight of a [rows, cols] block sits among the nibbles of its prepacked bytes
+    (nibble i of the block is byte i // 2, high nibble first): [rows * cols] int64.
+
+    Found by asking the kernel's own packer where each flat index goes, 4 index bits at a time,
+    so no CPU-capability-specific layout (AVX2, AVX-512, ...) is written down here.
+    """
+    count = rows * cols
+    index = torch.arange(count, dtype=torch.int64).view(rows, cols)
+    sources = torch.zeros(count, dtype=torch.int64)  # nibble -> flat index of its weight
+    for shift in range(0, max(count - 1, 1).bit_length(), 4):
+        digits = ((index >> shift) & 0xF).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, 1).flatten()
+        sources |= torch.stack([packed >> 4, packed & 0xF], dim=1).flatten().to(torch.int64) << shift
+    if not torch.bincount(sources, minlength=count).eq(1).all():
+        raise RuntimeError("torch's int4 CPU packing is not a permutation of nibbles; "
+                           "thudm_state() does not support this torch version's layout")
+    gather = torch.empty_like(sources)
+    gather[sources] = torch.arange(count)
+    return gather
+
+
+def _cpu_int4unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`_cpu_int4pack`: prepacked uint8 -> [out, in] int8 in [-8, 7]."""
+    flat = packed.flatten()
+    nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).view(torch.int8).flatten()  # [out * in]
+    q = torch.empty(out_features, in_features, dtype=torch.int8)
+    full = out_features // _PACK_ROWS * _PACK_ROWS  # row blocks pack to contiguous bytes
+    for start, stop in ((0, full), (full, out_features)):
+        if stop > start:
+            rows = min(_PACK_ROWS, stop - start)
+            block = nibbles[start * in_features:stop * in_features].view(-1, rows * in_features)
+            gather = _int4pack_gather_index(rows, in_features)
+            q[start:stop] = block.index_select(1, gather).view(stop - start, in_features)
+    q -= 8
+    head = min(out_features, 2 * _PACK_ROWS)  # the row-block assumption, checked where it is cheap
+    if not torch.equal(_cpu_int4pack(q[:head]).flatten(), flat[:head * in_features // 2]):
+        raise RuntimeError("could not invert torch's int4 CPU packing (row blocks are not contiguous)")
+    return q
+
+
+# -- the quantized layer ----------------------------------------------------------------------------
+class QuantizedLinear(torch.nn.Module):
+    """A ``Linear`` whose weight is held as ChatGLM2's int8/int4 codes with fp16 scales.
+
+    Only the format the forward kernel reads stays resident: on CPU, int8 ``weight`` [out, in]
+    (THUDM's format too) or torch's prepacked int4 ``weight_int4pack`` plus ``scales_and_zeros``;
+    elsewhere THUDM's ``weight`` (int4: packed [out, in/2]). ``thudm_state()`` (and ``state_dict()``)
+    always give THUDM's ``weight`` / ``weight_scale`` (/ ``bias``).
+
+    >>> layer = QuantizedLinear.from_float(linear.weight, linear.bias, bits=4)
+    >>> again = QuantizedLinear.from_thudm(**layer.thudm_state(), bits=4)
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 bits: int):
+        super().__init__()
+        check_bits(bits)
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D int8 tensor in THUDM's format, got {weight.dtype} "
+                             f"{tuple(weight.shape)}")
+        self.bits = bits
+        self._set_tensors(weight, weight_scale, bias)
+
+    def _set_tensors(self, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> None:
+        """Keep THUDM's tensors in the format this device's kernel reads (and nothing else)."""
+        bits = self.bits
+        self.out_features = weight.shape[0]
+        self.in_features = weight.shape[1] * (8 // bits)
+        if weight_scale.shape[0] != self.out_features or weight_scale.dim() not in (1, 2):
+            raise ValueError(f"weight_scale must be [{self.out_features}] or [{self.out_features}, groups], "
+                             f"got {tuple(weight_scale.shape)}")
+        self.group_size = None if weight_scale.dim() == 1 else self.in_features // weight_scale.shape[1]
+        check_bits(bits, self.group_size)
+        device = weight.device
+        for name in ("weight", "weight_int4pack", "scales_and_zeros"):
+            self._buffers.pop(name, None)
+        # Buffers, not parameters, and not persistent: state_dict() writes THUDM's format itself.
+        self.register_buffer("weight_scale", weight_scale.to(device, torch.float16), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device), persistent=False)
+        self.kernel = "dequantize"  # how forward computes; see the module docstring
+        if device.type == "cpu" and bits == 8 and self.in_features % 32 == 0:
+            # (the kernel segfaults on in_features % 8 != 0 here; 32 also covers AVX-512 blocking)
+            self.kernel = "cpu_int8"
+        elif device.type == "cpu" and bits == 4 and self.out_features % 16 == 0 and \
+                _cpu_int4_group(self.in_features, self.group_size) is not None:
+            self.kernel = "cpu_int4"
+        elif device.type == "cuda":
+            self.kernel = "cuda_extract"
+        if self.kernel == "cpu_int4":
+            group = _cpu_int4_group(self.in_features, self.group_size)
+            scales = self.weight_scale if self.group_size else self.weight_scale[:, None]  # [out, 1|groups]
+            scales = scales.expand(-1, self.in_features // group).t()  # [groups, out]
+            # w = (nibble - 8) * scale + zero, and the nibble is q + 8, so the zero is 0
+            self.register_buffer("scales_and_zeros", torch.stack(
+                [scales, torch.zeros_like(scales)], dim=-1).to(torch.bfloat16).contiguous(),
+                persistent=False)  # [groups, out, 2]
+            self.register_buffer("weight_int4pack", _cpu_int4pack(unpack_int4(weight)), persistent=False)
+            self.kernel_group_size = group
+        else:
+            self.register_buffer("weight", weight.contiguous(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .half(): the bias follows fn; the codes and scales keep THUDM's
+        # dtypes, and a move to another device re-lays them out for that device's kernel.
+        device = fn(self.weight_scale).device
+        bias = None if self.bias is None else fn(self.bias)
+        if device == self.weight_scale.device:
+            self._buffers["bias"] = bias
+            return self
+        state = self.thudm_state()
+        self._set_tensors(state["weight"].to(device), state["weight_scale"].to(device), bias)
+        return self
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                   group_size: int | None = None) -> "QuantizedLinear":
+        """Quantize a float weight [out, in] with ChatGLM2's per-row scheme (or group-wise int4)."""
+        check_bits(bits, group_size)
+        weight = weight.detach()
+        if group_size is not None and weight.shape[1] % group_size:
+            raise ValueError(f"group_size={group_size} does not divide in_features={weight.shape[1]}")
+        scale = row_scales(weight, bits, group_size).to(torch.float16)  # stored as THUDM stores it
+        q = quantize_rows(weight, scale, bits)
+        return cls(pack_int4(q) if bits == 4 else q, scale, bias, bits)
+
+    @classmethod
+    def from_thudm(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                   bits: int) -> "QuantizedLinear":
+        """From THUDM's tensors: int8 ``weight`` [out, in] (int4: packed [out, in/2]), fp16 ``weight_scale``."""
+        return cls(weight, weight_scale, bias, bits)
+
+    # -- THUDM format on demand ---------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """The int8 codes q [out, in] (int4 unpacked to [-8, 7])."""
+        if self.kernel == "cpu_int4":
+            return _cpu_int4unpack(self.weight_int4pack, self.out_features, self.in_features)
+        return unpack_int4(self.weight) if self.bits == 4 else self.weight
+
+    def thudm_state(self) -> dict[str, torch.Tensor]:
+        """``weight`` (int8; int4 packed [out, in/2]), ``weight_scale`` (fp16) and ``bias`` if any."""
+        if self.kernel == "cpu_int4":
+            weight = pack_int4(self.codes())
+        else:
+            weight = self.weight
+        state = {"weight": weight, "weight_scale": self.weight_scale.to(torch.float16)}
+        if self.bias is not None:
+            state["bias"] = self.bias
+        return state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # state_dict() holds THUDM's tensors, never the CPU kernel's private layout
+        for name, tensor in self.thudm_state().items():
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def resident_bytes(self) -> int:
+        """Bytes of every tensor this module keeps."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [tokens, in]
+        if self.kernel in ("cpu_int8", "cpu_int4") and x.device.type != "cpu":
+            raise RuntimeError(f"QuantizedLinear was built for the CPU kernels but got input on {x.device}; "
+                               "rebuild it there with QuantizedLinear.from_thudm(**layer.thudm_state(), bits=...)")
+        if x2.shape[0] == 0:
+            y = x2.new_empty(0, self.out_features)
+        elif self.kernel == "cpu_int8":
+            # bfloat16 activations: ~10x faster than float32 ones in this kernel
+            y = torch.ops.aten._weight_int8pack_mm(
+                x2.to(torch.bfloat16).contiguous(), self.weight, self.weight_scale.to(torch.bfloat16))
+        elif self.kernel == "cpu_int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16).contiguous(), self.weight_int4pack, self.kernel_group_size,
+                self.scales_and_zeros.to(torch.bfloat16))
+        elif self.kernel == "cuda_extract":
+            y = F.linear(x2.to(torch.float16), self._extract_half())
+        else:
+            y = F.linear(x2, dequantize(self.codes(), self.weight_scale).to(x2.dtype))
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _extract_half(self) -> torch.Tensor:
+        """THUDM's ``int{4,8}WeightExtractionHalf``: codes times scale, straight to fp16 [out, in].
+
+        THUDM ships these as a compiled blob inside its ``quantization.py`` (run through
+        ``cpm_kernels``' loader; ``cpm_kernels`` itself has no such kernel), so the same elementwise
+        work is written here in torch ops, which run on the GPU just the same.
+        """
+        q = unpack_int4(self.weight) if self.bits == 4 else self.weight  # [out, in] int8
+        return q.to(torch.float16) * _per_column(self.weight_scale, self.in_features)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+                f"{group}, bias={self.bias is not None}, kernel={self.kernel}")
+
+
+# -- the layer swap ---------------------------------------------------------------------------------
+def is_projection(module: torch.nn.Module, name: str) -> bool:
+    """The default filter: a decoder layer's q/k/v/o, gate_up or down projection."""
+    return isinstance(module, torch.nn.Linear) and _PROJECTION.search(name) is not None
+
+
+def quantize(model: torch.nn.Module, bits: int, *, group_size: int | None = None,
+             filter_fn: FilterFn | None = None) -> torch.nn.Module:
+    """Replace the projections ``filter_fn(module, name)`` picks with :class:`QuantizedLinear`, in place.
+
+    ``bits`` 16 leaves the model as it is. Each float weight is freed once its layer is replaced.
+
+    >>> model = quantize(model, 8)
+    >>> model = quantize(model, 4, group_size=128)              # group-wise int4, not THUDM's format
+    """
+    if bits == 16:
+        return model
+    check_bits(bits, group_size)
+    _swap_children(model, "", bits, group_size, filter_fn or is_projection)
+    return model
+
+
+def _swap_children(parent: torch.nn.Module, prefix: str, bits: int, group_size: int | None,
+                   filter_fn: FilterFn) -> None:
+    for child_name, child in list(parent.named_children()):
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        if filter_fn(child, name):
+            try:
+                layer = QuantizedLinear.from_float(child.weight, child.bias, bits, group_size)
+            except ValueError as err:
+                raise ValueError(f"cannot quantize {name}: {err}") from err
+            setattr(parent, child_name, layer)
+            child.to("meta")  # free the float weight even if something else still holds the module
+        else:
+            _swap_children(child, name, bits, group_size, filter_fn)
+
+
+# -- quantizing while a checkpoint streams in ---------------------------------------------------------
+class ProjectionLoader:
+    """A ``load_weights`` hook: gathers each projection's tensors, then puts a QuantizedLinear in place.
+
+    Called with each GLM-named tensor; returns True for the tensors it took. Tensors of one
+    projection may come in any order (and from different shards); the first ones wait until the set
+    is complete. ``check_complete()`` after loading names any projection left waiting.
+    """
+
+    def __init__(self, model: torch.nn.Module, bits: int, *, group_size: int | None = None,
+                 device: str | torch.device = "cpu", prequantized: bool = False,
+                 filter_fn: FilterFn | None = None):
+        check_bits(bits, group_size)
+        if prequantized and group_size is not None:
+            raise ValueError("group_size does not apply to a pre-quantized checkpoint (its scales say it)")
+        self.model, self.bits, self.group_size = model, bits, group_size
+        self.device = torch.device(device)
+        self.prequantized = prequantized
+        self.filter_fn = filter_fn or is_projection
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _wanted(self, module_name: str) -> set[str] | None:
+        try:
+            module = self.model.get_submodule(module_name)
+        except AttributeError:
+            return None
+        if not self.filter_fn(module, module_name):
+            return None
+        wanted = {"weight", "weight_scale"} if self.prequantized else {"weight"}
+        return wanted | ({"bias"} if module.bias is not None else set())
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> bool:
+        module_name, _, attr = name.rpartition(".")
+        wanted = self._wanted(module_name)
+        if wanted is None or attr not in wanted:
+            return False
+        parts = self.pending.setdefault(module_name, {})
+        parts[attr] = tensor
+        if set(parts) == wanted:
+            del self.pending[module_name]
+            self._place(module_name, parts)
+        return True
+
+    def _place(self, module_name: str, parts: dict[str, torch.Tensor]) -> None:
+        old = self.model.get_submodule(module_name)
+        bias = parts.get("bias")
+        if bias is not None:
+            bias = bias.to(self.device, old.bias.dtype)  # the model's compute dtype
+        if self.prequantized:
+            layer = QuantizedLinear.from_thudm(parts["weight"].to(self.device),
+                                               parts["weight_scale"].to(self.device), bias, self.bits)
+        else:
+            weight = parts["weight"]
+            if tuple(weight.shape) != (old.out_features, old.in_features):
+                raise ValueError(f"{module_name}.weight has shape {tuple(weight.shape)}, but the model "
+                                 f"expects {(old.out_features, old.in_features)}")
+            try:
+                layer = QuantizedLinear.from_float(weight.to(self.device), bias, self.bits, self.group_size)
+            except ValueError as err:
+                raise ValueError(f"cannot quantize {module_name}: {err}") from err
+        if (layer.out_features, layer.in_features) != (old.out_features, old.in_features):
+            raise ValueError(f"{module_name}: the checkpoint's {self.bits}-bit weight is "
+                             f"{layer.out_features}x{layer.in_features}, the model expects "
+                             f"{old.out_features}x{old.in_features}")
+        parent_name, _, child_name = module_name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child_name, layer)
+
+    def check_complete(self) -> None:
+        """Raise if a projection got some of its tensors but not all of them."""
+        if self.pending:
+            first = next(iter(self.pending.items()))
+            raise ValueError(f"{len(self.pending)} projections are incomplete in the checkpoint, e.g. "
+                             f"{first[0]} has only {sorted(first[1])}")
+
+
+def make_load_hook(model: torch.nn.Module, bits: int, group_size: int | None = None, *,
+                   device: str | torch.device = "cpu") -> ProjectionLoader:
+    """Quantize each projection as its float weight is read (peak memory: one float layer at a time).
+
+    >>> hook = make_load_hook(model, 4, device="cpu")
+    >>> load_weights(model, path, config, device=..., dtype=..., hook=hook); hook.check_complete()
+    """
+    return ProjectionLoader(model, bits, group_size=group_size, device=device)
+
+
+def make_prequantized_hook(model: torch.nn.Module, bits: int, *,
+                           device: str | torch.device = "cpu") -> ProjectionLoader:
+    """Place THUDM's pre-quantized ``weight`` (int8) + ``weight_scale`` tensors as they are read."""
+    return ProjectionLoader(model, bits, device=device, prequantized=True)

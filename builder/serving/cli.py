@@ -1,0 +1,90 @@
+"""``glm-serve REPO``: run Triton Inference Server on a model repository until Ctrl-C or SIGTERM.
+
+    glm-serve generated_repo --http-port 8000 --grpc-port 8001 --metrics-port 8002
+
+The CLI only parses and calls ``builder.serving.server.serve``.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .server import ServerNotFoundError, ServerOptions, ServerStartError, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``glm-serve`` argument parser.
+
+    >>> build_parser().parse_args(["generated_repo", "--http-port", "9000"]).http_port
+    9000
+    """
+    parser = argparse.ArgumentParser(
+        prog="glm-serve",
+        description="Start Triton Inference Server on a model repository, print its endpoints, "
+        "and stop it (with every Python-backend process) on Ctrl-C or SIGTERM.",
+    )
+    parser.add_argument("repo", type=Path, help="model repository folder (e.g. the one `glm-build` wrote)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, needed for streaming (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default: %(default)s)")
+    parser.add_argument(
+        "--model-config-name",
+        metavar="NAME",
+        help="load each model's configs/NAME.pbtxt instead of config.pbtxt (e.g. a GPU profile name)",
+    )
+    parser.add_argument("--log-verbose", type=int, default=0, help="Triton's log verbosity; 1 logs every request (default: 0)")
+    parser.add_argument("--log-file", type=Path, help="write the server's log to this file instead of stdout")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    """The ``ServerOptions`` for parsed arguments; ``ValueError`` naming the field when one is wrong.
+
+    >>> options_from_args(build_parser().parse_args(["generated_repo"])).grpc_port
+    8001
+    """
+    return ServerOptions(
+        model_repository=args.repo,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        model_config_name=args.model_config_name,
+        log_verbose=args.log_verbose,
+        log_file=args.log_file,
+    )
+
+
+def _interrupt(signum, frame):
+    # SIGTERM (docker stop, systemd) unwinds like Ctrl-C, through TritonServer.stop().
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``glm-serve``; returns the exit code.
+
+    >>> main(["generated_repo", "--grpc-port", "9001"])   # blocks until Ctrl-C
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = options_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))  # exits with code 2 and the usage line
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return serve(options)
+    except KeyboardInterrupt:
+        print("glm-serve: stopped", file=sys.stderr)
+        return 0
+    except (ServerNotFoundError, ServerStartError) as error:
+        print(f"glm-serve: {error}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Read a generated model's ``parameters`` from its Triton model config into a typed dataclass.
+
+>>> VariantParameters.from_model_config(json.loads(args["model_config"]))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ParameterError(ValueError):
+    """A generated config.pbtxt lacks a parameter or holds a bad value (a build bug or a hand edit)."""
+
+
+def read_parameters(cls, model_config: dict[str, Any]):
+    """Build dataclass ``cls`` from ``model_config["parameters"]``, converting each string value
+    to its field's annotated type (str, int, Path, dict/list from JSON)."""
+    raw = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+    hints = get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in raw:
+            if field.default is not dataclasses.MISSING:
+                continue
+            raise ParameterError(f"model {model_config.get('name')!r}: parameter {field.name!r} missing "
+                                 f"from config.pbtxt")
+        text, kind = raw[field.name], hints[field.name]
+        try:
+            if kind is int:
+                values[field.name] = int(text)
+            elif kind is Path:
+                values[field.name] = Path(text)
+            elif kind in (list, dict):
+                values[field.name] = json.loads(text)
+            else:
+                values[field.name] = text
+        except ValueError as err:
+            raise ParameterError(f"model {model_config.get('name')!r}: parameter {field.name!r} = "
+                                 f"{text!r} is not a valid {getattr(kind, '__name__', kind)}: {err}") from None
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class VariantParameters:
+    checkpoint: Path  # a THUDM-layout checkpoint (pre-quantized when quantize_at == "build")
+    bits: int  # 16, 8 or 4
+    group_size: int  # 0: ChatGLM2's per-row scales
+    quantize_at: str  # "initialize" | "build"
+    precision: str  # "fp16", "int8", "int4"
+    dtype: str  # compute dtype of the unquantized parts: "float16", "bfloat16", "float32"
+    seq_length: int  # longer max_token values are clamped to this
+
+    @classmethod
+    def from_model_config(cls, model_config: dict) -> "VariantParameters":
+        return read_parameters(cls, model_config)
+
+
+@dataclass(frozen=True)
+class RouterParameters:
+    routing: list  # [{"name", "precision", "bits", "max_tokens"}], highest precision first
+    tokenizer: Path  # tokenizer.model, to count a request's tokens
+    seq_length: int
+
+    @classmethod
+    def from_model_config(cls, model_config: dict) -> "RouterParameters":
+        return read_parameters(cls, model_config)

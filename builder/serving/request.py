@@ -1,0 +1,96 @@
+"""The serving contract's inputs and outputs, parsed and checked without Triton or torch.
+
+Every input is a TYPE_STRING tensor, as in the usual hand-written ChatGLM2 deployment: ``prompt``
+[1], ``history`` [-1] (flattened question/answer pairs, may be empty), ``temperature`` [1],
+``max_token`` [1] (total length, prompt included), ``history_len`` [1] (how many past pairs to
+keep), and an optional ``stream`` [1] ("1" to receive partial answers from a decoupled model).
+
+>>> parse_request({"prompt": np.array([b"hi"], dtype=object), ...})
+ChatRequest(prompt='hi', ...)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+REQUIRED_INPUTS = ("prompt", "history", "temperature", "max_token", "history_len")
+OPTIONAL_INPUTS = ("stream",)
+OUTPUTS = ("response", "history", "variant")
+
+
+class RequestError(ValueError):
+    """A bad request: the message names the field and the value; the model keeps serving."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    prompt: str
+    history: tuple[tuple[str, str], ...]  # the pairs kept (the last `history_len`)
+    temperature: float
+    max_token: int  # total tokens, prompt included
+    history_len: int
+    stream: bool = False
+
+
+def _text(field: str, raw) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(f"input {field!r} is not valid UTF-8: {bytes(raw)[:40]!r} ({err.reason} "
+                           f"at byte {err.start})") from None
+
+
+def _scalar(inputs: Mapping[str, np.ndarray], field: str) -> str:
+    values = np.asarray(inputs[field]).reshape(-1)
+    if values.size != 1:
+        raise RequestError(f"input {field!r} must hold exactly one value, got {values.size}")
+    return _text(field, values[0])
+
+
+def _number(field: str, text: str, *, integer: bool) -> float | int:
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise RequestError(f"input {field!r} must be {kind}, got {text!r}") from None
+    if not integer and not math.isfinite(value):
+        raise RequestError(f"input {field!r} must be a finite number, got {text!r}")
+    return value
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ChatRequest:
+    """Check a request's inputs (``name -> numpy array of bytes``) and return what they mean."""
+    missing = [name for name in REQUIRED_INPUTS if inputs.get(name) is None]
+    if missing:
+        raise RequestError(f"missing input(s) {missing}; expected {list(REQUIRED_INPUTS)}")
+    prompt = _scalar(inputs, "prompt")
+    temperature = _number("temperature", _scalar(inputs, "temperature").strip(), integer=False)
+    if temperature < 0:
+        raise RequestError(f"input 'temperature' must not be negative, got {temperature!r}")
+    max_token = _number("max_token", _scalar(inputs, "max_token").strip(), integer=True)
+    if max_token <= 0:
+        raise RequestError(f"input 'max_token' must be a positive integer, got {max_token!r}")
+    history_len = _number("history_len", _scalar(inputs, "history_len").strip(), integer=True)
+    if history_len < 0:
+        raise RequestError(f"input 'history_len' must not be negative, got {history_len!r}")
+    flat = [_text("history", item) for item in np.asarray(inputs["history"]).reshape(-1)]
+    if len(flat) % 2:
+        raise RequestError(f"input 'history' must hold question/answer pairs, got {len(flat)} "
+                           f"strings (an odd number)")
+    pairs = tuple(zip(flat[0::2], flat[1::2]))
+    kept = pairs[len(pairs) - history_len:] if history_len > 0 else ()
+    stream = inputs.get("stream") is not None and _scalar(inputs, "stream").strip().lower() in ("1", "true")
+    return ChatRequest(prompt, kept, temperature, max_token, history_len, stream)
+
+
+def output_arrays(response: str, history, variant: str) -> dict[str, np.ndarray]:
+    """The contract's outputs as numpy arrays of UTF-8 bytes: response [1], history [n, 2], variant [1]."""
+    pairs = np.array([[q.encode(), a.encode()] for q, a in history], dtype=object).reshape(-1, 2)
+    return {"response": np.array([response.encode()], dtype=object),
+            "history": pairs,
+            "variant": np.array([variant.encode()], dtype=object)}

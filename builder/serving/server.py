@@ -1,0 +1,484 @@
+"""Find, prepare, start and stop a real ``tritonserver`` process.
+
+Two installs are supported:
+
+- ``tritonserver`` on PATH (a GPU host, the NGC container): run as it is.
+- the binary inside the ``nvidia-pytriton`` wheel (a CPU-only machine). The wheel keeps its
+  Python-backend stubs aside, one per Python version, so a writable copy of its server tree is made
+  once in a cache folder, with the stub for the running Python in ``backends/python/``.
+
+>>> options = ServerOptions("generated_repo", http_port=8000, grpc_port=8001, metrics_port=8002)
+>>> with TritonServer(options) as server:   # starts, waits until ready, stops on exit
+...     print(server.urls["grpc"])
+localhost:8001
+"""
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Optional
+
+STUB_NAME = "triton_python_backend_stub"
+_READY_MARK = ".glm-build-ready"  # written last into a prepared tree: its presence means complete
+_LOG_TAIL_LINES = 60
+
+INSTALL_HINT = (
+    "install one with `pip install nvidia-pytriton` (ships a CPU-capable tritonserver), "
+    "or run inside NVIDIA's Triton container (nvcr.io/nvidia/tritonserver:<yy.mm>-py3)"
+)
+
+
+class ServerNotFoundError(RuntimeError):
+    """No usable ``tritonserver`` binary here."""
+
+
+class ServerStartError(RuntimeError):
+    """The server exited, or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class ServerInstall:
+    """Where a ``tritonserver`` lives and what it needs to run.
+
+    >>> find_tritonserver().source
+    'wheel'
+    """
+
+    binary: Path  # the tritonserver executable
+    source: str  # "path" (GPU host / NGC container) or "wheel" (nvidia-pytriton)
+    version: str = ""  # nvidia-pytriton's version for the wheel, "" for PATH
+    backend_dir: Optional[Path] = None  # --backend-directory; None: the binary's own default
+    caches_dir: Optional[Path] = None  # --cache-directory (response-cache plugins); None: default
+    library_dirs: tuple[Path, ...] = ()  # go first on LD_LIBRARY_PATH
+
+    @property
+    def has_python_stub(self) -> bool:
+        """Whether the Python backend can start models (assumed for a PATH install)."""
+        return self.backend_dir is None or (self.backend_dir / "python" / STUB_NAME).is_file()
+
+
+def find_tritonserver() -> ServerInstall:
+    """``tritonserver`` from PATH when there is one, else the one inside the nvidia-pytriton wheel.
+
+    >>> install = find_tritonserver()
+    >>> install.binary.name
+    'tritonserver'
+    """
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return ServerInstall(binary=Path(on_path), source="path")
+    install = _wheel_install()
+    if install is None:
+        raise ServerNotFoundError(f"no tritonserver on PATH and no nvidia-pytriton wheel: {INSTALL_HINT}")
+    return install
+
+
+def _wheel_install() -> Optional[ServerInstall]:
+    """The server tree inside the nvidia-pytriton wheel, without importing pytriton."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        return None
+    root = Path(spec.origin).parent / "tritonserver"  # site-packages/pytriton/tritonserver
+    if not (root / "bin" / "tritonserver").is_file():
+        return None
+    return ServerInstall(
+        binary=root / "bin" / "tritonserver",
+        source="wheel",
+        version=importlib.metadata.version("nvidia-pytriton"),
+        backend_dir=root / "backends",
+        caches_dir=root / "caches",
+        # The binary finds these through a relative rpath, which breaks once the tree is copied.
+        library_dirs=(root.parent.parent / "nvidia_pytriton.libs",),
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where prepared server trees are kept: ``$XDG_CACHE_HOME/glm-build`` or ``~/.cache/glm-build``.
+
+    >>> default_cache_dir().name
+    'glm-build'
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "glm-build"
+
+
+def prepare_server_tree(install: ServerInstall, cache_dir: Optional[Path] = None) -> ServerInstall:
+    """A runnable install: a PATH install as it is; for the wheel, a copy holding the Python stub.
+
+    The copy goes to ``cache_dir/tritonserver-<pytriton version>-py<X.Y>`` and is reused when it is
+    already there.
+
+    >>> runnable = prepare_server_tree(find_tritonserver())
+    >>> (runnable.backend_dir / "python" / STUB_NAME).is_file()
+    True
+    """
+    if install.has_python_stub:
+        return install
+    wheel_root = install.binary.parent.parent
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel_root / "python_backend_stubs" / python / STUB_NAME
+    if not stub.is_file():
+        raise ServerNotFoundError(
+            f"nvidia-pytriton {install.version} has no Python-backend stub for Python {python} "
+            f"(looked for {stub}); use a Python it ships stubs for, or the Triton container"
+        )
+    target = Path(cache_dir or default_cache_dir()) / f"tritonserver-{install.version}-py{python}"
+    if not (target / _READY_MARK).is_file():
+        _copy_server_tree(wheel_root, stub, target)
+    return ServerInstall(
+        binary=target / "bin" / "tritonserver",
+        source=install.source,
+        version=install.version,
+        backend_dir=target / "backends",
+        caches_dir=target / "caches",
+        library_dirs=install.library_dirs,
+    )
+
+
+def _copy_server_tree(wheel_root: Path, stub: Path, target: Path) -> None:
+    """Copy the wheel's tree plus ``stub`` to ``target``, built aside and renamed into place.
+
+    Renaming a finished folder means a second process preparing the same tree at the same time
+    (another test run) never sees half a copy.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tree = staging / "tree"
+        shutil.copytree(wheel_root, tree, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
+        shutil.copy2(stub, tree / "backends" / "python" / STUB_NAME)
+        (tree / _READY_MARK).write_text(f"{wheel_root}\n")
+        if target.exists() and not (target / _READY_MARK).is_file():
+            shutil.rmtree(target)  # left half-done by an older, interrupted copy
+        try:
+            tree.rename(target)
+        except OSError:
+            if not (target / _READY_MARK).is_file():  # not a concurrent copy that won the race
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def server_environment(install: ServerInstall, base: Optional[dict] = None) -> dict[str, str]:
+    """The environment ``tritonserver`` and its Python-backend stubs need.
+
+    >>> env = server_environment(prepare_server_tree(find_tritonserver()))
+    >>> env["PATH"].split(":")[0] == os.path.dirname(sys.executable)
+    True
+    """
+    env = dict(os.environ if base is None else base)
+    # The stub's embedded interpreter ignores PYTHONPATH: it finds its site-packages through the
+    # `python3` on PATH, so this Python's bin/ (the venv's) goes first.
+    env["PATH"] = _prepend([os.path.dirname(sys.executable)], env.get("PATH"))
+    if install.source == "wheel":
+        # The wheel's stub links libpython3.X.so from this Python's LIBDIR, and its libraries sit in
+        # nvidia_pytriton.libs/ (the relative rpath does not survive the copy).
+        libdir = sysconfig.get_config_var("LIBDIR")
+        dirs = ([libdir] if libdir else []) + [str(d) for d in install.library_dirs]
+        env["LD_LIBRARY_PATH"] = _prepend(dirs, env.get("LD_LIBRARY_PATH"))
+    return env
+
+
+def _prepend(dirs: list[str], current: Optional[str]) -> str:
+    return os.pathsep.join(dirs + ([current] if current else []))
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What one ``tritonserver`` serves and where, validated up front.
+
+    >>> ServerOptions("generated_repo", http_port=9000, grpc_port=9001, metrics_port=9002)
+    """
+
+    model_repository: Path  # a folder of Triton models (<name>/config.pbtxt, <name>/1/model.py)
+    http_port: int = 8000  # Triton's own default ports
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_config_name: Optional[str] = None  # load <model>/configs/<name>.pbtxt, e.g. "h100"
+    log_verbose: int = 0  # Triton's --log-verbose: 1 logs every request
+    log_file: Optional[Path] = None  # None: the server's log passes through to our stdout
+    extra_args: tuple[str, ...] = ()  # more tritonserver flags, passed as they are
+
+    def __post_init__(self):
+        object.__setattr__(self, "model_repository", Path(self.model_repository))
+        if self.log_file is not None:
+            object.__setattr__(self, "log_file", Path(self.log_file))
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        if not self.model_repository.is_dir():
+            raise ValueError(f"model_repository={str(self.model_repository)!r}: no such folder")
+        ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+        for name, port in ports.items():
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ValueError(f"{name}={port!r}: must be a port number in 1..65535")
+        if len(set(ports.values())) < len(ports):
+            raise ValueError(f"ports must differ, got {ports}")
+        if self.model_config_name is not None and (
+            not self.model_config_name or any(c.isspace() or c in "/\\" for c in self.model_config_name)
+        ):
+            raise ValueError(f"model_config_name={self.model_config_name!r}: must be a bare name without spaces")
+        if not isinstance(self.log_verbose, int) or self.log_verbose < 0:
+            raise ValueError(f"log_verbose={self.log_verbose!r}: must be an integer >= 0")
+        if not all(isinstance(arg, str) for arg in self.extra_args):
+            raise ValueError(f"extra_args={self.extra_args!r}: must be strings")
+
+
+def server_command(options: ServerOptions, install: ServerInstall, shm_prefix: str) -> list[str]:
+    """The ``tritonserver`` command line for ``options``.
+
+    ``shm_prefix`` names this server's shared-memory regions, so that two servers on one machine
+    (two test runs) never share them.
+
+    >>> server_command(options, install, "glm1234")[:3]
+    ['/.../bin/tritonserver', '--model-repository', 'generated_repo']
+    """
+    command = [
+        str(install.binary),
+        "--model-repository", str(options.model_repository),
+        "--http-port", str(options.http_port),
+        "--grpc-port", str(options.grpc_port),
+        "--metrics-port", str(options.metrics_port),
+        "--log-verbose", str(options.log_verbose),
+        "--backend-config", f"python,shm-region-prefix-name={shm_prefix}",
+    ]
+    if install.backend_dir is not None:
+        command += ["--backend-directory", str(install.backend_dir)]
+    if install.caches_dir is not None:
+        command += ["--cache-directory", str(install.caches_dir)]
+    if options.model_config_name is not None:
+        command += ["--model-config-name", options.model_config_name]
+    return command + list(options.extra_args)
+
+
+class TritonServer:
+    """One ``tritonserver`` process (and its Python-backend stubs) in its own process group.
+
+    >>> with TritonServer(ServerOptions("generated_repo")) as server:
+    ...     client = tritonclient.grpc.InferenceServerClient(server.urls["grpc"])
+
+    or without ``with``: ``server.start(); server.wait_ready(60); ...; server.stop()``.
+    """
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        install: Optional[ServerInstall] = None,  # None: find_tritonserver()
+        cache_dir: Optional[Path] = None,  # None: default_cache_dir(), for the wheel's tree copy
+        ready_timeout: float = 120.0,  # seconds `with` waits for the server to become ready
+    ):
+        self.options = options
+        self.ready_timeout = ready_timeout
+        self._install = install
+        self._cache_dir = cache_dir
+        self._process: Optional[subprocess.Popen] = None
+        self._log_tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
+        self._log_thread: Optional[threading.Thread] = None
+        self._shm_prefix = ""  # names this server's Python-backend shared-memory regions
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """Client addresses: ``{"http": "localhost:8000", "grpc": "localhost:8001", "metrics": ...}``."""
+        return {
+            "http": f"localhost:{self.options.http_port}",
+            "grpc": f"localhost:{self.options.grpc_port}",
+            "metrics": f"localhost:{self.options.metrics_port}",
+        }
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The server's process id (also its process-group id), None when not started."""
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> "TritonServer":
+        """Launch the server in a new session and return at once; see ``wait_ready``.
+
+        >>> server = TritonServer(options).start()
+        """
+        if self._process is not None:
+            raise RuntimeError(f"tritonserver already started (pid {self._process.pid})")
+        install = prepare_server_tree(self._install or find_tritonserver(), self._cache_dir)
+        self._shm_prefix = f"glm{os.getpid()}_{secrets.token_hex(3)}_"
+        self._log_tail.clear()
+        self._process = subprocess.Popen(
+            server_command(self.options, install, self._shm_prefix),
+            env=server_environment(install),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            # Its own process group: Ctrl-C in our terminal does not reach it half-way, and stop()
+            # can signal the server and every stub it spawned at once.
+            start_new_session=True,
+        )
+        self._log_thread = threading.Thread(
+            target=self._pass_log_through, args=(self._process.stdout,), name="tritonserver-log", daemon=True
+        )
+        self._log_thread.start()
+        return self
+
+    def _pass_log_through(self, pipe: IO[bytes]) -> None:
+        """Copy the server's log to the log file or our stdout, keeping its last lines."""
+        sink = open(self.options.log_file, "a", encoding="utf-8") if self.options.log_file else sys.stdout
+        try:
+            for raw in pipe:  # ends when every writer (server and stubs) has exited
+                line = raw.decode("utf-8", errors="replace")
+                self._log_tail.append(line)
+                sink.write(line)
+                sink.flush()
+        except ValueError:
+            pass  # our stdout was closed under us (interpreter shutdown)
+        finally:
+            pipe.close()
+            if sink is not sys.stdout:
+                sink.close()
+
+    def log_tail(self) -> str:
+        """The server's last log lines (up to 60)."""
+        return "".join(self._log_tail)
+
+    def wait_ready(self, timeout: Optional[float] = None) -> "TritonServer":
+        """Poll ``/v2/health/ready`` until the server and all its models are ready.
+
+        Fails fast, with the server's last log lines, when the process exits first.
+
+        >>> server.start().wait_ready(timeout=60)
+        """
+        if self._process is None:
+            raise RuntimeError("tritonserver not started: call start() first")
+        timeout = self.ready_timeout if timeout is None else timeout
+        url = f"http://127.0.0.1:{self.options.http_port}/v2/health/ready"
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                self._log_thread.join(timeout=2)  # let the last lines arrive
+                raise ServerStartError(
+                    f"tritonserver exited with code {code} before it was ready; last log lines:\n{self.log_tail()}"
+                )
+            if _is_ready(url):
+                return self
+            if time.monotonic() > deadline:
+                raise ServerStartError(
+                    f"tritonserver not ready after {timeout:.0f} s ({url}); last log lines:\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Block until the server exits; its exit code. ``subprocess.TimeoutExpired`` after ``timeout``."""
+        if self._process is None:
+            raise RuntimeError("tritonserver not started: call start() first")
+        return self._process.wait(timeout)
+
+    def stop(self, timeout: float = 15.0) -> Optional[int]:
+        """SIGTERM the server's whole process group, SIGKILL what is left after ``timeout`` s.
+
+        Returns the server's exit code (None when it was never started); safe to call twice.
+
+        >>> server.stop()
+        0
+        """
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        group = process.pid  # start_new_session: the group id is the server's pid
+        try:
+            if process.poll() is None:
+                _signal_group(group, signal.SIGTERM)  # the server and every stub at once
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            # Whatever is left of the group: a server past its timeout, a stub that outlived it, or
+            # all of it when a second Ctrl-C cut the wait short.
+            _signal_group(group, signal.SIGKILL)
+            process.wait()
+            _remove_shared_memory(self._shm_prefix)
+            if self._log_thread is not None:
+                self._log_thread.join(timeout=5)
+        return process.returncode
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass  # the whole group has already exited
+
+
+def _remove_shared_memory(prefix: str) -> None:
+    # A server that exits cleanly unlinks its regions; a killed one leaves them in /dev/shm.
+    for region in Path("/dev/shm").glob(f"{prefix}*") if prefix else ():
+        region.unlink(missing_ok=True)
+
+
+# Ignore http_proxy & co: the server is on this machine.
+_LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _is_ready(url: str) -> bool:
+    try:
+        with _LOCAL_OPENER.open(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):  # HTTPError (400: not ready) is a URLError
+        return False
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for tests: another process may take it later).
+
+    >>> ServerOptions(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(options: ServerOptions, out: Optional[IO[str]] = None, ready_timeout: float = 300.0) -> int:
+    """Run a server until it exits or we are interrupted; its exit code.
+
+    Prints the endpoints once ready. Ctrl-C (KeyboardInterrupt) stops the server and every stub,
+    then propagates.
+
+    >>> serve(ServerOptions("generated_repo"))   # what `glm-serve generated_repo` does
+    """
+    out = out or sys.stdout
+    with TritonServer(options, ready_timeout=ready_timeout) as server:
+        urls = server.urls
+        print(
+            f"Triton ready (pid {server.pid}): HTTP {urls['http']}  gRPC {urls['grpc']}  metrics {urls['metrics']}",
+            file=out,
+            flush=True,
+        )
+        return server.wait()

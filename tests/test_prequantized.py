@@ -1,0 +1,55 @@
+"""Quantizing while loading, and THUDM-format pre-quantized checkpoints (save, then load as is)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from builder import TINY_CHECKPOINT, load_chatglm2
+from builder.checkpoint import save_quantized
+from builder.quantize import QuantizedLinear
+
+IDS = [[819, 821, 723, 263, 705, 12, 40, 7]]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_load_time_quantization_replaces_every_projection(bits):
+    model, _ = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=torch.bfloat16)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 6 * model.config.num_hidden_layers
+    assert not isinstance(model.lm_head, QuantizedLinear)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_saved_checkpoint_is_thudm_format_and_loads_to_the_same_logits(tmp_path, bits):
+    dst = save_quantized(TINY_CHECKPOINT, tmp_path / f"int{bits}", bits)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["quantization_bit"] == bits
+    from safetensors import safe_open
+
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+        qkv = f.get_tensor("transformer.encoder.layers.0.self_attention.query_key_value.weight")
+        scale = f.get_tensor("transformer.encoder.layers.0.self_attention.query_key_value.weight_scale")
+    hidden = config["hidden_size"]
+    assert qkv.dtype == torch.int8 and qkv.shape[1] == (hidden if bits == 8 else hidden // 2)
+    assert scale.dtype == torch.float16 and scale.shape == (qkv.shape[0],)
+
+    direct, _ = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=torch.bfloat16)
+    loaded, _ = load_chatglm2(dst, dtype=torch.bfloat16)
+    with torch.no_grad():
+        a = direct(input_ids=torch.tensor(IDS)).logits.float()
+        b = loaded(input_ids=torch.tensor(IDS)).logits.float()
+    # Scales are stored in fp16 as THUDM does: at most a rounding step apart.
+    assert float((a - b).norm() / a.norm()) < 1e-2
+
+
+def test_prequantized_checkpoint_refuses_other_bits(tmp_path):
+    dst = save_quantized(TINY_CHECKPOINT, tmp_path / "int4", 4)
+    with pytest.raises(ValueError, match="bits=8.*quantization_bit"):
+        load_chatglm2(dst, bits=8)
+
+
+def test_bad_bits_name_the_value():
+    with pytest.raises(ValueError, match="bits=3"):
+        load_chatglm2(TINY_CHECKPOINT, bits=3)
