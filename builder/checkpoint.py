@@ -174,12 +174,38 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
 TensorHook = Callable[[str, torch.Tensor], bool]
 
 
+def count_tensors(path: Path) -> int | None:
+    """How many tensors the checkpoint holds, when that is cheap to know (index or safetensors)."""
+    for index_name in _INDEX_FILES:
+        if (path / index_name).is_file():
+            return len(json.loads((path / index_name).read_text())["weight_map"])
+    files = weight_files(path)
+    if all(f.suffix == ".safetensors" for f in files):
+        from safetensors import safe_open
+
+        total = 0
+        for file in files:
+            with safe_open(str(file), framework="pt") as shard:
+                total += len(shard.keys())
+        return total
+    return None
+
+
 def load_weights(model: torch.nn.Module, path: Path, config: ChatGLM2Config, *,
-                 device: torch.device, dtype: torch.dtype, hook: TensorHook | None = None) -> None:
-    """Stream the checkpoint's tensors into ``model`` (built on the meta device)."""
+                 device: torch.device, dtype: torch.dtype, hook: TensorHook | None = None,
+                 progress=None) -> None:
+    """Stream the checkpoint's tensors into ``model`` (built on the meta device).
+
+    ``progress``: a tqdm-like bar; its total is set to the tensor count and it advances per tensor.
+    """
     expected = {n for n, p in model.named_parameters()}
     loaded: set[str] = set()
+    if progress is not None:
+        progress.total = count_tensors(path)
+        progress.refresh()
     for thudm_name, tensor in iter_checkpoint_tensors(path):
+        if progress is not None:
+            progress.update(1)
         for name, value in map_thudm_tensor(thudm_name, tensor, config):
             if hook is not None and hook(name, value):
                 loaded.add(name)
@@ -226,7 +252,8 @@ def finish_model(model, device: torch.device, dtype: torch.dtype):
 
 
 def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None, bits: int = 16, group_size: int | None = None):
+                  dtype: torch.dtype | None = None, bits: int = 16, group_size: int | None = None,
+                  progress=None):
     """Load a ChatGLM2 checkpoint (THUDM layout) as ``(GlmForCausalLM, ChatGLM2Tokenizer)``.
 
     With ``bits`` 8 or 4 each projection is quantized as its shard is read, so peak host memory
@@ -257,12 +284,12 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
         hook = make_prequantized_hook(model, config.quantization_bit, device=device)
     elif bits != 16:
         hook = make_load_hook(model, bits, group_size, device=device)
-    load_weights(model, path, config, device=device, dtype=dtype, hook=hook)
+    load_weights(model, path, config, device=device, dtype=dtype, hook=hook, progress=progress)
     return finish_model(model, device, dtype), tokenizer
 
 
 def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: int | None = None,
-                   progress: Callable[[str], None] | None = None) -> Path:
+                   progress=None) -> Path:
     """Quantize checkpoint ``src`` once, offline, into ``dst`` in THUDM's int8/int4 format.
 
     ``dst`` gets ``config.json`` (with ``quantization_bit``), ``tokenizer.model`` and one
@@ -281,11 +308,8 @@ def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: i
     if group_size is not None:
         raise ValueError(f"group_size={group_size}: THUDM's format stores one scale per row; "
                          "save group-wise weights is not supported (quantize at initialize instead)")
-    say = progress or (lambda message: None)
-    say(f"quantizing {src} to int{bits}")
-    model, _ = load_chatglm2(src, bits=bits, dtype=torch.float16)
+    model, _ = load_chatglm2(src, bits=bits, dtype=torch.float16, progress=progress)
     config = dataclasses.replace(check_checkpoint(src), quantization_bit=bits, torch_dtype="float16")
-    say(f"writing THUDM int{bits} tensors")
     state = glm_to_thudm({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
@@ -298,5 +322,4 @@ def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: i
         staging.rename(dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    say(f"wrote {dst}")
     return dst

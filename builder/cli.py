@@ -114,8 +114,6 @@ def build_main(argv: Sequence[str]) -> int:
         return _error(str(err), 2)
     except (ValueError, FileNotFoundError, OutputExistsError) as err:  # bad input
         return _error(str(err), 2)
-    except NotImplementedError as err:
-        return _error(str(err), 1)
     except OSError as err:
         return _error(f"{err} (the previous output, if any, is untouched)", 1)
     print(result.summary())

@@ -1,16 +1,25 @@
 """`make demo`: the main job on the embedded tiny model, start to finish.
 
+1. answer locally with chat(), in fp32, int8 and int4, with each model's resident size;
+2. `glm-build --quant fp16,int8,int4 --gpu cpu` into generated_repo/ (and the ChatGLM2-6B plan
+   for a Tesla P40 beside it);
+3. start Triton on it (`glm-serve`), ask one question through the router, print the answer, the
+   variant that served it and the latency;
+4. print the memory report and stop the server.
+
     .venv/bin/python -m builder.demo
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import psutil
 
-from . import TINY_CHECKPOINT, chat, load_chatglm2
+from . import TINY_CHECKPOINT
 
 QUESTION = "3只鸡和2只兔子一共有几条腿？"
+OUT = Path("generated_repo")
 
 
 def banner(text: str) -> None:
@@ -18,23 +27,85 @@ def banner(text: str) -> None:
 
 
 def answer_locally() -> None:
-    """Load the embedded model and answer one held-out question with chat()."""
-    banner(f"Loading the embedded demo model (a tiny ChatGLM2, not ChatGLM2-6B): {TINY_CHECKPOINT}")
+    """Load the embedded model in each precision and answer one held-out question with chat()."""
+    import torch
+
+    from . import chat, load_chatglm2
+    from .quantize import QuantizedLinear
+
+    banner(f"The embedded demo model (a tiny ChatGLM2, NOT ChatGLM2-6B): {TINY_CHECKPOINT}")
+    for label, bits, dtype in (("fp32", 16, torch.float32), ("int8", 8, torch.bfloat16),
+                               ("int4", 4, torch.bfloat16)):
+        start = time.perf_counter()
+        model, tokenizer = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=dtype)
+        loaded = time.perf_counter() - start
+        projections = sum(m.resident_bytes() if isinstance(m, QuantizedLinear) else
+                          m.weight.nbytes for n, m in model.named_modules()
+                          if n.endswith(("_proj", "gate_up_proj", "down_proj")))
+        total = sum(t.nbytes for t in model.state_dict().values()) if bits == 16 else None
+        start = time.perf_counter()
+        response, _ = chat(model, tokenizer, QUESTION, temperature=0)
+        print(f"[{label}] {QUESTION} → {response}")
+        print(f"       projections resident {projections / 2**20:.2f} MiB"
+              + (f" (whole model {total / 2**20:.2f} MiB)" if total else "")
+              + f"; loaded in {loaded:.2f} s, answered in {time.perf_counter() - start:.2f} s; "
+              f"process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB")
+
+
+def build_repository():
+    from .build import BuildOptions, build
+
+    banner("glm-build --quant fp16,int8,int4 --gpu p40 --spec chatglm2-6b --dry-run  (the real model's plan)")
+    try:
+        build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="p40", spec="chatglm2-6b", dry_run=True),
+              progress=False)
+    except ValueError as err:  # the refusal is the point: three variants do not fit one P40
+        print(f"refused, as expected: {err}")
+    print(build(BuildOptions(quant=("int8", "int4"), gpu="p40", spec="chatglm2-6b", dry_run=True),
+                progress=False).summary())
+    banner(f"glm-build --quant fp16,int8,int4 --gpu cpu --out {OUT} --force  (the demo model, served here)")
+    result = build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=OUT, force=True),
+                   progress=False)
+    print(result.summary())
+    return result
+
+
+def serve_and_ask(repo: Path) -> None:
+    from .client import ChatGLMClient
+    from .serving.server import ServerOptions, TritonServer, free_port
+
+    banner(f"glm-serve {repo}  (Triton Inference Server on this machine's CPU)")
+    options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), address="127.0.0.1",
+                            log_file=repo / "server.log")
     start = time.perf_counter()
-    model, tokenizer = load_chatglm2(TINY_CHECKPOINT)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"loaded {params / 1e6:.2f} M parameters in {time.perf_counter() - start:.2f} s "
-          f"(process RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB)")
-    banner(f"chat(): {QUESTION}")
-    start = time.perf_counter()
-    response, history = chat(model, tokenizer, QUESTION, temperature=0)
-    print(f"answer: {response}")
-    print(f"history: {history}")
-    print(f"({time.perf_counter() - start:.2f} s, greedy)")
+    with TritonServer(options, ready_timeout=300) as server:
+        print(f"ready in {time.perf_counter() - start:.1f} s: HTTP {server.urls['http']}, "
+              f"gRPC {server.urls['grpc']} (log: {options.log_file})")
+        client = ChatGLMClient(server.urls["grpc"], temperature=0, max_token=256)
+        banner(f"glm-chat: {QUESTION}  (through the router, model chatglm2-6b)")
+        result = client.chat(QUESTION)
+        print(f"answer:  {result.response}\nvariant: {result.variant}\nlatency: "
+              f"{result.latency_s * 1000:.0f} ms")
+        print("streamed: ", end="", flush=True)
+        for part in client.stream("What is 2 plus 3?"):
+            print(".", end="", flush=True)
+        print(f" {part.response}  (variant {part.variant})")
+        client.close()
+        print_report(repo)
+        banner("stopping the server")
+    print("stopped: no server or stub process left")
+
+
+def print_report(repo: Path) -> None:
+    banner(f"memory report: {repo / 'report.md'}")
+    print((repo / "report.md").read_text())
 
 
 def main() -> None:
     answer_locally()
+    result = build_repository()
+    serve_and_ask(result.out)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,29 @@ def answer_accuracy(model, tokenizer, dialogues: Sequence[Dialogue]) -> float:
                            max_length=budget, temperature=0)
         right += response == dialogue.answer
     return right / len(dialogues)
+
+
+# (label, bits, group_size) of every scheme the fidelity report compares with fp32.
+SCHEMES = (("fp32", 16, None), ("int8", 8, None), ("int4", 4, None), ("int4-g32", 4, 32))
+
+
+def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count: int = 100,
+                   schemes=SCHEMES) -> list[dict]:
+    """Per scheme: held-out perplexity (and its change from fp32), top-1 agreement with fp32 over
+    the held-out answer positions, and exact-answer accuracy on ``accuracy_count`` questions.
+
+    >>> fidelity_table(TINY_CHECKPOINT, dialogues("heldout"))
+    """
+    from .checkpoint import load_chatglm2
+
+    reference, tokenizer = load_chatglm2(checkpoint)
+    rows, base_ppl = [], None
+    for label, bits, group_size in schemes:
+        model = reference if bits == 16 else load_chatglm2(checkpoint, bits=bits, group_size=group_size)[0]
+        ppl = heldout_perplexity(model, tokenizer, dialogues)
+        base_ppl = base_ppl or ppl
+        rows.append({"scheme": label, "bits": bits, "group_size": group_size,
+                     "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1,
+                     "top1_agreement": top1_agreement(model, reference, tokenizer, dialogues),
+                     "accuracy": answer_accuracy(model, tokenizer, dialogues[:accuracy_count])})
+    return rows

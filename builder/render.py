@@ -173,14 +173,9 @@ def _quantize_weights(plan: Plan, checkpoint: Path, staging: Path, out: Path,
                       progress: bool) -> dict[str, Path]:
     """Quantize each int variant's weights into ``staging/weights/<precision>``; return where
     they will be once ``staging`` is ``out``."""
-    try:
-        from .quantize import save_quantized
-    except ImportError as err:
-        raise NotImplementedError(
-            "--quantize-at build needs builder.quantize.save_quantized, which this installation "
-            "does not have yet; use --quantize-at initialize (the variants quantize when they "
-            "load)") from err
     from tqdm import tqdm
+
+    from .checkpoint import save_quantized
 
     final = {}
     for placement in plan.placements:

@@ -263,7 +263,7 @@ def test_report_compares_with_the_table_and_says_it_is_the_demo(tmp_path, checkp
 
 def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkpoint,
                                                                 monkeypatch):
-    import builder.quantize
+    import builder.checkpoint
 
     calls = []
 
@@ -272,7 +272,7 @@ def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkp
         Path(dst).mkdir(parents=True)
         (Path(dst) / "model.safetensors").write_bytes(b"quantized")
 
-    monkeypatch.setattr(builder.quantize, "save_quantized", save_quantized, raising=False)
+    monkeypatch.setattr(builder.checkpoint, "save_quantized", save_quantized)
     plan = make_plan(SMALL, ALL3, load_profile("cpu"))
     out = render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo",
                             quantize_at="build", progress=False)
@@ -285,15 +285,23 @@ def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkp
     assert fp16["checkpoint"] == str(checkpoint.resolve()) and fp16["quantize_at"] == "initialize"
 
 
-def test_quantize_at_build_without_the_quantizer_says_so(tmp_path, checkpoint, monkeypatch):
-    import builder.quantize
+def test_quantize_at_build_writes_loadable_thudm_weights(tmp_path):
+    """The real quantizer, on the embedded checkpoint: the variant's weights load as they are."""
+    import json
 
-    monkeypatch.delattr(builder.quantize, "save_quantized", raising=False)
-    plan = make_plan(SMALL, ["int4"], load_profile("cpu"))
-    with pytest.raises(NotImplementedError, match="save_quantized"):
-        render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo",
-                          quantize_at="build", progress=False)
-    assert not (tmp_path / "repo").exists() and leftovers(tmp_path) == []
+    from builder import TINY_CHECKPOINT, load_chatglm2
+    from builder.config import ChatGLM2Config
+
+    config = ChatGLM2Config.from_json(TINY_CHECKPOINT / "config.json")
+    plan = make_plan(config, ["int4"], load_profile("cpu"))
+    out = render_repository(plan, checkpoint=TINY_CHECKPOINT, out=tmp_path / "repo",
+                            quantize_at="build", progress=False)
+    weights = Path(params(parse(out / "chatglm2-6b-int4" / "config.pbtxt"))["checkpoint"])
+    assert weights == out.resolve() / "weights" / "int4"
+    assert json.loads((weights / "config.json").read_text())["quantization_bit"] == 4
+    model, _ = load_chatglm2(weights)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    assert leftovers(tmp_path) == []
 
 
 def test_variants_link_points_into_the_package():

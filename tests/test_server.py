@@ -147,7 +147,8 @@ def loopback_options(repo: Path, log_file: Path) -> ServerOptions:
     while len(ports) < 3:  # free_port() may hand the same port out twice in a row
         ports.add(free_port())
     http, grpc, metrics = sorted(ports)
-    return ServerOptions(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log_file)
+    return ServerOptions(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log_file,
+                         address="127.0.0.1")
 
 
 def group_processes(group: int) -> list[psutil.Process]:
@@ -295,7 +296,7 @@ def test_glm_serve_stops_on_sigterm(tmp_path):
     watchdog.start()
     try:
         ready_line = process.stdout.readline()  # blocks until the server is ready (or glm-serve exits)
-        assert f"gRPC localhost:{options.grpc_port}" in ready_line, process.stderr.read()
+        assert f"gRPC 127.0.0.1:{options.grpc_port}" in ready_line, process.stderr.read()
         group = int(ready_line.split("pid ")[1].split(")")[0])
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and stop it (with every Python-backend process) on Ctrl-C or SIGTERM.",
     )
     parser.add_argument("repo", type=Path, help="model repository folder (e.g. the one `glm-build` wrote)")
+    parser.add_argument("--address", default="0.0.0.0",
+                        help="address to listen on; 127.0.0.1 keeps the server on this machine (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, needed for streaming (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default: %(default)s)")
@@ -54,6 +56,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         model_config_name=args.model_config_name,
         log_verbose=args.log_verbose,
         log_file=args.log_file,
+        address=args.address,
     )
 
 

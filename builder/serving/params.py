@@ -60,7 +60,7 @@ class VariantParameters:
 
 @dataclass(frozen=True)
 class RouterParameters:
-    routing: list  # [{"name", "precision", "bits", "max_tokens"}], highest precision first
+    routing: str  # JSON [{"name", "precision", "bits", "max_tokens"}], highest precision first
     tokenizer: Path  # tokenizer.model, to count a request's tokens
     seq_length: int
 

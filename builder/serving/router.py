@@ -38,15 +38,14 @@ class TritonPythonModel:
         req = parse_request(inputs)
         prompt_tokens = len(self.tokenizer.build_chat_input(req.prompt, req.history))
         needed = max(prompt_tokens + 1, min(req.max_token, self.seq_length))
-        variant = self.table.choose(needed)
-        if variant is None:
-            raise RequestError(
-                f"request needs {needed} tokens (prompt and kept history {prompt_tokens}, max_token "
-                f"{req.max_token}); the longest any variant serves is {self.table.longest()} tokens")
+        route = self.table.choose(needed)
+        if route is None:
+            raise RequestError(f"{self.table.refusal(needed)} (prompt with its kept history: "
+                               f"{prompt_tokens} tokens; input 'max_token' = {req.max_token})")
         stream = np.array([b"1" if self.decoupled else b"0"], dtype=object)
         forwarded = [pb_utils.Tensor(name, array) for name, array in inputs.items()
                      if array is not None and name != "stream"]
-        return variant, forwarded + [pb_utils.Tensor("stream", stream)]
+        return route.name, forwarded + [pb_utils.Tensor("stream", stream)]
 
     def forward(self, variant: str, inputs: list):
         """Yield the variant's responses (one, or a stream) as responses of this model."""

@@ -214,6 +214,8 @@ class ServerOptions:
     log_verbose: int = 0  # Triton's --log-verbose: 1 logs every request
     log_file: Optional[Path] = None  # None: the server's log passes through to our stdout
     extra_args: tuple[str, ...] = ()  # more tritonserver flags, passed as they are
+    address: str = "0.0.0.0"  # where HTTP, gRPC and metrics listen; tests use 127.0.0.1
+    restart_stubs: bool = True  # reload a model whose stub process died (builder.serving.watchdog)
 
     def __post_init__(self):
         object.__setattr__(self, "model_repository", Path(self.model_repository))
@@ -234,6 +236,13 @@ class ServerOptions:
             raise ValueError(f"model_config_name={self.model_config_name!r}: must be a bare name without spaces")
         if not isinstance(self.log_verbose, int) or self.log_verbose < 0:
             raise ValueError(f"log_verbose={self.log_verbose!r}: must be an integer >= 0")
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise ValueError(f"address={self.address!r}: must be an IP address such as 127.0.0.1 "
+                             f"or 0.0.0.0") from None
         if not all(isinstance(arg, str) for arg in self.extra_args):
             raise ValueError(f"extra_args={self.extra_args!r}: must be strings")
 
@@ -253,6 +262,9 @@ def server_command(options: ServerOptions, install: ServerInstall, shm_prefix: s
         "--http-port", str(options.http_port),
         "--grpc-port", str(options.grpc_port),
         "--metrics-port", str(options.metrics_port),
+        "--http-address", options.address,
+        "--grpc-address", options.address,
+        "--metrics-address", options.address,
         "--log-verbose", str(options.log_verbose),
         "--backend-config", f"python,shm-region-prefix-name={shm_prefix}",
     ]
@@ -262,6 +274,10 @@ def server_command(options: ServerOptions, install: ServerInstall, shm_prefix: s
         command += ["--cache-directory", str(install.caches_dir)]
     if options.model_config_name is not None:
         command += ["--model-config-name", options.model_config_name]
+    if options.restart_stubs:
+        from .watchdog import EXPLICIT_CONTROL
+
+        command += list(EXPLICIT_CONTROL)
     return command + list(options.extra_args)
 
 
@@ -286,6 +302,7 @@ class TritonServer:
         self._install = install
         self._cache_dir = cache_dir
         self._process: Optional[subprocess.Popen] = None
+        self.watchdog = None  # a StubWatchdog once ready, with options.restart_stubs
         self._log_tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
         self._log_thread: Optional[threading.Thread] = None
         self._shm_prefix = ""  # names this server's Python-backend shared-memory regions
@@ -303,12 +320,17 @@ class TritonServer:
         self.stop()
 
     @property
+    def host(self) -> str:
+        """Where a client on this machine reaches the server."""
+        return "127.0.0.1" if self.options.address in ("0.0.0.0", "127.0.0.1") else self.options.address
+
+    @property
     def urls(self) -> dict[str, str]:
-        """Client addresses: ``{"http": "localhost:8000", "grpc": "localhost:8001", "metrics": ...}``."""
+        """Client addresses: ``{"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001", "metrics": ...}``."""
         return {
-            "http": f"localhost:{self.options.http_port}",
-            "grpc": f"localhost:{self.options.grpc_port}",
-            "metrics": f"localhost:{self.options.metrics_port}",
+            "http": f"{self.host}:{self.options.http_port}",
+            "grpc": f"{self.host}:{self.options.grpc_port}",
+            "metrics": f"{self.host}:{self.options.metrics_port}",
         }
 
     @property
@@ -377,7 +399,7 @@ class TritonServer:
         if self._process is None:
             raise RuntimeError("tritonserver not started: call start() first")
         timeout = self.ready_timeout if timeout is None else timeout
-        url = f"http://127.0.0.1:{self.options.http_port}/v2/health/ready"
+        url = f"http://{self.host}:{self.options.http_port}/v2/health/ready"
         deadline = time.monotonic() + timeout
         while True:
             code = self._process.poll()
@@ -387,6 +409,11 @@ class TritonServer:
                     f"tritonserver exited with code {code} before it was ready; last log lines:\n{self.log_tail()}"
                 )
             if _is_ready(url):
+                if self.options.restart_stubs and self.watchdog is None:
+                    from .watchdog import StubWatchdog
+
+                    self.watchdog = StubWatchdog(self._process.pid, self.options.model_repository,
+                                                 f"http://{self.urls['http']}").start()
                 return self
             if time.monotonic() > deadline:
                 raise ServerStartError(
@@ -408,6 +435,9 @@ class TritonServer:
         >>> server.stop()
         0
         """
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         process, self._process = self._process, None
         if process is None:
             return None

@@ -1,0 +1,235 @@
+"""``glm-chat``: a client for the ``chatglm2-6b`` router over gRPC (default) or HTTP.
+
+>>> client = ChatGLMClient("localhost:8001")
+>>> result = client.chat("3只鸡和2只兔子一共有几条腿？")
+>>> result.response, result.variant, result.latency_s
+"""
+from __future__ import annotations
+
+import argparse
+import queue
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+ROUTER = "chatglm2-6b"
+STREAM_ROUTER = "chatglm2-6b-stream"
+OUTPUTS = ("response", "history", "variant")
+
+
+class ChatError(RuntimeError):
+    """The server answered with an error (the message is the server's)."""
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    response: str
+    history: list = field(default_factory=list)  # [(query, response), ...] after this turn
+    variant: str = ""  # which precision served it
+    latency_s: float = 0.0
+
+
+def _client_module(protocol: str):
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    elif protocol == "http":
+        import tritonclient.http as module
+    else:
+        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+    return module
+
+
+def _strings(values: Sequence[str]) -> np.ndarray:
+    return np.array([v.encode("utf-8") for v in values], dtype=object)
+
+
+@dataclass
+class ChatGLMClient:
+    """A chat client; ``url`` is "host:port" as tritonclient spells it (8001 gRPC, 8000 HTTP)."""
+
+    url: str = "localhost:8001"
+    protocol: str = "grpc"
+    temperature: float = 0.01
+    max_token: int = 16000  # total tokens, prompt included (the usual client's default)
+    history_len: int = 10
+    model: str = ROUTER
+    timeout_s: float = 120.0
+
+    def __post_init__(self):
+        self._module = _client_module(self.protocol)
+        self._client = self._module.InferenceServerClient(url=self.url)
+        self._decoupled: dict[str, bool] = {}
+
+    def is_decoupled(self, model: str) -> bool:
+        """Whether ``model`` streams (the variants and chatglm2-6b-stream do); asked once per model."""
+        if model not in self._decoupled:
+            try:
+                config = self._client.get_model_config(model)
+            except Exception as err:
+                raise ChatError(str(err)) from err
+            config = config.get("config", config) if isinstance(config, dict) else config.config
+            policy = (config.get("model_transaction_policy", {}) if isinstance(config, dict)
+                      else {"decoupled": config.model_transaction_policy.decoupled})
+            self._decoupled[model] = bool(policy.get("decoupled", False))
+        return self._decoupled[model]
+
+    def inputs(self, prompt: str, history: Sequence[Sequence[str]] = (), *,
+               stream: bool | None = None) -> list:
+        flat = [text for pair in history for text in pair]
+        values = {"prompt": [prompt], "history": flat, "temperature": [str(self.temperature)],
+                  "max_token": [str(self.max_token)], "history_len": [str(self.history_len)]}
+        if stream is not None:  # variants only: the routers set it themselves
+            values["stream"] = ["1" if stream else "0"]
+        out = []
+        for name, items in values.items():
+            tensor = self._module.InferInput(name, [len(items)], "BYTES")
+            tensor.set_data_from_numpy(_strings(items).reshape(len(items)))
+            out.append(tensor)
+        return out
+
+    @staticmethod
+    def _result(result, started: float) -> ChatResult:
+        response = result.as_numpy("response").reshape(-1)[0].decode("utf-8")
+        history = [(q.decode(), a.decode()) for q, a in result.as_numpy("history").reshape(-1, 2)]
+        variant = result.as_numpy("variant").reshape(-1)[0].decode("utf-8")
+        return ChatResult(response, history, variant, time.perf_counter() - started)
+
+    def chat(self, prompt: str, history: Sequence[Sequence[str]] = (), *, model: str | None = None
+             ) -> ChatResult:
+        """One request to the router (or ``model``), one answer."""
+        model = model or self.model
+        if model != ROUTER and self.protocol == "grpc" and self.is_decoupled(model):
+            result = None
+            for result in self.stream(prompt, history, model=model, partial=False):
+                pass
+            if result is None:
+                raise ChatError(f"{model} sent no answer")
+            return result
+        started = time.perf_counter()
+        outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        try:
+            result = self._client.infer(model, self.inputs(prompt, history),
+                                        outputs=outputs, **kwargs)
+        except Exception as err:  # tritonclient raises InferenceServerException for server errors
+            raise ChatError(str(err)) from err
+        return self._result(result, started)
+
+    def stream(self, prompt: str, history: Sequence[Sequence[str]] = (), *,
+               model: str = STREAM_ROUTER, partial: bool = True) -> Iterator[ChatResult]:
+        """Partial answers as they arrive (gRPC only), each the text so far; with ``partial``
+        False, a variant sends only its final answer."""
+        if self.protocol != "grpc":
+            raise ValueError("streaming needs protocol 'grpc' (Triton streams decoupled models over gRPC)")
+        results: queue.Queue = queue.Queue()
+        started = time.perf_counter()
+        self._client.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            stream = None if model == STREAM_ROUTER else partial
+            self._client.async_stream_infer(model, self.inputs(prompt, history, stream=stream),
+                                            enable_empty_final_response=True)
+            while True:
+                result, error = results.get(timeout=self.timeout_s)
+                if error is not None:
+                    raise ChatError(str(error))
+                final = result.get_response().parameters["triton_final_response"].bool_param
+                if result.as_numpy("response") is not None:
+                    yield self._result(result, started)
+                if final:
+                    return
+        finally:
+            self._client.stop_stream()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glm-chat", description="Ask ChatGLM2 served by Triton (the chatglm2-6b router). "
+        "With no prompt, an interactive chat that keeps the history.")
+    parser.add_argument("prompt", nargs="?", help="the question; omit it for an interactive chat")
+    parser.add_argument("-ip", "--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    parser.add_argument("-p", "--port", type=int, help="server port (default 8001 for gRPC, 8000 for HTTP)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="default grpc")
+    parser.add_argument("-t", "--temperature", type=float, default=0.01, help="sampling temperature; 0 is greedy (default 0.01)")
+    parser.add_argument("-m", "--max-token", "--max_token", type=int, default=16000,
+                        help="total tokens, prompt included (default 16000)")
+    parser.add_argument("-hl", "--history-len", "--history_len", type=int, default=10,
+                        help="past question/answer pairs to keep (default 10)")
+    parser.add_argument("-c", "--count", "--send_count", type=int, default=1,
+                        help="send the prompt this many times and print min/avg/max latency")
+    parser.add_argument("--stream", action="store_true", help="print the answer as it arrives (gRPC)")
+    parser.add_argument("--model", default=None, help="call this model instead of the router")
+    return parser
+
+
+def _ask(client: ChatGLMClient, prompt: str, history, stream: bool, model: str | None) -> ChatResult:
+    if not stream:
+        result = client.chat(prompt, history, model=model)
+        print(result.response, flush=True)
+        return result
+    shown = ""
+    result = None
+    for result in client.stream(prompt, history, **({"model": model} if model else {})):
+        print(result.response[len(shown):], end="", flush=True)
+        shown = result.response
+    print(flush=True)
+    if result is None:
+        raise ChatError("the stream ended without an answer")
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    port = args.port or (8001 if args.protocol == "grpc" else 8000)
+    client = ChatGLMClient(f"{args.host}:{port}", args.protocol, args.temperature, args.max_token,
+                           args.history_len)
+    try:
+        if args.prompt is None:
+            return _interactive(client, args)
+        latencies = []
+        for i in range(args.count):
+            result = _ask(client, args.prompt, [], args.stream, args.model)
+            latencies.append(result.latency_s * 1000)
+            print(f"[{i}] variant {result.variant}, {latencies[-1]:.0f} ms", file=sys.stderr)
+        if args.count > 1:
+            print(f"cnt={len(latencies)} min={min(latencies):.0f}ms avg={statistics.mean(latencies):.0f}ms "
+                  f"max={max(latencies):.0f}ms", file=sys.stderr)
+        return 0
+    except ChatError as err:
+        print(f"glm-chat: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def _interactive(client: ChatGLMClient, args) -> int:
+    history: list = []
+    print("glm-chat: type a question; 'clear' forgets the history, 'exit' quits.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("问: ").strip()
+        except EOFError:
+            return 0
+        if prompt in ("exit", "quit"):
+            return 0
+        if prompt == "clear":
+            history = []
+            continue
+        if not prompt:
+            continue
+        try:
+            print("答: ", end="", flush=True)
+            result = _ask(client, prompt, history, args.stream, args.model)
+            history = result.history
+        except ChatError as err:
+            print(f"\nglm-chat: error: {err}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
