@@ -14,12 +14,12 @@ from pathlib import Path
 TINY_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-chatglm2"
 
 _LAZY = {
-    "chat": "chat", "stream_chat": "chat",
+    "chat": "generation", "stream_chat": "generation",
     "load_chatglm2": "checkpoint",
     "CHATGLM2_6B": "config", "ChatGLM2Config": "config",
     "estimate_memory": "memory",
     "load_profile": "profiles",
-    "quantize": "quantize",
+    "quantize": "quantization",
 }
 
 __all__ = ["TINY_CHECKPOINT", *_LAZY]

@@ -263,7 +263,7 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
     >>> model, tokenizer = load_chatglm2("THUDM-chatglm2-6b/", device="cuda")  # float16
     >>> model, tokenizer = load_chatglm2("THUDM-chatglm2-6b/", bits=4)  # int4 on the CPU
     """
-    from .quantize import check_bits, make_load_hook, make_prequantized_hook
+    from .quantization import check_bits, make_load_hook, make_prequantized_hook
     from .tokenizer import ChatGLM2Tokenizer
 
     path = Path(path)

@@ -20,8 +20,8 @@ from .render import QUANTIZE_AT, OutputExistsError
 
 PROG = "glm-build"
 
-# Subcommands by first argument (none yet: `glm-build profile ...` will be one). Without one,
-# the arguments are the build's.
+# Subcommands by first argument (`glm-build profile ...`, registered below). Without one, the
+# arguments are the build's.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {}
 
 
@@ -118,6 +118,84 @@ def build_main(argv: Sequence[str]) -> int:
         return _error(f"{err} (the previous output, if any, is untouched)", 1)
     print(result.summary())
     return 0
+
+
+# -- glm-build profile -----------------------------------------------------------------------------
+def build_profile_parser() -> argparse.ArgumentParser:
+    """The ``profile`` subcommand's parser.
+
+    >>> build_profile_parser().parse_args(["--quant", "int4", "--device", "cpu"]).workloads
+    'encode:2048,generate:8192'
+    """
+    from .profile import DEFAULT_OUT as PROFILE_OUT, DEFAULT_WORKLOADS, SPECS as PROFILE_SPECS
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} profile",
+        description="Measure each variant's peak memory per workload, each run in a fresh "
+        "process, beside builder.estimate_memory and THUDM's published table; writes "
+        "profile.json, profile.md and profile.png.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, metavar="DIR",
+                        help="ChatGLM2 checkpoint folder (THUDM layout); default: the embedded "
+                        "demo model, which is not ChatGLM2-6B")
+    source.add_argument("--spec", choices=sorted(PROFILE_SPECS),
+                        help="random weights with the real model's shapes, written once as a "
+                        "checkpoint into --cache-dir; no download needed")
+    parser.add_argument("--layers", type=_positive_int, metavar="N",
+                        help="with --spec: decoder layers to build (default: all, 28 for "
+                        "chatglm2-6b); a few keep a CPU profile small")
+    parser.add_argument("--quant", required=True, metavar="LIST",
+                        help=f"comma-separated precisions, one variant each: "
+                        f"{', '.join(PRECISIONS)}")
+    parser.add_argument("--device", required=True, choices=("cpu", "cuda"),
+                        help="where the variants run: cpu (peak RSS) or cuda (peak allocator "
+                        "bytes plus the CUDA context)")
+    parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, metavar="LIST",
+                        help="comma-separated PHASE:TOKENS, encode:N one prefill of N tokens, "
+                        "generate:N decoding until N tokens in total (default: %(default)s, the "
+                        "published table's)")
+    parser.add_argument("--out", type=Path, default=PROFILE_OUT, metavar="DIR",
+                        help="folder for profile.json, profile.md, profile.png "
+                        "(default: %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="where --spec writes its random-weight checkpoint and finds it "
+                        "again (default: the temp dir)")
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="torch threads in each run (default: torch's own choice)")
+    return parser
+
+
+def profile_options_from_args(args: argparse.Namespace):
+    """The :class:`builder.profile.ProfileOptions` for parsed arguments."""
+    from .profile import ProfileOptions
+
+    return ProfileOptions(quant=args.quant, device=args.device, model=args.model, spec=args.spec,
+                          layers=args.layers, workloads=args.workloads, out=args.out,
+                          cache_dir=args.cache_dir, threads=args.threads)
+
+
+def profile_main(argv: Sequence[str]) -> int:
+    """``glm-build profile ...``: 0 done, 2 bad input, 1 a run failed."""
+    from . import profile
+
+    try:
+        args = build_profile_parser().parse_args(list(argv))
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        records = profile.run_profile(profile_options_from_args(args))
+    except (ValueError, FileNotFoundError) as err:  # ProfilingError, a missing checkpoint
+        return _error(str(err), 2)
+    except (profile.RunFailedError, OSError) as err:
+        return _error(str(err), 1)
+    print(f"{len(records)} runs; wrote {args.out / 'profile.md'}, profile.json, profile.png")
+    for r in records:
+        print(f"  {r.variant} {r.workload}: measured {r.measured_bytes / 2**20:,.0f} MiB, "
+              f"estimated {r.estimated_bytes / 2**20:,.0f} MiB ({r.error:+.1%})")
+    return 0
+
+
+COMMANDS["profile"] = profile_main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -31,7 +31,7 @@ def answer_locally() -> None:
     import torch
 
     from . import chat, load_chatglm2
-    from .quantize import QuantizedLinear
+    from .quantization import QuantizedLinear
 
     banner(f"The embedded demo model (a tiny ChatGLM2, NOT ChatGLM2-6B): {TINY_CHECKPOINT}")
     for label, bits, dtype in (("fp32", 16, torch.float32), ("int8", 8, torch.bfloat16),

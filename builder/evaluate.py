@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .chat import chat
+from .generation import chat
 from .corpus import Dialogue
 
 

@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchdoc import command_line, machine, write_section  # noqa: E402
-from builder.chat import generate_ids  # noqa: E402
+from builder.generation import generate_ids  # noqa: E402
 from builder.checkpoint import load_chatglm2  # noqa: E402
-from builder.quantize import QuantizedLinear  # noqa: E402
+from builder.quantization import QuantizedLinear  # noqa: E402
 from builder.synthetic import write_synthetic_checkpoint  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,13 +105,17 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> tuple[float, float]:
 
 
 def decode_seconds(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, seconds per decoded token) for one greedy generation of ``new_tokens``."""
-    stamps = []
-    start = time.perf_counter()
+    """(prefill seconds, seconds per decoded token) for one greedy generation of ``new_tokens``.
+
+    Per token is the median of the decode steps (each a forward of one token plus its argmax), so a
+    step stalled by another process on this shared 2-core machine does not count.
+    """
+    stamps = [time.perf_counter()]
     for _ in generate_ids(model, prompt, max_length=len(prompt) + new_tokens, temperature=0, top_p=1,
                           stop_ids=()):
         stamps.append(time.perf_counter())
-    return stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return stamps[1] - stamps[0], statistics.median(steps)
 
 
 def timed_runs(model, prompt: list[int], new_tokens: int, repeats: int) -> list[float]:
@@ -158,7 +162,7 @@ def report(results: list[dict], bandwidth: float, copy_bandwidth: float, args, l
     lines = [
         f"Synthetic checkpoint with ChatGLM2-6B's real shapes and {L} layers; greedy decode of "
         f"{args.new_tokens} tokens after a {args.prompt_tokens}-token prompt, {args.threads} threads, "
-        f"ms/token over the decode steps after warm-up, {args.repeats} runs each (min / median).",
+        f"ms/token = median decode step of a run, after warm-up; {args.repeats} runs each (min / median over runs).",
         f"Memory read bandwidth (`x.sum()` over a 1 GiB float32 tensor, best of 7, {args.threads} threads): "
         f"**{bandwidth / 1e9:.1f} GB/s** (copy: {copy_bandwidth / 1e9:.1f} GB/s read+write). Roofline = "
         "weight bytes read per token / read bandwidth; % of roofline = roofline time / measured time.",

@@ -39,7 +39,7 @@ def child(case: dict) -> None:
     import transformers.models.glm.modeling_glm  # noqa: F401
 
     from builder.checkpoint import load_chatglm2
-    from builder.quantize import QuantizedLinear  # noqa: F401
+    from builder.quantization import QuantizedLinear  # noqa: F401
 
     torch.set_num_threads(case["threads"])
     baseline = psutil.Process().memory_info().rss

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from builder.config import ChatGLM2Config
-from builder.quantize import (QuantizedLinear, dequantize, make_load_hook, make_prequantized_hook,
+from builder.quantization import (QuantizedLinear, dequantize, make_load_hook, make_prequantized_hook,
                               pack_int4, quantize, quantize_rows, row_scales, unpack_int4)
 
 from conftest import SMALL, thudm_state

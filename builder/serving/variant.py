@@ -69,7 +69,7 @@ class TritonPythonModel:
         return None
 
     def serve(self, request, sender) -> None:
-        from ..chat import PromptTooLongError, stream_chat
+        from ..generation import PromptTooLongError, stream_chat
 
         req = parse_request(request_inputs(request))
         max_length = req.max_token

@@ -1,0 +1,564 @@
+"""Measured peak memory per variant and workload, beside the estimate and the published table.
+
+Each (variant, workload) runs in a process of its own, forked from a server that has imported
+torch and transformers once (``multiprocessing``'s forkserver), so one run's peak never leaks into
+the next and the 8-second imports are paid once. A run loads the model the way the variant's
+Triton ``initialize`` does (:func:`builder.load_chatglm2` with the variant's bits and dtype), then
+runs its workload: ``encode:N`` is one prefill of N tokens keeping the last position's logits
+(like ``builder.chat``), ``generate:N`` decodes greedily from a 16-token prompt until N tokens in
+total, ignoring stop ids.
+
+What is measured:
+
+- on a CPU, the resident set (``VmRSS``/``VmHWM`` of ``/proc/self/status``): ``baseline`` after the
+  imports, then the load, then every weight is read once (a float checkpoint loaded in its own
+  dtype stays memory-mapped, and a server that has seen the whole vocabulary has all of its
+  embedding resident), then the high-water mark is reset (``/proc/self/clear_refs``) and the
+  workload runs. ``measured_bytes`` is the workload's peak minus the baseline: what the model
+  costs while serving. The load's own peak (quantizing while loading holds float copies of one
+  projection) is kept beside it as ``load_peak_bytes``.
+- on CUDA, the caching allocator's peak allocated and reserved bytes during the workload, and the
+  CUDA context from the device's free memory (``torch.cuda.mem_get_info``, and ``nvidia-smi``
+  before the context exists). ``measured_bytes`` is context + peak reserved: what ``nvidia-smi``
+  would show at the peak.
+
+>>> records = run_profile(ProfileOptions(quant="fp16,int4", device="cpu", spec="chatglm2-6b",
+...                                      layers=2, workloads="encode:512,generate:256"))
+>>> [(r.variant, r.phase, r.tokens, round(r.error, 3)) for r in records]
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from .config import CHATGLM2_6B, ChatGLM2Config
+from .memory import MIB, PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
+from .plan import Variant, variants_of
+
+DEFAULT_WORKLOADS = "encode:2048,generate:8192"  # the published table's
+DEFAULT_OUT = Path("profile")
+SPECS = {"chatglm2-6b": CHATGLM2_6B}  # --spec NAME: random weights with this config's shapes
+DEVICES = ("cpu", "cuda")
+PROMPT_TOKENS = 16  # generate:N decodes from a prompt this long
+SYNTHETIC_DIR = "glm-synthetic-{layers}l"  # under cache_dir; scripts/bench_decode.py shares it
+# What a run imports before its baseline; the fork server imports them once for every run.
+_PRELOAD = ["torch", "safetensors.torch", "transformers.models.glm.modeling_glm",
+            "builder.checkpoint", "builder.quantization", "builder.generation", "builder.profile"]
+# A profile kind whose Variant.dtype rule applies to the device (CPU: bf16 for int8/int4).
+_DTYPE_PROFILE = {"cpu": "cpu", "cuda": "a100-80gb"}
+
+
+class ProfilingError(ValueError):
+    """Bad input: an option, a workload, a device that is not there."""
+
+
+class RunFailedError(RuntimeError):
+    """A run's process raised or died (killed for memory, most likely)."""
+
+
+# -- workloads ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    """``encode`` one prefill of ``tokens``, or ``generate`` until ``tokens`` in total.
+
+    >>> Workload.parse("generate:8192")
+    Workload(phase='generate', tokens=8192)
+    """
+
+    phase: str  # "encode" or "generate" (builder.memory.PHASES)
+    tokens: int  # prefill length, or total length with the prompt
+
+    def __post_init__(self):
+        if self.phase not in PHASES:
+            raise ProfilingError(f"workloads: phase must be one of {', '.join(PHASES)}, "
+                                 f"got {self.phase!r} in {self}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
+            raise ProfilingError(f"workloads: tokens must be a positive integer, got "
+                                 f"{self.tokens!r} in {self.phase}:{self.tokens}")
+        if self.phase == "generate" and self.tokens <= PROMPT_TOKENS:
+            raise ProfilingError(f"workloads: {self} must exceed the {PROMPT_TOKENS}-token "
+                                 f"prompt it decodes from")
+
+    @classmethod
+    def parse(cls, text: str) -> "Workload":
+        phase, sep, tokens = text.strip().partition(":")
+        if not sep or not tokens.strip().isdigit():
+            raise ProfilingError(f"workloads: {text.strip()!r} must look like PHASE:TOKENS, "
+                                 f"e.g. encode:2048 or generate:8192")
+        return cls(phase.strip().lower(), int(tokens))
+
+    def __str__(self) -> str:
+        return f"{self.phase}:{self.tokens}"
+
+
+def parse_workloads(text: str | Iterable[str | Workload]) -> tuple[Workload, ...]:
+    """``"encode:2048,generate:8192"`` → workloads, in the order given, each once.
+
+    >>> [str(w) for w in parse_workloads("encode:512, encode:1024")]
+    ['encode:512', 'encode:1024']
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    workloads = tuple(w if isinstance(w, Workload) else Workload.parse(w)
+                      for w in items if isinstance(w, Workload) or w.strip())
+    if not workloads:
+        raise ProfilingError(f"workloads: none given in {text!r}; e.g. {DEFAULT_WORKLOADS}")
+    repeated = sorted({str(w) for w in workloads if workloads.count(w) > 1})
+    if repeated:
+        raise ProfilingError(f"workloads: {', '.join(repeated)} given more than once")
+    return workloads
+
+
+# -- options --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProfileOptions:
+    """What ``glm-build profile`` is asked to measure; validated on creation, naming the field."""
+
+    quant: tuple[str, ...]  # precisions, one variant each; "fp16,int4" is accepted too
+    device: str = "cpu"  # "cpu" or "cuda"
+    model: Optional[Path] = None  # checkpoint folder; None and no spec: the embedded demo model
+    spec: Optional[str] = None  # "chatglm2-6b": random weights with the real shapes
+    layers: Optional[int] = None  # spec only: decoder layers (default: the spec's, 28)
+    workloads: tuple[Workload, ...] = parse_workloads(DEFAULT_WORKLOADS)
+    out: Path = DEFAULT_OUT  # gets profile.json, profile.md, profile.png
+    cache_dir: Optional[Path] = None  # where --spec writes its checkpoint (default: temp dir)
+    threads: Optional[int] = None  # torch threads in each run (default: torch's own)
+
+    def __post_init__(self):
+        try:
+            variants = variants_of(self.quant)
+        except ValueError as err:
+            raise ProfilingError(f"quant: {err}") from err
+        object.__setattr__(self, "quant", tuple(v.precision for v in variants))
+        object.__setattr__(self, "workloads", parse_workloads(self.workloads))
+        if self.device not in DEVICES:
+            raise ProfilingError(f"device: must be one of {', '.join(DEVICES)}, "
+                                 f"got {self.device!r}")
+        if self.model is not None and self.spec is not None:
+            raise ProfilingError(f"model and spec are exclusive: --model {self.model} reads a "
+                                 f"checkpoint, --spec {self.spec} makes random weights")
+        if self.spec is not None and self.spec not in SPECS:
+            raise ProfilingError(f"spec: unknown {self.spec!r}; known: {', '.join(SPECS)}")
+        if self.layers is not None:
+            if self.spec is None:
+                raise ProfilingError(f"layers: --layers {self.layers} applies to --spec only "
+                                     f"(a checkpoint has its own)")
+            if isinstance(self.layers, bool) or not isinstance(self.layers, int) \
+                    or self.layers <= 0:
+                raise ProfilingError(f"layers: must be a positive integer, got {self.layers!r}")
+        if self.threads is not None and (isinstance(self.threads, bool)
+                                         or not isinstance(self.threads, int) or self.threads <= 0):
+            raise ProfilingError(f"threads: must be a positive integer, got {self.threads!r}")
+        for name in ("model", "out", "cache_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+
+    @property
+    def variants(self) -> tuple[Variant, ...]:
+        return tuple(Variant(p) for p in self.quant)
+
+    def command_line(self) -> str:
+        """The ``glm-build profile`` command asking for exactly this (quoted in profile.md).
+
+        >>> ProfileOptions(quant="int4", spec="chatglm2-6b", layers=2).command_line()
+        'glm-build profile --spec chatglm2-6b --layers 2 --quant int4 --device cpu --workloads encode:2048,generate:8192 --out profile'
+        """
+        import shlex
+
+        args = ["glm-build", "profile"]
+        if self.spec is not None:
+            args += ["--spec", self.spec] + ([] if self.layers is None
+                                             else ["--layers", str(self.layers)])
+        elif self.model is not None:
+            args += ["--model", str(self.model)]
+        args += ["--quant", ",".join(self.quant), "--device", self.device,
+                 "--workloads", ",".join(map(str, self.workloads)), "--out", str(self.out)]
+        if self.cache_dir is not None:
+            args += ["--cache-dir", str(self.cache_dir)]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
+        return shlex.join(args)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model a profile runs: its config, its checkpoint folder, how reports name it."""
+
+    config: ChatGLM2Config
+    checkpoint: Path
+    label: str  # "ChatGLM2-6B", "ChatGLM2-6B shapes, 2 of 28 layers (random weights)", ...
+    synthetic: bool  # the checkpoint is written from the spec when missing
+
+    @property
+    def is_6b(self) -> bool:
+        """The real ChatGLM2-6B network, all layers (the published table's model)."""
+        return dataclasses.replace(self.config, quantization_bit=0, torch_dtype="float16") \
+            == CHATGLM2_6B
+
+
+def resolve_target(options: ProfileOptions) -> Target:
+    """The config and checkpoint folder the options point at (no weights read or written)."""
+    from . import TINY_CHECKPOINT
+    from .checkpoint import check_checkpoint
+
+    if options.spec is not None:
+        spec = SPECS[options.spec]
+        layers = options.layers or spec.num_layers
+        config = dataclasses.replace(spec, num_layers=layers)
+        cache = options.cache_dir or Path(tempfile.gettempdir())
+        label = "ChatGLM2-6B" if layers == spec.num_layers else \
+            f"ChatGLM2-6B shapes, {layers} of {spec.num_layers} layers"
+        return Target(config, cache / SYNTHETIC_DIR.format(layers=layers),
+                      f"{label} (random weights)", synthetic=True)
+    path = Path(options.model) if options.model is not None else Path(TINY_CHECKPOINT)
+    config = check_checkpoint(path)
+    if options.model is None:
+        label = "the embedded demo model (a tiny ChatGLM2, not ChatGLM2-6B)"
+    else:
+        label = "ChatGLM2-6B" if Target(config, path, "", False).is_6b else f"checkpoint {path}"
+    if config.quantization_bit and any(v.bits != config.quantization_bit or v.group_size
+                                       for v in options.variants):
+        raise ProfilingError(f"quant: {path} is already quantized to int{config.quantization_bit} "
+                             f"(config.json quantization_bit); profile only "
+                             f"--quant int{config.quantization_bit}")
+    return Target(config, path.resolve(), label, synthetic=False)
+
+
+def ensure_checkpoint(target: Target, say: Callable[[str], None] = print) -> Path:
+    """The target's checkpoint folder, writing the synthetic one first when it is missing."""
+    if not target.synthetic or _synthetic_ready(target.checkpoint, target.config):
+        return target.checkpoint
+    from .memory import weight_bytes
+    from .synthetic import write_synthetic_checkpoint
+
+    size = weight_bytes(target.config, 16)
+    say(f"writing a {target.config.num_layers}-layer checkpoint with random weights "
+        f"({size / 1e9:.1f} GB) to {target.checkpoint}")
+    return write_synthetic_checkpoint(target.checkpoint, num_layers=target.config.num_layers,
+                                      config=target.config)
+
+
+def _synthetic_ready(path: Path, config: ChatGLM2Config) -> bool:
+    from .checkpoint import CheckpointError, check_checkpoint
+
+    try:
+        found = check_checkpoint(path)
+    except (CheckpointError, ValueError):
+        return False
+    return dataclasses.replace(found, torch_dtype=config.torch_dtype) == config
+
+
+# -- records --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProfileRecord:
+    """One variant running one workload: measured, estimated and (for the 6B) published bytes."""
+
+    variant: str  # the Triton model name, chatglm2-6b-int4
+    precision: str  # fp16, int8, int4, int4-g128
+    bits: int  # 16, 8, 4
+    phase: str  # encode or generate
+    tokens: int
+    device: str  # cpu or cuda
+    measured_bytes: int  # CPU: workload peak RSS − baseline; CUDA: context + peak reserved
+    estimated_bytes: int  # builder.estimate_memory for this device, like with like (see estimate_for)
+    published_bytes: Optional[int]  # THUDM's table (A100 GPU memory); ChatGLM2-6B only
+    dtype: str  # float16 / bfloat16, as the variant's initialize loads it
+    layers: int  # decoder layers of the model profiled
+    model: str  # how the report names the model
+    baseline_bytes: int  # CPU: RSS after the imports; CUDA: device memory used before the context
+    peak_bytes: int  # CPU: peak RSS during the workload; CUDA: peak reserved by the allocator
+    load_seconds: float
+    run_seconds: float
+    estimate: dict = field(default_factory=dict)  # the estimate's terms (MemoryEstimate.as_dict)
+    details: dict = field(default_factory=dict)  # the device's other readings, in bytes
+
+    @property
+    def error(self) -> float:
+        """(estimated − measured) / measured."""
+        return (self.estimated_bytes - self.measured_bytes) / self.measured_bytes
+
+    @property
+    def workload(self) -> str:
+        return f"{self.phase}:{self.tokens}"
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "error": round(self.error, 4)}
+
+
+def estimate_for(config: ChatGLM2Config, variant: Variant, workload: Workload,
+                 device: str) -> MemoryEstimate:
+    """The estimate a run is compared with, counting what the measurement counts.
+
+    Both devices: last-position logits only (``all_logits=False``, like ``builder.chat``),
+    2-byte activations (float16, or bfloat16 for int8/int4 on a CPU). On a CPU no process
+    overhead: the measurement subtracts the baseline taken after the imports. On CUDA the
+    default per-process overhead (CUDA context + allocator reserve), which the measurement holds.
+    """
+    return estimate_breakdown(config, variant.bits, workload.tokens, workload.phase,
+                              group_size=variant.group_size, dtype_bytes=2, device=device,
+                              process_overhead=0 if device == "cpu" else None, all_logits=False)
+
+
+def published_for(target: Target, variant: Variant, workload: Workload) -> Optional[int]:
+    """The table's cell when it has one: ChatGLM2-6B, its precision, its phase and length."""
+    tokens, published = PUBLISHED_TABLE.get(variant.precision, {}).get(workload.phase,
+                                                                       (None, None))
+    return published if target.is_6b and tokens == workload.tokens else None
+
+
+def variant_dtype(variant: Variant, device: str) -> str:
+    """float16 for fp16; bfloat16 for int8/int4 on a CPU, float16 on a GPU (builder.plan)."""
+    from .profiles import load_profile
+
+    return variant.dtype(load_profile(_DTYPE_PROFILE[device]))
+
+
+# -- the profile ----------------------------------------------------------------------------------
+def run_profile(options: ProfileOptions, progress: bool = True) -> list[ProfileRecord]:
+    """Run every variant × workload in its own process; write profile.json/.md/.png to ``out``.
+
+    Raises :class:`ProfilingError` for bad input before any run, :class:`RunFailedError` when a
+    run's process fails (nothing is written then).
+    """
+    from tqdm import tqdm
+
+    if options.device == "cuda":
+        _check_cuda()
+    target = resolve_target(options)
+    for workload in options.workloads:
+        if workload.tokens > target.config.seq_length:
+            raise ProfilingError(f"workloads: {workload} is longer than the model's seq_length "
+                                 f"{target.config.seq_length}")
+    checkpoint = ensure_checkpoint(target, say=lambda m: print(m, file=sys.stderr, flush=True))
+    runs = [(v, w) for v in options.variants for w in options.workloads]
+    records = []
+    with tqdm(total=len(runs), desc="profile", unit="run", disable=not progress) as bar:
+        for variant, workload in runs:
+            def stage(text: str, name=f"{variant.precision} {workload}") -> None:
+                bar.set_postfix_str(f"{name}: {text}")
+
+            case = {"device": options.device, "checkpoint": str(checkpoint),
+                    "bits": variant.bits, "group_size": variant.group_size,
+                    "dtype": variant_dtype(variant, options.device), "phase": workload.phase,
+                    "tokens": workload.tokens, "vocab": target.config.padded_vocab_size,
+                    "threads": options.threads}
+            result = measure_in_fresh_process(case, stage)
+            estimate = estimate_for(target.config, variant, workload, options.device)
+            records.append(ProfileRecord(
+                variant=variant.name, precision=variant.precision, bits=variant.bits,
+                phase=workload.phase, tokens=workload.tokens, device=options.device,
+                measured_bytes=result.pop("measured_bytes"), estimated_bytes=estimate.total,
+                published_bytes=published_for(target, variant, workload), dtype=case["dtype"],
+                layers=target.config.num_layers, model=target.label,
+                baseline_bytes=result.pop("baseline_bytes"), peak_bytes=result.pop("peak_bytes"),
+                load_seconds=round(result.pop("load_seconds"), 2),
+                run_seconds=round(result.pop("run_seconds"), 2), estimate=estimate.as_dict(),
+                details=result))
+            bar.update(1)
+    from .profile_report import write_reports
+
+    write_reports(records, options.out, command=options.command_line(), model=target.label)
+    return records
+
+
+def _check_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ProfilingError(f"device: cuda asked, but torch sees no CUDA GPU here (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); "
+                             f"profile with --device cpu or run on a GPU host")
+
+
+def measure_in_fresh_process(case: dict, stage: Callable[[str], None] = lambda text: None
+                             ) -> dict:
+    """Run one case in a new process forked from the preloaded server; its readings, in bytes."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    receiver, sender = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(case, sender), daemon=True)
+    process.start()
+    sender.close()  # the child holds the only sender now: EOF when it is gone
+    what = f"{case['bits']}-bit {case['phase']}:{case['tokens']} on {case['device']}"
+    try:
+        while True:
+            try:
+                kind, payload = receiver.recv()
+            except EOFError:
+                process.join()
+                raise RunFailedError(
+                    f"the run {what} died with exit code {process.exitcode}"
+                    + (" (killed: out of memory?)" if process.exitcode and process.exitcode < 0
+                       else "")) from None
+            if kind == "stage":
+                stage(payload)
+            elif kind == "error":
+                raise RunFailedError(f"the run {what} failed:\n{payload}")
+            else:
+                return payload
+    finally:
+        receiver.close()
+        process.join()
+
+
+# -- inside a run's process ---------------------------------------------------------------------
+def _child(case: dict, sender) -> None:
+    try:
+        measure = _measure_cuda if case["device"] == "cuda" else _measure_cpu
+        sender.send(("result", measure(case, lambda text: sender.send(("stage", text)))))
+    except BaseException:  # noqa: BLE001 — reported to the parent, which raises
+        sender.send(("error", traceback.format_exc()))
+    finally:
+        sender.close()
+
+
+def _measure_cpu(case: dict, stage: Callable[[str], None]) -> dict:
+    import resource
+
+    import torch
+
+    from .checkpoint import load_chatglm2
+
+    if case["threads"]:
+        torch.set_num_threads(case["threads"])
+    baseline = _rss()["VmRSS"]
+    scoped = _reset_peak_rss()
+    stage("loading")
+    start = time.perf_counter()
+    model, _ = load_chatglm2(case["checkpoint"], device="cpu", dtype=getattr(torch, case["dtype"]),
+                             bits=case["bits"], group_size=case["group_size"])
+    load_seconds = time.perf_counter() - start
+    load_peak = _rss()["VmHWM"] if scoped else None
+    model_bytes = _touch_weights(model)  # memory-mapped weights become resident, as in serving
+    loaded = _rss()["VmRSS"]
+    scoped = scoped and _reset_peak_rss()
+    run_seconds = _run_workload(model, case, stage)
+    now = _rss()
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    process_peak *= 1 if sys.platform == "darwin" else 1024  # KiB on Linux, bytes on macOS
+    peak = now["VmHWM"] if scoped else process_peak
+    return {"measured_bytes": peak - baseline, "baseline_bytes": baseline, "peak_bytes": peak,
+            "load_seconds": load_seconds, "run_seconds": run_seconds,
+            "load_peak_bytes": None if load_peak is None else load_peak - baseline,
+            "loaded_bytes": loaded - baseline, "model_tensor_bytes": model_bytes,
+            "process_peak_rss_bytes": process_peak, "peak_scope": "workload" if scoped
+            else "process (load included: the high-water mark could not be reset)"}
+
+
+def _measure_cuda(case: dict, stage: Callable[[str], None]) -> dict:
+    import torch
+
+    from .checkpoint import load_chatglm2
+
+    used_before = _nvidia_smi_used()  # before this process has a context
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info()
+    context_at_init = total - free - (used_before or 0)
+    stage("loading")
+    start = time.perf_counter()
+    model, _ = load_chatglm2(case["checkpoint"], device="cuda", dtype=getattr(torch, case["dtype"]),
+                             bits=case["bits"], group_size=case["group_size"])
+    torch.cuda.synchronize()
+    load_seconds = time.perf_counter() - start
+    allocated_after_load = torch.cuda.memory_allocated()
+    reserved_after_load = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    run_seconds = _run_workload(model, case, stage)
+    torch.cuda.synchronize()
+    peak_allocated = torch.cuda.max_memory_allocated()
+    peak_reserved = torch.cuda.max_memory_reserved()
+    free, total = torch.cuda.mem_get_info()
+    used_after = total - free - (used_before or 0)
+    # everything this process holds outside the allocator: the context with its lazily loaded
+    # kernels, cuBLAS/cuDNN handles
+    context = used_after - torch.cuda.memory_reserved()
+    return {"measured_bytes": context + peak_reserved, "baseline_bytes": used_before or 0,
+            "peak_bytes": peak_reserved, "load_seconds": load_seconds,
+            "run_seconds": run_seconds, "context_bytes": context,
+            "context_at_init_bytes": context_at_init, "peak_allocated_bytes": peak_allocated,
+            "peak_reserved_bytes": peak_reserved, "allocated_after_load_bytes":
+            allocated_after_load, "reserved_after_load_bytes": reserved_after_load,
+            "device_used_after_bytes": used_after, "device_total_bytes": total,
+            "gpu": torch.cuda.get_device_name(), "context_method": "nvidia-smi before, "
+            "mem_get_info after" if used_before is not None else "mem_get_info only: assumes "
+            "no other process on the GPU"}
+
+
+def _run_workload(model, case: dict, stage: Callable[[str], None]) -> float:
+    """Run ``encode:N`` or ``generate:N`` as ``builder.chat`` does; the seconds it took."""
+    import torch
+
+    from .generation import generate_ids
+
+    g = torch.Generator().manual_seed(0)
+    tokens, encode = case["tokens"], case["phase"] == "encode"
+    prompt = torch.randint(3, case["vocab"], (tokens if encode else PROMPT_TOKENS,),
+                           generator=g).tolist()
+    every = max(1, tokens // 20)
+    stage(f"{case['phase']} {len(prompt)} tokens")
+    start = time.perf_counter()
+    # encode: max_length one past the prompt, so exactly one forward (the prefill) runs
+    ids = generate_ids(model, prompt, max_length=tokens + 1 if encode else tokens,
+                       temperature=0, top_p=1.0, stop_ids=())
+    for count, _ in enumerate(ids, start=len(prompt) + 1):
+        if not encode and count % every == 0:
+            stage(f"generate {count}/{tokens} tokens")
+    return time.perf_counter() - start
+
+
+def _touch_weights(model) -> int:
+    """Read every weight once; the bytes of the model's distinct tensor storages."""
+    import torch
+
+    storages = {}
+    with torch.inference_mode():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in storages:
+                storages[storage.data_ptr()] = storage.nbytes()
+                tensor.sum()
+    return sum(storages.values())
+
+
+def _rss() -> dict[str, int]:
+    """VmRSS and VmHWM (peak since the last reset) of this process, in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+        return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}  # "123 kB"
+    except OSError:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+        return {"VmRSS": rss, "VmHWM": rss}
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _nvidia_smi_used() -> Optional[int]:
+    """Bytes in use on this process's first visible GPU, read before it has a context."""
+    import subprocess
+
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
+                              "nounits", "-i", device], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        return int(out.strip().splitlines()[0]) * MIB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
