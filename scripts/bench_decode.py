@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchdoc import command_line, machine, write_section  # noqa: E402
+from benchdoc import OtherCpu, command_line, machine, wait_for_quiet, write_section  # noqa: E402
 from builder.generation import generate_ids  # noqa: E402
 from builder.checkpoint import load_chatglm2  # noqa: E402
 from builder.quantization import QuantizedLinear  # noqa: E402
@@ -118,38 +118,47 @@ def decode_seconds(model, prompt: list[int], new_tokens: int) -> tuple[float, fl
     return stamps[1] - stamps[0], statistics.median(steps)
 
 
-def timed_runs(model, prompt: list[int], new_tokens: int, repeats: int) -> list[float]:
+def timed_runs(model, prompt: list[int], new_tokens: int, repeats: int,
+               wait: float) -> tuple[list[float], list[float]]:
+    """Seconds per token of each run, and the cores other processes used during it."""
     decode_seconds(model, prompt, 8)  # warm-up: kernels, allocator, caches
-    return [decode_seconds(model, prompt, new_tokens)[1] for _ in range(repeats)]
+    times, others = [], []
+    for _ in range(repeats):
+        wait_for_quiet(wait)
+        probe = OtherCpu()
+        times.append(decode_seconds(model, prompt, new_tokens)[1])
+        others.append(probe.cores())
+    return times, others
 
 
-def measure(variant: Variant, path: Path, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+def measure(variant: Variant, path: Path, prompt: list[int], new_tokens: int, repeats: int,
+            wait: float) -> dict:
     model, _ = load_chatglm2(path, bits=variant.bits, dtype=variant.dtype)
     num_layers = len(model.model.layers)
     layer_bytes, fixed_bytes = bytes_per_token(model)
     prefill = decode_seconds(model, prompt, 2)[0]
-    full = timed_runs(model, prompt, new_tokens, repeats)
+    full, others = timed_runs(model, prompt, new_tokens, repeats, wait)
     model.model.layers = model.model.layers[:0]  # the fixed part alone
-    fixed = timed_runs(model, prompt, new_tokens, repeats)
+    fixed, fixed_others = timed_runs(model, prompt, new_tokens, repeats, wait)
     del model
     gc.collect()
     return {"variant": variant.name, "bits": variant.bits, "dtype": str(variant.dtype).removeprefix("torch."),
             "layers": num_layers, "layer_bytes": layer_bytes / num_layers, "fixed_bytes": fixed_bytes,
-            "prefill_s": prefill, "full_s": full, "fixed_s": fixed}
+            "prefill_s": prefill, "full_s": full, "fixed_s": fixed, "others": others + fixed_others}
 
 
 # -- the report -------------------------------------------------------------------------------------
 def summarize(r: dict, bandwidth: float) -> dict:
     L = r["layers"]
-    full, fixed = statistics.median(r["full_s"]), statistics.median(r["fixed_s"])
+    full, fixed = min(r["full_s"]), min(r["fixed_s"])  # the least disturbed runs
     per_layer = (full - fixed) / L
     total_bytes = r["fixed_bytes"] + L * r["layer_bytes"]
     big_bytes = r["fixed_bytes"] + FULL_LAYERS * r["layer_bytes"]
     big = fixed + FULL_LAYERS * per_layer
-    return {**r, "total_bytes": total_bytes, "full_min": min(r["full_s"]), "full_med": full,
-            "fixed_med": fixed, "per_layer": per_layer,
-            "roof_min": total_bytes / bandwidth / min(r["full_s"]),
-            "roof_med": total_bytes / bandwidth / full,
+    return {**r, "total_bytes": total_bytes, "full_min": full, "full_med": statistics.median(r["full_s"]),
+            "fixed_min": fixed, "per_layer": per_layer,
+            "roof_min": total_bytes / bandwidth / full,
+            "roof_med": total_bytes / bandwidth / statistics.median(r["full_s"]),
             "roof_layer": r["layer_bytes"] / bandwidth / per_layer,
             "roof_fixed": r["fixed_bytes"] / bandwidth / fixed,
             "big_bytes": big_bytes, "big": big, "roof_big": big_bytes / bandwidth / big}
@@ -171,17 +180,19 @@ def report(results: list[dict], bandwidth: float, copy_bandwidth: float, args, l
         f"**Measured, {L} layers** (the 65024×4096 output layer is most of the bytes at this depth):",
         "",
         "| variant | model dtype | weights read / token | roofline | decode ms/token (min / median) "
-        "| % of roofline (min / median) | prefill ms |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| % of roofline (min / median) | prefill ms | other processes' CPU, cores (min–max over runs) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['dtype']} | {r['total_bytes'] * mb:,.0f} MB "
             f"| {r['total_bytes'] / bandwidth * ms:.1f} ms | {r['full_min'] * ms:.1f} / {r['full_med'] * ms:.1f} "
-            f"| {r['roof_min']:.0%} / {r['roof_med']:.0%} | {r['prefill_s'] * ms:.0f} |")
+            f"| {r['roof_min']:.0%} / {r['roof_med']:.0%} | {r['prefill_s'] * ms:.0f} "
+            f"| {min(r['others']):.2f}–{max(r['others']):.2f} |")
     lines += [
         "",
-        f"**Per layer, fixed part, and extrapolated to {FULL_LAYERS} layers** (medians; fixed part = the "
+        f"**Per layer, fixed part, and extrapolated to {FULL_LAYERS} layers** (from the fastest run of each; "
+        "fixed part = the "
         "same model with its decoder layers removed: embedding row, final norm, output layer, sampling; "
         f"per layer = (measured − fixed) / {L}; {FULL_LAYERS} layers = fixed + {FULL_LAYERS} × per layer):",
         "",
@@ -192,7 +203,7 @@ def report(results: list[dict], bandwidth: float, copy_bandwidth: float, args, l
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['layer_bytes'] * mb:.0f} / {r['per_layer'] * ms:.1f} / {r['roof_layer']:.0%} "
-            f"| {r['fixed_bytes'] * mb:.0f} / {r['fixed_med'] * ms:.1f} / {r['roof_fixed']:.0%} "
+            f"| {r['fixed_bytes'] * mb:.0f} / {r['fixed_min'] * ms:.1f} / {r['roof_fixed']:.0%} "
             f"| {r['big_bytes'] / 1e9:.2f} | {r['big'] * ms:.0f} | {1 / r['big']:.2f} | {r['roof_big']:.0%} |")
     lines += ["", *goals(rows), "", f"Load average after the runs: "
               + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + "."]
@@ -213,7 +224,7 @@ def goals(rows: list[dict]) -> list[str]:
     floats = [r for r in rows if r["bits"] == 16]
     if "int4" in by_name and floats:
         r = by_name["int4"]
-        slower = [f["variant"] for f in floats if f["big"] <= r["big"] or f["full_med"] <= r["full_med"]]
+        slower = [f["variant"] for f in floats if f["big"] <= r["big"] or f["full_min"] <= r["full_min"]]
         out.append(f"- int4 faster than every unquantized variant: {'NOT met' if slower else 'met'} "
                    f"(int4 {r['big'] * 1e3:.0f} ms/token at {FULL_LAYERS} layers vs "
                    + ", ".join(f"{f['variant']} {f['big'] * 1e3:.0f}" for f in floats)
@@ -242,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--wait", type=float, default=30, help="before each run, wait up to this many seconds "
+                        "for other processes to leave the CPU idle")
     parser.add_argument("--out", type=Path, help="write the table into this markdown file's decode section")
     args = parser.parse_args(argv)
     variants = [Variant.parse(s) for s in args.variants.split(",")]
@@ -249,12 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     path = synthetic_checkpoint(args.checkpoint, args.layers)
     load_before = machine()
+    wait_for_quiet(args.wait)
+    probe = OtherCpu()
     bandwidth, copy_bandwidth = read_bandwidth()
+    load_before += f"; other processes used {probe.cores():.2f} cores during the bandwidth test"
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, copy {copy_bandwidth / 1e9:.1f} GB/s", flush=True)
     prompt = torch.randint(3, 60000, (args.prompt_tokens,)).tolist()
     results = []
     for variant in variants:
-        r = measure(variant, path, prompt, args.new_tokens, args.repeats)
+        r = measure(variant, path, prompt, args.new_tokens, args.repeats, args.wait)
         print(f"{variant.name}: " + " ".join(f"{t * 1e3:.1f}" for t in r["full_s"]) + " ms/token; fixed part "
               + " ".join(f"{t * 1e3:.1f}" for t in r["fixed_s"]), flush=True)
         results.append(r)

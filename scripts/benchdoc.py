@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import time
 import sys
 from pathlib import Path
 
@@ -57,3 +58,43 @@ def write_section(path: str | Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
+
+
+class OtherCpu:
+    """How many cores other processes kept busy between ``start()`` and ``cores()``.
+
+    Busy time of the whole machine (``/proc/stat``) minus this process's own CPU time and its
+    children's: the contention a measurement ran under, on a machine shared with other work.
+    """
+
+    def __init__(self):
+        self.start()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # all but idle and iowait
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def start(self) -> None:
+        self._t0, self._busy0, self._own0 = self._sample()
+
+    def cores(self) -> float:
+        t, busy, own = self._sample()
+        return max(0.0, (busy - self._busy0) - (own - self._own0)) / max(t - self._t0, 1e-9)
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) -> float:
+    """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` cores over ``window`` s.
+
+    Returns their use in the last window.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        probe = OtherCpu()
+        time.sleep(window)
+        used = probe.cores()
+        if used < threshold or time.monotonic() >= deadline:
+            return used

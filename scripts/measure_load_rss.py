@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchdoc import command_line, machine, write_section  # noqa: E402
+from benchdoc import OtherCpu, command_line, machine, write_section  # noqa: E402
 
 FULL_LAYERS = 28
 VARIANTS = {"fp32": (16, "float32"), "fp16": (16, "float16"), "int8": (8, "bfloat16"), "int4": (4, "bfloat16")}
@@ -63,9 +63,10 @@ def child(case: dict) -> None:
 def run_case(path: Path, variant: str, threads: int) -> dict:
     bits, dtype = VARIANTS[variant]
     case = {"path": str(path), "bits": bits, "dtype": dtype, "threads": threads}
+    probe = OtherCpu()
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], check=True,
                          capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), "others": probe.cores()}
 
 
 def largest_shard(path: Path) -> int:
@@ -78,7 +79,7 @@ def measure(label: str, path: Path, layers: int, variant: str, repeats: int, thr
     row = {"checkpoint": label, "layers": layers, "variant": variant, "shard": largest_shard(path),
            **med, "load_min": min(r["load_s"] for r in runs),
            "load_med": statistics.median(r["load_s"] for r in runs),
-           "peaks": [r["peak"] for r in runs]}
+           "peaks": [r["peak"] for r in runs], "others": statistics.median(r["others"] for r in runs)}
     print(f"{label} {variant}: peak " + " ".join(f"{p / 1e6:.0f}" for p in row["peaks"]) + " MB, load "
           + " ".join(f"{r['load_s']:.1f}" for r in runs) + " s", flush=True)
     return row
@@ -98,8 +99,9 @@ def report(rows: list[dict], depths: list[int], repeats: int, machine_before: st
         f"Machine: {machine_before}.",
         "",
         "| checkpoint | layers | variant | largest shard | baseline RSS | peak RSS in load_chatglm2 "
-        "| peak RSS | peak − baseline | model resident | peak − baseline − model | load s (min / median) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS | peak − baseline | model resident | peak − baseline − model | load s (min / median) "
+        "| other processes' CPU (cores) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -107,7 +109,7 @@ def report(rows: list[dict], depths: list[int], repeats: int, machine_before: st
             f"| {r['baseline'] * mb:,.0f} MB | {r['peak_load'] * mb:,.0f} MB | {r['peak'] * mb:,.0f} MB "
             f"| {(r['peak'] - r['baseline']) * mb:,.0f} MB "
             f"| {r['model'] * mb:,.1f} MB | {(r['peak'] - r['baseline'] - r['model']) * mb:,.0f} MB "
-            f"| {r['load_min']:.2f} / {r['load_med']:.2f} |")
+            f"| {r['load_min']:.2f} / {r['load_med']:.2f} | {r['others']:.2f} |")
     lo, hi = min(depths), max(depths)
     synthetic = {(r["layers"], r["variant"]): r for r in rows if r["checkpoint"] == "synthetic"}
     variants = list(dict.fromkeys(r["variant"] for r in rows if r["checkpoint"] == "synthetic"))
