@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def serve_and_ask(repo: Path) -> None:
                             log_file=repo / "server.log")
     start = time.perf_counter()
     with TritonServer(options, ready_timeout=300) as server:
+        group = server.pid  # the server leads its own process group; its stubs are in it
         print(f"ready in {time.perf_counter() - start:.1f} s: HTTP {server.urls['http']}, "
               f"gRPC {server.urls['grpc']} (log: {options.log_file})")
         client = ChatGLMClient(server.urls["grpc"], temperature=0, max_token=256)
@@ -94,7 +96,15 @@ def serve_and_ask(repo: Path) -> None:
         client.close()
         print_report(repo)
         banner("stopping the server")
-    print("stopped: no server or stub process left")
+    left = [p.pid for p in psutil.process_iter() if _group_of(p) == group]
+    print(f"stopped: {'no server or stub process left' if not left else f'processes left: {left}'}")
+
+
+def _group_of(proc: psutil.Process) -> int | None:
+    try:
+        return None if proc.status() == psutil.STATUS_ZOMBIE else os.getpgid(proc.pid)
+    except (ProcessLookupError, psutil.Error):
+        return None
 
 
 def print_report(repo: Path) -> None:
