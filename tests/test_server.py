@@ -23,7 +23,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from builder.serving import cli, server as server_module
+from builder.serving import cli, install as install_module
 from builder.serving.server import (
     STUB_NAME,
     ServerInstall,
@@ -392,7 +392,7 @@ def test_wheel_tree_is_prepared_once_with_the_stub_and_its_environment(tmp_path)
 
 
 def test_no_tritonserver_anywhere_says_how_to_get_one(monkeypatch):
-    monkeypatch.setattr(server_module.shutil, "which", lambda name: None)
-    monkeypatch.setattr(server_module, "_wheel_install", lambda: None)
+    monkeypatch.setattr(install_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(install_module, "_wheel_install", lambda: None)
     with pytest.raises(ServerNotFoundError, match="pip install nvidia-pytriton"):
         find_tritonserver()
