@@ -10,10 +10,11 @@ One process serving one variant holds four things, each a small pure function be
   reserve on a GPU, the interpreter with torch and transformers on a CPU.
 
 :func:`estimate_breakdown` returns them as a :class:`MemoryEstimate`; :func:`estimate_memory`
-returns the total. The activation and overhead terms follow THUDM's ChatGLM2 implementation
-(transformers 4.30, PyTorch 2.0 SDPA, ``cpm_kernels`` for int8/int4), the one that produced
-:data:`PUBLISHED_TABLE`, and are calibrated so that every cell of that table comes out within a
-few percent for :data:`builder.CHATGLM2_6B`.
+returns the total. On CUDA the activation and overhead terms follow THUDM's ChatGLM2
+implementation (transformers 4.30, PyTorch 2.0 SDPA, ``cpm_kernels`` for int8/int4), the one that
+produced :data:`PUBLISHED_TABLE`, and are calibrated so that every cell of that table comes out
+within a few percent for :data:`builder.CHATGLM2_6B`. On a CPU they follow this package's runtime
+and glibc's heap, calibrated with ``glm-build profile`` (docs/memory.md).
 
 >>> from builder import CHATGLM2_6B
 >>> round(estimate_memory(CHATGLM2_6B, 16, 2048, "encode") / TABLE_UNIT_BYTES, 1)
@@ -84,6 +85,28 @@ this package, before any weights: 397 MiB measured on the development machine.""
 
 CPU_INT4_GROUP_SIZE = 128
 """Group size of torch's CPU int4 kernel when it runs ChatGLM's per-row int4 (DESIGN.md)."""
+
+# The CPU terms follow this package's runtime (transformers' GlmForCausalLM, torch's CPU kernels,
+# glibc's malloc) as `glm-build profile` measures it on ChatGLM2-6B's real shapes; docs/memory.md
+# has the figures. The CUDA terms keep THUDM's runtime: they are calibrated on its table.
+
+CPU_RESIDUAL_COPIES = 4
+"""``[q, hidden]`` tensors alive through a CPU forward: the decoder layer's input (the loop over
+layers holds it), its post-attention sum, the MLP's normed input, and the embeddings
+``GlmModel.forward`` keeps for the whole pass. torch.profiler's live-bytes peak of a 512- and a
+1024-token prefill (70.6 and 141.3 MiB) is the SwiGLU step plus exactly four of them."""
+
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
+"""glibc's malloc serves blocks this large or larger with ``mmap`` and unmaps them when freed (its
+dynamic threshold rises to this after the first large free); smaller blocks come from its heap,
+where a freed block stays resident while a live one lies above it."""
+
+CPU_QUANTIZE_RETENTION = {8: 0.5, 4: 1.0}
+"""Bytes glibc's heap keeps after quantizing at load, per byte of the largest projection's int8
+codes (rows × cols: 107 MiB for the 6B's ``dense_h_to_4h``). Calibrated, not derived: quantizing
+leaves freed temporaries below the mmap threshold (unpacked codes, the int4 repack, the small K/V
+projections' float copies) between live blocks. Measured on 2- and 4-layer checkpoints with the
+6B's shapes: 44–61 MiB for int8, 87–139 MiB for int4; it does not grow with the layer count."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +259,8 @@ def activation_bytes(config: ChatGLM2Config, bits: int, tokens: int, phase: str,
                      all_logits: bool = True) -> int:
     """The phase's activation peak: the residual stream plus the largest step.
 
-    The residual stream is the hidden states and the residual, ``[q, hidden]`` each; steps are
+    The residual stream is the hidden states and the residual, ``[q, hidden]`` each
+    (:data:`CPU_RESIDUAL_COPIES` of them on a CPU, plus :func:`cpu_heap_bytes` there); steps are
     sequential, so only the largest one adds to it (see :func:`activation_steps`). This is why
     the table's ``generate`` cells are *smaller* than its ``encode`` ones: encoding 2048 tokens
     peaks on 0.53e9 bytes of logits, while at 8192 tokens the multi-query KV cache is only
@@ -245,7 +269,44 @@ def activation_bytes(config: ChatGLM2Config, bits: int, tokens: int, phase: str,
     steps = activation_steps(config, bits, tokens, phase, dtype_bytes=dtype_bytes,
                              device=device, sdpa=sdpa, all_logits=all_logits)
     q = tokens if phase == "encode" else 1
+    if device == "cpu":
+        residual = CPU_RESIDUAL_COPIES * q * config.hidden_size * dtype_bytes
+        return residual + max(steps.values()) + cpu_heap_bytes(config, tokens, phase,
+                                                               dtype_bytes=dtype_bytes)
     return 2 * q * config.hidden_size * dtype_bytes + max(steps.values())
+
+
+def cpu_heap_bytes(config: ChatGLM2Config, tokens: int, phase: str, *,
+                   dtype_bytes: int = 2) -> int:
+    """What glibc's heap holds beyond the live tensors at a CPU forward's peak: one freed block,
+    a ``[q, ffn]`` SwiGLU half, at most :data:`GLIBC_MMAP_THRESHOLD_MAX`.
+
+    Blocks below the mmap threshold come from the heap, and a layer's freed ones are still
+    resident when the next layer allocates its own above them: the resident set peaks above the
+    live bytes by about one SwiGLU half (the SiLU output or the product, ``[q, ffn]`` each) while
+    that is heap-sized, and by about the threshold once larger blocks are mmapped and returned
+    on free. Measured over torch.profiler's live bytes on the 6B's shapes: 18.4 MiB at 512 tokens,
+    29.7 at 1024, 37 at 2048 (this gives 13.4, 26.8 and 32).
+
+    >>> from builder import CHATGLM2_6B
+    >>> cpu_heap_bytes(CHATGLM2_6B, 1024, "encode") == 1024 * 13696 * 2
+    True
+    >>> cpu_heap_bytes(CHATGLM2_6B, 8192, "encode") == GLIBC_MMAP_THRESHOLD_MAX
+    True
+    """
+    q = tokens if phase == "encode" else 1
+    return min(q * config.ffn_hidden_size * dtype_bytes, GLIBC_MMAP_THRESHOLD_MAX)
+
+
+def cpu_load_retention_bytes(config: ChatGLM2Config, bits: int) -> int:
+    """Heap that quantizing at load leaves resident on a CPU (:data:`CPU_QUANTIZE_RETENTION`).
+
+    >>> from builder import CHATGLM2_6B
+    >>> cpu_load_retention_bytes(CHATGLM2_6B, 4) // MIB, cpu_load_retention_bytes(CHATGLM2_6B, 16)
+    (107, 0)
+    """
+    largest = max(rows * cols for rows, cols in quantized_projections(config).values())
+    return round(CPU_QUANTIZE_RETENTION.get(bits, 0) * largest)
 
 
 # -- overhead ---------------------------------------------------------------------------------
@@ -263,7 +324,9 @@ def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
     low.
 
     On a CPU: ``process_overhead`` or :data:`CPU_PROCESS_OVERHEAD`, the interpreter's resident
-    set; glibc returns large freed blocks to the system, so there is no allocator reserve.
+    set; glibc returns freed blocks of 32 MiB and more to the system, so there is no allocator
+    reserve to speak of, except after quantizing at load (int8/int4): the heap that leaves
+    behind, :func:`cpu_load_retention_bytes`.
     """
     _check_scheme(bits, None, dtype_bytes, device)
     if process_overhead is not None and (not isinstance(process_overhead, int)
@@ -271,7 +334,8 @@ def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
         raise ValueError(f"process_overhead must be a non-negative integer of bytes, "
                          f"got {process_overhead!r}")
     if device == "cpu":
-        return CPU_PROCESS_OVERHEAD if process_overhead is None else process_overhead
+        base = CPU_PROCESS_OVERHEAD if process_overhead is None else process_overhead
+        return base + cpu_load_retention_bytes(config, bits)
     base = DEFAULT_CUDA_PROCESS_OVERHEAD if process_overhead is None else process_overhead
     if bits == 16:
         return base

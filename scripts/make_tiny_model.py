@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -44,14 +45,24 @@ def train_tokenizer(texts: list[str], out: Path) -> Path:
     corpus = out / "corpus.txt"
     # sentencepiece reads one sentence per line: keep newlines inside a dialogue as their own pieces
     corpus.write_text("\n".join(line for t in texts for line in t.split("\n") if line), encoding="utf-8")
+    # Relative paths: the model records them, and a temporary folder's name would differ per run.
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        train_sentencepiece(spm)
+    finally:
+        os.chdir(cwd)
+    return out / "tokenizer.model"
+
+
+def train_sentencepiece(spm) -> None:
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=SP_VOCAB,
+        input="corpus.txt", model_prefix="tokenizer", vocab_size=SP_VOCAB,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, user_defined_symbols=["\n"], hard_vocab_limit=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, seed_sentencepiece_size=100000,
         shuffle_input_sentence=False, minloglevel=2)
-    return out / "tokenizer.model"
 
 
 def tiny_config(vocab: int) -> ChatGLM2Config:
