@@ -17,7 +17,7 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import LLM, BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import PrivateAttr
+from pydantic import BaseModel, PrivateAttr
 
 from .client import ChatGLMClient
 
@@ -52,16 +52,26 @@ def messages_to_turn(messages: Sequence[BaseMessage]) -> tuple[str, list[tuple[s
     return query, history
 
 
-class ChatGLMTriton(BaseChatModel):
-    """ChatGLM2 served by Triton, as a LangChain chat model (streams through chatglm2-6b-stream)."""
+class TritonConnection(BaseModel):
+    """Where the router is and how to call it; shared by both LangChain classes."""
 
-    url: str = "localhost:8001"
+    url: str = "localhost:8001"  # the gRPC endpoint, spelled as tritonclient spells it
     protocol: str = "grpc"
     temperature: float = 0.01
-    max_token: int = 32000
+    max_token: int = 32000  # total tokens, prompt included (the usual integration's default)
     history_len: int = 10
     timeout_s: float = 120.0
     _client: Any = PrivateAttr(default=None)
+
+    def client(self) -> ChatGLMClient:
+        if self._client is None:
+            self._client = ChatGLMClient(self.url, self.protocol, self.temperature, self.max_token,
+                                         self.history_len, timeout_s=self.timeout_s)
+        return self._client
+
+
+class ChatGLMTriton(TritonConnection, BaseChatModel):
+    """ChatGLM2 served by Triton, as a LangChain chat model (streams through chatglm2-6b-stream)."""
 
     @property
     def _llm_type(self) -> str:
@@ -72,11 +82,6 @@ class ChatGLMTriton(BaseChatModel):
         return {"url": self.url, "protocol": self.protocol, "temperature": self.temperature,
                 "max_token": self.max_token}
 
-    def client(self) -> ChatGLMClient:
-        if self._client is None:
-            self._client = ChatGLMClient(self.url, self.protocol, self.temperature, self.max_token,
-                                         self.history_len, timeout_s=self.timeout_s)
-        return self._client
 
     def _generate(self, messages: List[BaseMessage], stop: Optional[List[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:
@@ -103,16 +108,8 @@ class ChatGLMTriton(BaseChatModel):
                 yield chunk
 
 
-class ChatGLM(LLM):
+class ChatGLM(TritonConnection, LLM):
     """The LLM of the usual hand-made integration: ``llm.chat(query, history) -> (response, history)``."""
-
-    url: str = "localhost:8001"
-    protocol: str = "grpc"
-    temperature: float = 0.01
-    max_token: int = 32000
-    history_len: int = 10
-    timeout_s: float = 120.0
-    _client: Any = PrivateAttr(default=None)
 
     @property
     def _llm_type(self) -> str:
@@ -122,11 +119,6 @@ class ChatGLM(LLM):
     def _identifying_params(self) -> dict:
         return {"url": self.url}
 
-    def client(self) -> ChatGLMClient:
-        if self._client is None:
-            self._client = ChatGLMClient(self.url, self.protocol, self.temperature, self.max_token,
-                                         self.history_len, timeout_s=self.timeout_s)
-        return self._client
 
     def _call(self, prompt: str, stop: Optional[List[str]] = None,
               run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> str:
