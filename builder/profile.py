@@ -1,67 +1,49 @@
 """Measured peak memory per variant and workload, beside the estimate and the published table.
 
-Each (variant, workload) runs in a process of its own, forked from a server that has imported
-torch and transformers once (``multiprocessing``'s forkserver), so one run's peak never leaks into
-the next and the 8-second imports are paid once. A run loads the model the way the variant's
-Triton ``initialize`` does (:func:`builder.load_chatglm2` with the variant's bits and dtype), then
-runs its workload: ``encode:N`` is one prefill of N tokens keeping the last position's logits
-(like ``builder.chat``), ``generate:N`` decodes greedily from a 16-token prompt until N tokens in
-total, ignoring stop ids.
+``glm-build profile`` runs every variant × workload in a process of its own
+(:mod:`builder.measure` says how each run loads, warms up and reads its peak) and compares the
+measured bytes with :func:`builder.estimate_memory` for the same device, counting the same things
+(:func:`estimate_for`), and with THUDM's table where it has the cell (:func:`published_for`).
+:mod:`builder.profile_report` writes ``profile.json``, ``profile.md`` and ``profile.png``.
 
-What is measured:
+- ``measured_bytes`` on a CPU: the resident set's peak while the workload runs minus the baseline
+  before loading: what the model costs while serving. The load's own peak (quantizing at load
+  holds float copies of one projection) is kept beside it, ``details["load_peak_bytes"]``.
+- ``measured_bytes`` on CUDA: the CUDA context plus the caching allocator's peak reserved bytes
+  during the workload, what ``nvidia-smi`` would show at the peak.
 
-- on a CPU, the resident set (``VmRSS``/``VmHWM`` of ``/proc/self/status``): ``baseline`` after the
-  imports, then the load, then every weight is read once (a float checkpoint loaded in its own
-  dtype stays memory-mapped, and a server that has seen the whole vocabulary has all of its
-  embedding resident), then the high-water mark is reset (``/proc/self/clear_refs``) and the
-  workload runs. ``measured_bytes`` is the workload's peak minus the baseline: what the model
-  costs while serving. The load's own peak (quantizing while loading holds float copies of one
-  projection) is kept beside it as ``load_peak_bytes``.
-- on CUDA, the caching allocator's peak allocated and reserved bytes during the workload, and the
-  CUDA context from the device's free memory (``torch.cuda.mem_get_info``, and ``nvidia-smi``
-  before the context exists). ``measured_bytes`` is context + peak reserved: what ``nvidia-smi``
-  would show at the peak.
+``--spec chatglm2-6b`` profiles the real model's shapes with random weights: a checkpoint with
+``layers`` decoder layers (all 28 by default) is written once into ``cache_dir``.
 
 >>> records = run_profile(ProfileOptions(quant="fp16,int4", device="cpu", spec="chatglm2-6b",
 ...                                      layers=2, workloads="encode:512,generate:256"))
->>> [(r.variant, r.phase, r.tokens, round(r.error, 3)) for r in records]
+>>> [(r.variant, r.workload, f"{r.error:+.1%}") for r in records]
 """
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-import os
 import sys
 import tempfile
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from .config import CHATGLM2_6B, ChatGLM2Config
-from .memory import MIB, PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
+from .memory import PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
+from .measure import PROMPT_TOKENS, RunFailedError
 from .plan import Variant, variants_of
 
 DEFAULT_WORKLOADS = "encode:2048,generate:8192"  # the published table's
 DEFAULT_OUT = Path("profile")
 SPECS = {"chatglm2-6b": CHATGLM2_6B}  # --spec NAME: random weights with this config's shapes
 DEVICES = ("cpu", "cuda")
-PROMPT_TOKENS = 16  # generate:N decodes from a prompt this long
 SYNTHETIC_DIR = "glm-synthetic-{layers}l"  # under cache_dir; scripts/bench_decode.py shares it
-# What a run imports before its baseline; the fork server imports them once for every run.
-_PRELOAD = ["torch", "safetensors.torch", "transformers.models.glm.modeling_glm",
-            "builder.checkpoint", "builder.quantization", "builder.generation", "builder.profile"]
 # A profile kind whose Variant.dtype rule applies to the device (CPU: bf16 for int8/int4).
 _DTYPE_PROFILE = {"cpu": "cpu", "cuda": "a100-80gb"}
 
 
 class ProfilingError(ValueError):
     """Bad input: an option, a workload, a device that is not there."""
-
-
-class RunFailedError(RuntimeError):
-    """A run's process raised or died (killed for memory, most likely)."""
 
 
 # -- workloads ------------------------------------------------------------------------------------
@@ -329,6 +311,8 @@ def run_profile(options: ProfileOptions, progress: bool = True) -> list[ProfileR
     """
     from tqdm import tqdm
 
+    from .measure import Run, measure_in_fresh_process
+
     if options.device == "cuda":
         _check_cuda()
     target = resolve_target(options)
@@ -344,18 +328,18 @@ def run_profile(options: ProfileOptions, progress: bool = True) -> list[ProfileR
             def stage(text: str, name=f"{variant.precision} {workload}") -> None:
                 bar.set_postfix_str(f"{name}: {text}")
 
-            case = {"device": options.device, "checkpoint": str(checkpoint),
-                    "bits": variant.bits, "group_size": variant.group_size,
-                    "dtype": variant_dtype(variant, options.device), "phase": workload.phase,
-                    "tokens": workload.tokens, "vocab": target.config.padded_vocab_size,
-                    "threads": options.threads}
-            result = measure_in_fresh_process(case, stage)
+            run = Run(device=options.device, checkpoint=str(checkpoint), bits=variant.bits,
+                      group_size=variant.group_size,
+                      dtype=variant_dtype(variant, options.device), phase=workload.phase,
+                      tokens=workload.tokens, vocab=target.config.padded_vocab_size,
+                      threads=options.threads)
+            result = measure_in_fresh_process(run, stage)
             estimate = estimate_for(target.config, variant, workload, options.device)
             records.append(ProfileRecord(
                 variant=variant.name, precision=variant.precision, bits=variant.bits,
                 phase=workload.phase, tokens=workload.tokens, device=options.device,
                 measured_bytes=result.pop("measured_bytes"), estimated_bytes=estimate.total,
-                published_bytes=published_for(target, variant, workload), dtype=case["dtype"],
+                published_bytes=published_for(target, variant, workload), dtype=run.dtype,
                 layers=target.config.num_layers, model=target.label,
                 baseline_bytes=result.pop("baseline_bytes"), peak_bytes=result.pop("peak_bytes"),
                 load_seconds=round(result.pop("load_seconds"), 2),
@@ -375,221 +359,3 @@ def _check_cuda() -> None:
         raise ProfilingError(f"device: cuda asked, but torch sees no CUDA GPU here (torch "
                              f"{torch.__version__}, torch.cuda.is_available() is False); "
                              f"profile with --device cpu or run on a GPU host")
-
-
-def measure_in_fresh_process(case: dict, stage: Callable[[str], None] = lambda text: None
-                             ) -> dict:
-    """Run one case in a new process forked from the preloaded server; its readings, in bytes."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    receiver, sender = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(case, sender), daemon=True)
-    process.start()
-    sender.close()  # the child holds the only sender now: EOF when it is gone
-    what = f"{case['bits']}-bit {case['phase']}:{case['tokens']} on {case['device']}"
-    try:
-        while True:
-            try:
-                kind, payload = receiver.recv()
-            except EOFError:
-                process.join()
-                raise RunFailedError(
-                    f"the run {what} died with exit code {process.exitcode}"
-                    + (" (killed: out of memory?)" if process.exitcode and process.exitcode < 0
-                       else "")) from None
-            if kind == "stage":
-                stage(payload)
-            elif kind == "error":
-                raise RunFailedError(f"the run {what} failed:\n{payload}")
-            else:
-                return payload
-    finally:
-        receiver.close()
-        process.join()
-
-
-# -- inside a run's process ---------------------------------------------------------------------
-def _child(case: dict, sender) -> None:
-    try:
-        measure = _measure_cuda if case["device"] == "cuda" else _measure_cpu
-        sender.send(("result", measure(case, lambda text: sender.send(("stage", text)))))
-    except BaseException:  # noqa: BLE001 — reported to the parent, which raises
-        sender.send(("error", traceback.format_exc()))
-    finally:
-        sender.close()
-
-
-def _measure_cpu(case: dict, stage: Callable[[str], None]) -> dict:
-    import resource
-
-    import torch
-
-    from .checkpoint import load_chatglm2
-
-    if case["threads"]:
-        torch.set_num_threads(case["threads"])
-    stage("warming up")
-    _warm_up(case)
-    baseline = _rss()["VmRSS"]
-    scoped = _reset_peak_rss()
-    stage("loading")
-    start = time.perf_counter()
-    model, _ = load_chatglm2(case["checkpoint"], device="cpu", dtype=getattr(torch, case["dtype"]),
-                             bits=case["bits"], group_size=case["group_size"])
-    load_seconds = time.perf_counter() - start
-    load_peak = _rss()["VmHWM"] if scoped else None
-    model_bytes = _touch_weights(model)  # memory-mapped weights become resident, as in serving
-    loaded = _rss()["VmRSS"]
-    scoped = scoped and _reset_peak_rss()
-    run_seconds = _run_workload(model, case, stage)
-    now = _rss()
-    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    process_peak *= 1 if sys.platform == "darwin" else 1024  # KiB on Linux, bytes on macOS
-    peak = now["VmHWM"] if scoped else process_peak
-    return {"measured_bytes": peak - baseline, "baseline_bytes": baseline, "peak_bytes": peak,
-            "load_seconds": load_seconds, "run_seconds": run_seconds,
-            "load_peak_bytes": None if load_peak is None else load_peak - baseline,
-            "loaded_bytes": loaded - baseline, "model_tensor_bytes": model_bytes,
-            "process_peak_rss_bytes": process_peak, "peak_scope": "workload" if scoped
-            else "process (load included: the high-water mark could not be reset)"}
-
-
-def _measure_cuda(case: dict, stage: Callable[[str], None]) -> dict:
-    import torch
-
-    from .checkpoint import load_chatglm2
-
-    used_before = _nvidia_smi_used()  # before this process has a context
-    torch.cuda.init()
-    free, total = torch.cuda.mem_get_info()
-    context_at_init = total - free - (used_before or 0)
-    stage("warming up")
-    _warm_up(case)
-    torch.cuda.empty_cache()
-    stage("loading")
-    start = time.perf_counter()
-    model, _ = load_chatglm2(case["checkpoint"], device="cuda", dtype=getattr(torch, case["dtype"]),
-                             bits=case["bits"], group_size=case["group_size"])
-    torch.cuda.synchronize()
-    load_seconds = time.perf_counter() - start
-    allocated_after_load = torch.cuda.memory_allocated()
-    reserved_after_load = torch.cuda.memory_reserved()
-    torch.cuda.reset_peak_memory_stats()
-    run_seconds = _run_workload(model, case, stage)
-    torch.cuda.synchronize()
-    peak_allocated = torch.cuda.max_memory_allocated()
-    peak_reserved = torch.cuda.max_memory_reserved()
-    free, total = torch.cuda.mem_get_info()
-    used_after = total - free - (used_before or 0)
-    # everything this process holds outside the allocator: the context with its lazily loaded
-    # kernels, cuBLAS/cuDNN handles
-    context = used_after - torch.cuda.memory_reserved()
-    return {"measured_bytes": context + peak_reserved, "baseline_bytes": used_before or 0,
-            "peak_bytes": peak_reserved, "load_seconds": load_seconds,
-            "run_seconds": run_seconds, "context_bytes": context,
-            "context_at_init_bytes": context_at_init, "peak_allocated_bytes": peak_allocated,
-            "peak_reserved_bytes": peak_reserved, "allocated_after_load_bytes":
-            allocated_after_load, "reserved_after_load_bytes": reserved_after_load,
-            "device_used_after_bytes": used_after, "device_total_bytes": total,
-            "gpu": torch.cuda.get_device_name(), "context_method": "nvidia-smi before, "
-            "mem_get_info after" if used_before is not None else "mem_get_info only: assumes "
-            "no other process on the GPU"}
-
-
-def _warm_up(case: dict) -> None:
-    """Load the embedded tiny model the same way and decode two tokens, then drop it.
-
-    What every model needs and no model's size changes is then in place before the baseline:
-    the code of the load, quantization and forward paths (a forked process starts with its
-    libraries' pages unmapped and faults them in on first use), thread pools, lazily imported
-    modules. The run's own figures are then the model's alone.
-    """
-    import gc
-
-    import torch
-
-    from . import TINY_CHECKPOINT
-    from .checkpoint import load_chatglm2
-    from .generation import generate_ids
-
-    model, _ = load_chatglm2(TINY_CHECKPOINT, device=case["device"],
-                             dtype=getattr(torch, case["dtype"]), bits=case["bits"],
-                             group_size=case["group_size"])
-    for _ in generate_ids(model, list(range(3, 11)), max_length=10, temperature=0, top_p=1.0,
-                          stop_ids=()):
-        pass
-    del model
-    gc.collect()
-
-
-def _run_workload(model, case: dict, stage: Callable[[str], None]) -> float:
-    """Run ``encode:N`` or ``generate:N`` as ``builder.chat`` does; the seconds it took."""
-    import torch
-
-    from .generation import generate_ids
-
-    g = torch.Generator().manual_seed(0)
-    tokens, encode = case["tokens"], case["phase"] == "encode"
-    prompt = torch.randint(3, case["vocab"], (tokens if encode else PROMPT_TOKENS,),
-                           generator=g).tolist()
-    every = max(1, tokens // 20)
-    stage(f"{case['phase']} {len(prompt)} tokens")
-    start = time.perf_counter()
-    # encode: max_length one past the prompt, so exactly one forward (the prefill) runs
-    ids = generate_ids(model, prompt, max_length=tokens + 1 if encode else tokens,
-                       temperature=0, top_p=1.0, stop_ids=())
-    for count, _ in enumerate(ids, start=len(prompt) + 1):
-        if not encode and count % every == 0:
-            stage(f"generate {count}/{tokens} tokens")
-    return time.perf_counter() - start
-
-
-def _touch_weights(model) -> int:
-    """Read every weight once; the bytes of the model's distinct tensor storages."""
-    import torch
-
-    storages = {}
-    with torch.inference_mode():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in storages:
-                storages[storage.data_ptr()] = storage.nbytes()
-                tensor.sum()
-    return sum(storages.values())
-
-
-def _rss() -> dict[str, int]:
-    """VmRSS and VmHWM (peak since the last reset) of this process, in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
-        return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}  # "123 kB"
-    except OSError:
-        import psutil
-
-        rss = psutil.Process().memory_info().rss
-        return {"VmRSS": rss, "VmHWM": rss}
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _nvidia_smi_used() -> Optional[int]:
-    """Bytes in use on this process's first visible GPU, read before it has a context."""
-    import subprocess
-
-    device = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
-                              "nounits", "-i", device], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
-        return int(out.strip().splitlines()[0]) * MIB
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None

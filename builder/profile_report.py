@@ -19,15 +19,18 @@ from .memory import GIB, MIB
 from .report import UNIT_NOTE
 
 MEASURED = {
-    "cpu": "*measured*: the resident set's peak while the workload ran, minus the process's "
-           "baseline after importing torch, transformers and builder and before loading "
-           "(`VmHWM` − `VmRSS` of `/proc/self/status`; the high-water mark is reset once the model "
-           "is loaded and every weight has been read once, so a memory-mapped fp16 checkpoint "
-           "counts in full, as in a server that has seen the whole vocabulary). *load peak*: the "
-           "same difference while loading (quantizing at load holds float copies of one "
-           "projection). *estimated*: `builder.estimate_memory(..., device=\"cpu\", "
-           "process_overhead=0, all_logits=False)`, the process's own baseline being subtracted "
-           "from the measurement.",
+    "cpu": "*measured*: the resident set's peak while the workload ran, minus the baseline: the "
+           "run's process (forked from a server that has imported torch, transformers and "
+           "builder) first loads the embedded tiny model the same way and decodes two tokens, "
+           "so that code, thread pools and lazy imports every model needs are in place, then "
+           "takes the baseline, loads the variant and reads every weight once (a memory-mapped "
+           "fp16 checkpoint then counts in full, as in a server that has seen the whole "
+           "vocabulary), resets the high-water mark and runs the workload (`VmHWM` and `VmRSS` "
+           "of `/proc/self/status`). *load peak*: the same difference while loading (a "
+           "memory-mapped fp16 checkpoint is read lazily, after it; quantizing at load holds "
+           "float copies of a shard and of one projection). *estimated*: "
+           "`builder.estimate_memory(..., device=\"cpu\", process_overhead=0, "
+           "all_logits=False)`: the process's own overhead is the subtracted baseline.",
     "cuda": "*measured*: the CUDA context (device memory this process uses outside the caching "
             "allocator after the run, from `torch.cuda.mem_get_info`, less what `nvidia-smi` "
             "showed before the process had a context) plus the allocator's peak reserved bytes "
@@ -140,10 +143,15 @@ def plot_profile(path: Path, records: Sequence, *, model: str = "") -> None:
     for k, (label, values) in enumerate(series):
         offset = (k - (len(series) - 1) / 2) * width
         ax.bar([i + offset for i in x], [v / unit for v in values], width, label=label)
+    for i, r in enumerate(records):
+        top = max(r.measured_bytes, r.estimated_bytes, r.published_bytes or 0) / unit
+        ax.annotate(f"{r.error:+.1%}", (i, top), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=7)
     ax.set_xticks(list(x), [f"{r.precision}\n{r.phase} {r.tokens}" for r in records], fontsize=8)
     ax.set_ylabel(unit_name)
     devices = "/".join(sorted({r.device for r in records}))
-    ax.set_title(f"{model or 'profile'} on {devices}: measured vs estimated", fontsize=9)
+    ax.set_title(f"{model or 'profile'} on {devices}: measured vs estimated "
+                 f"(labels: estimated error)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import builder.profile
-from builder import CHATGLM2_6B, TINY_CHECKPOINT
+from builder import CHATGLM2_6B
 from builder.cli import build_profile_parser, main, profile_options_from_args
 from builder.memory import PUBLISHED_TABLE, cpu_load_retention_bytes
 from builder.plan import Variant
@@ -237,14 +237,17 @@ def test_tiny_encode_peaks_grow_with_tokens(tiny_profile):
 
 
 def test_fewer_bits_measure_less_on_real_shapes(tmp_path):
-    # The tiny model's int8 and int4 differ by a few hundred KB; one layer of ChatGLM2-6B's real
-    # shapes separates them by ~100 MB (the checkpoint is cached in the temp dir).
-    options = ProfileOptions(quant="fp16,int8,int4", device="cpu", spec="chatglm2-6b", layers=1,
+    # The tiny model's int8 and int4 weights differ by a few hundred KB. Each layer of ChatGLM2-6B's
+    # real shapes separates them by 85 MiB, but quantizing at load leaves 12-139 MiB of heap
+    # behind, more for int4 (builder.memory.CPU_QUANTIZE_RETENTION): two layers keep the order
+    # whatever the heap does. The 1.9 GB checkpoint is cached in the temp dir.
+    options = ProfileOptions(quant="fp16,int8,int4", device="cpu", spec="chatglm2-6b", layers=2,
                              workloads="encode:64", out=tmp_path)
     measured = {r.precision: r.measured_bytes for r in run_profile(options, progress=False)}
     assert measured["int4"] < measured["int8"] < measured["fp16"], measured
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 def test_cuda_profile_measures_context_and_allocator(tmp_path):
     options = ProfileOptions(quant="fp16,int4", device="cuda", workloads="encode:64,generate:40",
