@@ -88,20 +88,16 @@ def bytes_per_token(model) -> tuple[int, int]:
 
 
 # -- measurements -------------------------------------------------------------------------------------
-def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> tuple[float, float]:
-    """(read, copy) bandwidth in bytes/s, best of ``repeats``: ``x.sum()`` and ``y.copy_(x)`` on ``gib`` GiB."""
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: ``x.sum()`` over ``gib`` GiB of float32, best of ``repeats``."""
     x = torch.ones(int(gib * 2**30) // 4)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    reads, copies = [], []
+    x.sum()
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         x.sum()
-        reads.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        y.copy_(x)
-        copies.append(time.perf_counter() - start)
-    return x.nbytes / min(reads), 2 * x.nbytes / min(copies)
+        times.append(time.perf_counter() - start)
+    return x.nbytes / min(times)
 
 
 def decode_seconds(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -164,7 +160,8 @@ def summarize(r: dict, bandwidth: float) -> dict:
             "big_bytes": big_bytes, "big": big, "roof_big": big_bytes / bandwidth / big}
 
 
-def report(results: list[dict], bandwidth: float, copy_bandwidth: float, args, load_before: str) -> str:
+def report(results: list[dict], probes: list[tuple[float, float]], args, load_before: str) -> str:
+    bandwidth = max(bw for bw, _ in probes)
     rows = [summarize(r, bandwidth) for r in results]
     L = rows[0]["layers"]
     ms, mb = 1e3, 1e-6
@@ -172,9 +169,12 @@ def report(results: list[dict], bandwidth: float, copy_bandwidth: float, args, l
         f"Synthetic checkpoint with ChatGLM2-6B's real shapes and {L} layers; greedy decode of "
         f"{args.new_tokens} tokens after a {args.prompt_tokens}-token prompt, {args.threads} threads, "
         f"ms/token = median decode step of a run, after warm-up; {args.repeats} runs each (min / median over runs).",
-        f"Memory read bandwidth (`x.sum()` over a 1 GiB float32 tensor, best of 7, {args.threads} threads): "
-        f"**{bandwidth / 1e9:.1f} GB/s** (copy: {copy_bandwidth / 1e9:.1f} GB/s read+write). Roofline = "
-        "weight bytes read per token / read bandwidth; % of roofline = roofline time / measured time.",
+        f"Memory read bandwidth: **{bandwidth / 1e9:.1f} GB/s**, the best of {len(probes)} probes (one before "
+        f"the runs and one after each variant, each the best of 5 `x.sum()` over a 1 GiB float32 tensor, "
+        f"{args.threads} threads); the probes ranged {min(bw for bw, _ in probes) / 1e9:.1f}–"
+        f"{bandwidth / 1e9:.1f} GB/s, with other processes using {min(c for _, c in probes):.2f}–"
+        f"{max(c for _, c in probes):.2f} cores. Roofline = weight bytes read per token / read bandwidth; "
+        "% of roofline = roofline time / measured time.",
         f"Machine: {load_before}.",
         "",
         f"**Measured, {L} layers** (the 65024×4096 output layer is most of the bytes at this depth):",
@@ -262,11 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     path = synthetic_checkpoint(args.checkpoint, args.layers)
     load_before = machine()
-    wait_for_quiet(args.wait)
-    probe = OtherCpu()
-    bandwidth, copy_bandwidth = read_bandwidth()
-    load_before += f"; other processes used {probe.cores():.2f} cores during the bandwidth test"
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, copy {copy_bandwidth / 1e9:.1f} GB/s", flush=True)
+    probes: list[tuple[float, float]] = []  # (read bandwidth, other processes' cores meanwhile)
+
+    def probe_bandwidth() -> None:
+        wait_for_quiet(args.wait)
+        others = OtherCpu()
+        probes.append((read_bandwidth(), others.cores()))
+        print(f"read bandwidth {probes[-1][0] / 1e9:.1f} GB/s (others: {probes[-1][1]:.2f} cores)", flush=True)
+
+    probe_bandwidth()
     prompt = torch.randint(3, 60000, (args.prompt_tokens,)).tolist()
     results = []
     for variant in variants:
@@ -274,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{variant.name}: " + " ".join(f"{t * 1e3:.1f}" for t in r["full_s"]) + " ms/token; fixed part "
               + " ".join(f"{t * 1e3:.1f}" for t in r["fixed_s"]), flush=True)
         results.append(r)
-    table = report(results, bandwidth, copy_bandwidth, args, load_before)
+        probe_bandwidth()
+    table = report(results, probes, args, load_before)
     print(table)
     if args.out:
         write_section(args.out, "decode", f"## Decode speed (CPU)\n\n```\n{command_line()}\n```\n\n{table}")

@@ -65,6 +65,15 @@ def run_level(url: str, target: str, concurrency: int, requests: int, seconds: f
             "p95": percentile(latencies, 0.95), "mean": statistics.mean(latencies)}
 
 
+def success_totals(url: str, model: str) -> tuple[int, int]:
+    """Triton's cumulative (count, nanoseconds) of successful requests to ``model``."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(model).model_stats[0].inference_stats.success
+    return stats.count, stats.ns
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=24, help="requests per target and level")
@@ -86,8 +95,15 @@ def main(argv=None) -> None:
                     warm.chat(PROMPT, model=target)
             routed_to = "chatglm2-6b-" + warm.chat(PROMPT).variant
             warm.close()
-            rows = [run_level(url, target, c, args.requests, args.seconds)
-                    for target in TARGETS for c in (1, 4, 8)]
+            rows, server_side = [], {}
+            for target in TARGETS:
+                for c in (1, 4, 8):
+                    before = {m: success_totals(url, m) for m in ("chatglm2-6b", routed_to)}
+                    rows.append(run_level(url, target, c, args.requests, args.seconds))
+                    if target == "chatglm2-6b" and c == 1:  # only the router calls the variant now
+                        for m in before:
+                            count, ns = success_totals(url, m)
+                            server_side[m] = (ns - before[m][1]) / max(1, count - before[m][0]) / 1e6
 
     lines = ["| target | concurrency | requests | throughput (req/s) | p50 ms | p95 ms |",
              "|---|---|---|---|---|---|"]
@@ -95,7 +111,8 @@ def main(argv=None) -> None:
               f"{r['p50']:.1f} | {r['p95']:.1f} |" for r in rows]
     p50 = {(r["target"], r["concurrency"]): r["p50"] for r in rows}
     added = p50[("chatglm2-6b", 1)] - p50[(routed_to, 1)]
-    verdict = "meets" if added <= 5 else "misses"
+    inside = server_side["chatglm2-6b"] - server_side[routed_to]
+    verdict = "meets" if inside <= 5 else "misses"
     body = "\n".join([
         "## Serving load (tiny model, live Triton on loopback)", "",
         f"Command: `{command_line()}`", "", f"Machine: {machine()}", "",
@@ -104,9 +121,16 @@ def main(argv=None) -> None:
         "(requests to one variant queue); the routers run two. Direct calls to a variant use the "
         "gRPC stream API (variants are decoupled); the router is a plain gRPC call.", "",
         *lines, "",
-        f"Router's added latency at concurrency 1: p50 {p50[('chatglm2-6b', 1)]:.1f} ms through "
-        f"`chatglm2-6b` vs {p50[(routed_to, 1)]:.1f} ms calling `{routed_to}` directly = "
-        f"**{added:+.1f} ms** ({verdict} the 5 ms goal).",
+        f"Router's added latency at concurrency 1, seen by the client: p50 "
+        f"{p50[('chatglm2-6b', 1)]:.1f} ms through `chatglm2-6b` vs {p50[(routed_to, 1)]:.1f} ms "
+        f"calling `{routed_to}` directly = {added:+.1f} ms. The two calls take different gRPC "
+        f"paths (the variant is decoupled, so it is called over the stream API; the router is a "
+        f"plain call), so this difference mixes protocol costs with the router's.",
+        "",
+        f"Seen by the server (Triton's per-model statistics over the same requests): a request "
+        f"spends {server_side['chatglm2-6b']:.1f} ms in the router, of which "
+        f"{server_side[routed_to]:.1f} ms in `{routed_to}`: the router adds **{inside:+.1f} ms** "
+        f"(tokenizing, the BLS call, copying the outputs) — it {verdict} the 5 ms goal.",
     ])
     print(body)
     if args.out:
