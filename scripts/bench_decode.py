@@ -88,16 +88,19 @@ def bytes_per_token(model) -> tuple[int, int]:
 
 
 # -- measurements -------------------------------------------------------------------------------------
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: ``x.sum()`` over ``gib`` GiB of float32, best of ``repeats``."""
+def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Read bandwidth in bytes/s over ``gib`` GiB of float32: the best of ``x.sum()`` and a float32
+    GEMV ``[rows, 4096] @ [4096]`` (either can be the faster reader), each best of ``repeats``."""
     x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - start)
-    return x.nbytes / min(times)
+    matrix, vector = x.view(-1, 4096), torch.ones(4096)
+    best = float("inf")
+    for read in (x.sum, lambda: matrix @ vector):
+        read()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
+    return x.nbytes / best
 
 
 def decode_seconds(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -170,7 +173,7 @@ def report(results: list[dict], probes: list[tuple[float, float]], args, load_be
         f"{args.new_tokens} tokens after a {args.prompt_tokens}-token prompt, {args.threads} threads, "
         f"ms/token = median decode step of a run, after warm-up; {args.repeats} runs each (min / median over runs).",
         f"Memory read bandwidth: **{bandwidth / 1e9:.1f} GB/s**, the best of {len(probes)} probes (one before "
-        f"the runs and one after each variant, each the best of 5 `x.sum()` over a 1 GiB float32 tensor, "
+        f"the runs and one after each variant, each the best of `x.sum()` and a float32 GEMV over 1 GiB, "
         f"{args.threads} threads); the probes ranged {min(bw for bw, _ in probes) / 1e9:.1f}–"
         f"{bandwidth / 1e9:.1f} GB/s, with other processes using {min(c for _, c in probes):.2f}–"
         f"{max(c for _, c in probes):.2f} cores. Roofline = weight bytes read per token / read bandwidth; "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchdoc import OtherCpu, command_line, machine, write_section  # noqa: E402
+from benchdoc import OtherCpu, command_line, machine, wait_for_quiet, write_section  # noqa: E402
 
 FULL_LAYERS = 28
 VARIANTS = {"fp32": (16, "float32"), "fp16": (16, "float16"), "int8": (8, "bfloat16"), "int4": (4, "bfloat16")}
@@ -60,9 +60,10 @@ def child(case: dict) -> None:
                       "model": sum(storages.values()), "load_s": load_s}))
 
 
-def run_case(path: Path, variant: str, threads: int) -> dict:
+def run_case(path: Path, variant: str, threads: int, wait: float) -> dict:
     bits, dtype = VARIANTS[variant]
     case = {"path": str(path), "bits": bits, "dtype": dtype, "threads": threads}
+    wait_for_quiet(wait)
     probe = OtherCpu()
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], check=True,
                          capture_output=True, text=True).stdout
@@ -73,8 +74,9 @@ def largest_shard(path: Path) -> int:
     return max(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
 
 
-def measure(label: str, path: Path, layers: int, variant: str, repeats: int, threads: int) -> dict:
-    runs = [run_case(path, variant, threads) for _ in range(repeats)]
+def measure(label: str, path: Path, layers: int, variant: str, repeats: int, threads: int,
+            wait: float) -> dict:
+    runs = [run_case(path, variant, threads, wait) for _ in range(repeats)]
     med = {k: statistics.median(r[k] for r in runs) for k in ("baseline", "peak_load", "peak", "after", "model")}
     row = {"checkpoint": label, "layers": layers, "variant": variant, "shard": largest_shard(path),
            **med, "load_min": min(r["load_s"] for r in runs),
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default="2,4", help="comma-separated depths of the synthetic checkpoints")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each process")
+    parser.add_argument("--wait", type=float, default=30, help="before each load, wait up to this many seconds "
+                        "for other processes to leave the CPU idle (load times only)")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the synthetic checkpoints are cached (glm-synthetic-<N>l)")
     parser.add_argument("--out", type=Path, help="write the table into this markdown file's load section")
@@ -160,10 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     depths = sorted(int(n) for n in args.layers.split(","))
     machine_before = machine()
     rows = [measure("tiny", TINY_CHECKPOINT, json.loads((TINY_CHECKPOINT / "config.json").read_text())["num_layers"],
-                    v, args.repeats, args.threads) for v in ("fp32", "int8", "int4")]
+                    v, args.repeats, args.threads, args.wait) for v in ("fp32", "int8", "int4")]
     for n in depths:
         path = synthetic_checkpoint(args.tmp / f"glm-synthetic-{n}l", n)
-        rows += [measure("synthetic", path, n, v, args.repeats, args.threads) for v in ("fp16", "int8", "int4")]
+        rows += [measure("synthetic", path, n, v, args.repeats, args.threads, args.wait)
+                 for v in ("fp16", "int8", "int4")]
     table = report(rows, depths, args.repeats, machine_before)
     print(table)
     if args.out:
