@@ -215,8 +215,11 @@ def test_tiny_profile_writes_every_field(tiny_profile):
     for r in saved:
         assert set(r) == RECORD_FIELDS
         assert r["device"] == "cpu" and r["layers"] == 3 and r["published_bytes"] is None
-        assert r["measured_bytes"] > 0 and r["estimated_bytes"] > 0
-        assert r["peak_bytes"] > r["baseline_bytes"] > 100 << 20  # torch is imported
+        # The tiny model is 4 MB: its attributable peak is within the allocator's noise (it has
+        # come out at -2 MB), so its sign is checked on real shapes below, not here.
+        assert isinstance(r["measured_bytes"], int) and r["estimated_bytes"] > 0
+        assert r["peak_bytes"] == r["baseline_bytes"] + r["measured_bytes"]
+        assert r["baseline_bytes"] > 100 << 20  # torch is imported
         assert r["dtype"] == ("float16" if r["bits"] == 16 else "bfloat16")
         assert r["details"]["peak_scope"] == "workload"
         assert r["details"]["model_tensor_bytes"] > 0
