@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchdoc import OtherCpu, command_line, machine, wait_for_quiet, write_section  # noqa: E402
+from benchdoc import OtherCpu, machine, publish, wait_for_quiet  # noqa: E402
 from builder.generation import generate_ids  # noqa: E402
 from builder.checkpoint import load_chatglm2  # noqa: E402
 from builder.quantization import QuantizedLinear  # noqa: E402
@@ -283,10 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
         probe_bandwidth()
     table = report(results, probes, args, load_before)
-    print(table)
-    if args.out:
-        write_section(args.out, "decode", f"## Decode speed (CPU)\n\n```\n{command_line()}\n```\n\n{table}")
-        print(f"wrote the decode section of {args.out}")
+    publish(table, args.out, "decode", "Decode speed (CPU)")
 
 
 if __name__ == "__main__":

@@ -98,3 +98,12 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0
         used = probe.cores()
         if used < threshold or time.monotonic() >= deadline:
             return used
+
+
+def publish(table: str, out: str | Path | None, name: str, heading: str) -> None:
+    """Print ``table``; with ``out``, also write it as section ``name`` under ``heading``, after
+    the command that made it."""
+    print(table)
+    if out:
+        write_section(out, name, f"## {heading}\n\n```\n{command_line()}\n```\n\n{table}")
+        print(f"wrote the {name} section of {out}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchdoc import OtherCpu, command_line, machine, wait_for_quiet, write_section  # noqa: E402
+from benchdoc import OtherCpu, machine, publish, wait_for_quiet  # noqa: E402
 
 FULL_LAYERS = 28
 VARIANTS = {"fp32": (16, "float32"), "fp16": (16, "float16"), "int8": (8, "bfloat16"), "int4": (4, "bfloat16")}
@@ -175,10 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += [measure("synthetic", path, n, v, args.repeats, args.threads, args.wait)
                  for v in ("fp16", "int8", "int4")]
     table = report(rows, depths, args.repeats, machine_before)
-    print(table)
-    if args.out:
-        write_section(args.out, "load", f"## Peak host memory while loading\n\n```\n{command_line()}\n```\n\n{table}")
-        print(f"wrote the load section of {args.out}")
+    publish(table, args.out, "load", "Peak host memory while loading")
 
 
 if __name__ == "__main__":
