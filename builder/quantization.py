@@ -161,6 +161,29 @@ def _cpu_int4unpack(packed: torch.Tensor, out_features: int, in_features: int) -
     return q
 
 
+# -- tensors the kernels read ------------------------------------------------------------------------
+KERNEL_ALIGNMENT = 64  # bytes; torch's CPU allocator's own alignment (one AVX-512 register, one cache line)
+
+
+def owned_aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when it is contiguous, starts on a 64-byte boundary and is all of its storage;
+    otherwise a copy that is.
+
+    Tensors read from a checkpoint are views at whatever offset the file put them (safetensors aligns
+    data to 8 bytes only) or slices of a bigger one (q/k/v split from THUDM's fused
+    ``query_key_value``). torch's AVX-512 ``_weight_int8pack_mm`` faults on a weight that is not
+    16-byte aligned once a call has more than a few rows, and a slice would keep the whole fused
+    tensor (or a shard's memory map) alive; a copy made by torch's allocator has neither problem.
+
+    >>> owned_aligned(torch.zeros(72, dtype=torch.int8)[8:]).data_ptr() % 64
+    0
+    """
+    if (tensor.is_contiguous() and tensor.data_ptr() % KERNEL_ALIGNMENT == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 # -- the quantized layer ----------------------------------------------------------------------------
 class QuantizedLinear(torch.nn.Module):
     """A ``Linear`` whose weight is held as ChatGLM2's int8/int4 codes with fp16 scales.
@@ -199,8 +222,10 @@ class QuantizedLinear(torch.nn.Module):
         for name in ("weight", "weight_int4pack", "scales_and_zeros"):
             self._buffers.pop(name, None)
         # Buffers, not parameters, and not persistent: state_dict() writes THUDM's format itself.
-        self.register_buffer("weight_scale", weight_scale.to(device, torch.float16), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().to(device), persistent=False)
+        self.register_buffer("weight_scale", owned_aligned(weight_scale.to(device, torch.float16)),
+                             persistent=False)
+        self.register_buffer("bias", None if bias is None else owned_aligned(bias.detach().to(device)),
+                             persistent=False)
         self.kernel = "dequantize"  # how forward computes; see the module docstring
         if device.type == "cpu" and bits == 8 and self.in_features % 32 == 0:
             # (the kernel segfaults on in_features % 8 != 0 here; 32 also covers AVX-512 blocking)
@@ -221,7 +246,7 @@ class QuantizedLinear(torch.nn.Module):
             self.register_buffer("weight_int4pack", _cpu_int4pack(unpack_int4(weight)), persistent=False)
             self.kernel_group_size = group
         else:
-            self.register_buffer("weight", weight.contiguous(), persistent=False)
+            self.register_buffer("weight", owned_aligned(weight), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # .to(device) / .cuda() / .half(): the bias follows fn; the codes and scales keep THUDM's

@@ -349,6 +349,7 @@ def test_cli_missing_repo_is_a_clear_error(tmp_path, capsys):
         ({"metrics_port": 8000}, "ports must differ"),
         ({"model_config_name": "h 100"}, "model_config_name='h 100'"),
         ({"log_verbose": -1}, "log_verbose=-1"),
+        ({"metrics_address": "localhost:1"}, "metrics_address='localhost:1'"),
     ],
 )
 def test_server_options_name_the_bad_field(tmp_path, overrides, message):
@@ -363,6 +364,7 @@ def test_server_command_passes_the_options(tmp_path):
                       extra_args=("--exit-timeout-secs", "5")),
         install,
         shm_prefix="glm1_",
+        admin_key="k3y",
     )
     assert command[0] == "/opt/tritonserver/bin/tritonserver"
     flags = dict(zip(command[1::2], command[2::2]))
@@ -371,6 +373,24 @@ def test_server_command_passes_the_options(tmp_path):
     assert flags["--model-config-name"] == "h100"
     assert flags["--exit-timeout-secs"] == "5"
     assert "--backend-directory" not in flags  # a PATH install keeps its own default
+    rule = "model-repository,shared-memory,trace,logging:glm-admin-key=k3y"
+    assert f"--http-restricted-api={rule}" in command and f"--grpc-restricted-protocol={rule}" in command
+
+
+@pytest.mark.parametrize("flag", ["--grpc-restricted-protocol=inference:a=b", "--model-control-mode=poll",
+                                  "--http-restricted-api=logging:a=b", "--load-model=evil"])
+def test_flags_that_would_undo_the_restrictions_are_refused(tmp_path, flag):
+    with pytest.raises(ValueError, match="extra_args.*set by glm-serve itself"):
+        ServerOptions(tmp_path, extra_args=(flag,))
+
+
+def test_cli_passes_triton_flags_after_the_double_dash(tmp_path):
+    args = cli.parse_args(
+        [str(tmp_path), "--metrics-address", "127.0.0.1", "--", "--grpc-use-ssl=true",
+         "--grpc-server-cert", "cert.pem"])
+    options = cli.options_from_args(args)
+    assert options.extra_args == ("--grpc-use-ssl=true", "--grpc-server-cert", "cert.pem")
+    assert options.metrics_address == "127.0.0.1"
 
 
 def test_wheel_tree_is_prepared_once_with_the_stub_and_its_environment(tmp_path):

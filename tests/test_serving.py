@@ -5,7 +5,9 @@ enough that each variant gets picked, started with `glm-serve`'s library on free
 """
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -14,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from builder.build import BuildOptions, build
@@ -197,6 +200,74 @@ def test_langchain_seed_style_llm(server):
 
 # -- failures -------------------------------------------------------------------------------------
 
+# -- security: model control belongs to glm-serve alone ---------------------------------------------
+
+def _evil_model(marker):
+    """A Python-backend model whose initialize() writes ``marker``: code a stranger would upload."""
+    code = (f"class TritonPythonModel:\n    def initialize(self, args):\n"
+            f"        open({str(marker)!r}, 'w').write('ran')\n"
+            f"    def execute(self, requests):\n        return []\n")
+    config = {"name": "evil", "backend": "python", "max_batch_size": 0,
+              "input": [{"name": "X", "data_type": "TYPE_STRING", "dims": [1]}],
+              "output": [{"name": "Y", "data_type": "TYPE_STRING", "dims": [1]}],
+              "instance_group": [{"kind": "KIND_CPU", "count": 1}]}
+    return json.dumps(config), {"file:1/model.py": code.encode()}
+
+
+def _refused(call):
+    with pytest.raises(InferenceServerException) as error:
+        call()
+    assert "is restricted, expecting header" in str(error.value), str(error.value)
+
+
+def test_model_control_and_settings_are_refused_without_the_admin_key(server, tmp_path):
+    marker = tmp_path / "evil-ran"
+    config, files = _evil_model(marker)
+    for client in (httpclient.InferenceServerClient(server.urls["http"]),
+                   grpcclient.InferenceServerClient(server.urls["grpc"])):
+        _refused(lambda: client.load_model("evil", config=config, files=files))
+        _refused(lambda: client.unload_model("chatglm2-6b-int4"))
+        _refused(lambda: client.get_model_repository_index())
+        _refused(lambda: client.register_system_shared_memory("glm", "/glm-evil", 64))
+        _refused(lambda: client.update_trace_settings(settings={"trace_file": str(tmp_path / "t.json")}))
+        _refused(lambda: client.update_log_settings(settings={"log_file": str(tmp_path / "log.txt")}))
+        _refused(lambda: client.load_model("evil", config=config, files=files,
+                                           headers={"glm-admin-key": "guess"}))
+        assert client.is_model_ready("chatglm2-6b-int4")  # inference & metadata stay open
+        assert client.get_model_config("chatglm2-6b")  # read-only config stays open
+        client.close()
+    time.sleep(1)
+    assert not marker.exists()
+    assert not (server.repo / "evil").exists() and not list(tmp_path.glob("*.txt"))
+    assert raw_infer(server, **good()).as_numpy("variant")[0] == b"fp16"  # the router still answers
+    # glm-serve's own key opens the same API (read-only use here), on both protocols
+    index = httpclient.InferenceServerClient(server.urls["http"]).get_model_repository_index(
+        headers=server.admin_headers)
+    assert {m["name"] for m in index} >= {"chatglm2-6b", "chatglm2-6b-int4"}
+    assert "evil" not in {m["name"] for m in index}
+    with grpcclient.InferenceServerClient(server.urls["grpc"]) as grpc:
+        index = grpc.get_model_repository_index(headers=server.admin_grpc_headers, as_json=True)
+    assert "chatglm2-6b-int4" in {m["name"] for m in index["models"]}
+
+
+def test_a_raw_upload_over_http_is_refused(server, tmp_path):
+    """What a 20-line attacker sends: POST /v2/repository/models/evil/load with a file override."""
+    import urllib.error
+    import urllib.request
+
+    marker = tmp_path / "evil-ran"
+    config, files = _evil_model(marker)
+    body = {"parameters": {"config": config, "file:1/model.py": base64.b64encode(files["file:1/model.py"]).decode()}}
+    request = urllib.request.Request(f"http://{server.urls['http']}/v2/repository/models/evil/load",
+                                     data=json.dumps(body).encode(), method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as error:
+        opener.open(request, timeout=30)
+    assert error.value.code in (401, 403)
+    time.sleep(1)
+    assert not marker.exists() and not (server.repo / "evil").exists()
+
+
 def stub_of(server, model: str) -> psutil.Process:
     marker = os.path.join(str(server.repo), model, "1", "model.py")
     group = os.getpgid(server.pid)
@@ -222,13 +293,15 @@ def test_a_killed_variant_fails_fast_and_comes_back(server):
     assert raw_infer(server, **good()).as_numpy("variant")[0] == b"fp16"
     assert raw_infer(server, **good(max_token=[b"1200"])).as_numpy("variant")[0] == b"int4"
     deadline = time.monotonic() + 120
-    while True:  # Triton restarts the stub; the variant serves again
+    while True:  # Triton does not restart a dead stub: glm-serve's watchdog reloads the model
         try:
             assert raw_infer(server, **int8).as_numpy("variant")[0] == b"int8"
             break
         except InferenceServerException:
             assert time.monotonic() < deadline, "the int8 variant never came back"
             time.sleep(2)
+    # ...through the repository API, which it may call only because it holds the admin key
+    assert server.watchdog.reloads["chatglm2-6b-int8"] >= 1
 
 
 def test_zz_shutdown_leaves_no_server_or_stub(server):

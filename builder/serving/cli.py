@@ -1,8 +1,10 @@
 """``glm-serve REPO``: run Triton Inference Server on a model repository until Ctrl-C or SIGTERM.
 
     glm-serve generated_repo --http-port 8000 --grpc-port 8001 --metrics-port 8002
+    glm-serve generated_repo --address 10.0.0.5 -- --grpc-use-ssl=true --grpc-server-cert=cert.pem ...
 
-The CLI only parses and calls ``builder.serving.server.serve``.
+Arguments after ``--`` go to ``tritonserver`` as they are (TLS, thread counts), except the flags
+glm-serve manages itself (model control and the restricted protocols). The CLI only parses and calls ``builder.serving.server.serve``.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, needed for streaming (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default: %(default)s)")
+    parser.add_argument("--metrics-address", metavar="ADDRESS",
+                        help="address for the metrics port alone, e.g. 127.0.0.1 to keep metrics off the "
+                        "network (default: the same as --address)")
     parser.add_argument(
         "--model-config-name",
         metavar="NAME",
@@ -39,7 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's log verbosity; 1 logs every request (default: 0)")
     parser.add_argument("--log-file", type=Path, help="write the server's log to this file instead of stdout")
+    parser.epilog = ("Flags after -- go to tritonserver as they are (e.g. -- --grpc-use-ssl=true "
+                     "--grpc-server-cert=cert.pem), except the ones glm-serve sets itself.")
     return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None,
+               parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Parse glm-serve's flags; what follows ``--`` lands in ``triton_args``.
+
+    >>> parse_args(["repo", "--", "--grpc-use-ssl=true"]).triton_args
+    ['--grpc-use-ssl=true']
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = (parser or build_parser()).parse_args(argv[:split])
+    args.triton_args = argv[split + 1:]
+    return args
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
@@ -57,6 +78,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         log_verbose=args.log_verbose,
         log_file=args.log_file,
         address=args.address,
+        metrics_address=args.metrics_address,
+        extra_args=tuple(getattr(args, "triton_args", ())),
     )
 
 
@@ -71,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     >>> main(["generated_repo", "--grpc-port", "9001"])   # blocks until Ctrl-C
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv, parser)
     try:
         options = options_from_args(args)
     except ValueError as error:

@@ -27,6 +27,18 @@ from .install import (INSTALL_HINT, STUB_NAME, ServerInstall, ServerNotFoundErro
 
 _LOG_TAIL_LINES = 60
 
+# Triton's protocol groups that only glm-serve itself may call (on HTTP and gRPC alike): the
+# repository API loads, unloads and *uploads* models (a `file:1/model.py` override is Python code the
+# server runs), shared-memory registration makes the server read memory it is pointed at, and the
+# trace and logging settings write files where a client says. Inference, health, metadata, model
+# config and statistics (all read-only) stay open.
+RESTRICTED_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "glm-admin-key"  # the HTTP request header that carries the secret
+ADMIN_GRPC_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # the gRPC metadata key: Triton prefixes it
+# Flags glm-serve sets itself; passing them through extra_args would undo the restrictions.
+_MANAGED_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol", "--model-control-mode",
+                  "--load-model", "--model-repository", "--model-store")
+
 
 class ServerStartError(RuntimeError):
     """The server exited, or did not become ready in time."""
@@ -48,6 +60,7 @@ class ServerOptions:
     log_file: Optional[Path] = None  # None: the server's log passes through to our stdout
     extra_args: tuple[str, ...] = ()  # more tritonserver flags, passed as they are
     address: str = "0.0.0.0"  # where HTTP, gRPC and metrics listen; tests use 127.0.0.1
+    metrics_address: Optional[str] = None  # None: the same as address; 127.0.0.1 hides metrics
     restart_stubs: bool = True  # reload a model whose stub process died (builder.serving.watchdog)
 
     def __post_init__(self):
@@ -71,22 +84,43 @@ class ServerOptions:
             raise ValueError(f"log_verbose={self.log_verbose!r}: must be an integer >= 0")
         import ipaddress
 
-        try:
-            ipaddress.ip_address(self.address)
-        except ValueError:
-            raise ValueError(f"address={self.address!r}: must be an IP address such as 127.0.0.1 "
-                             f"or 0.0.0.0") from None
+        for name in ("address", "metrics_address"):
+            value = getattr(self, name)
+            if name == "metrics_address" and value is None:
+                continue
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r}: must be an IP address such as 127.0.0.1 "
+                                 f"or 0.0.0.0") from None
         if not all(isinstance(arg, str) for arg in self.extra_args):
             raise ValueError(f"extra_args={self.extra_args!r}: must be strings")
+        for arg in self.extra_args:
+            if arg.split("=", 1)[0] in _MANAGED_FLAGS:
+                raise ValueError(f"extra_args: {arg!r} is set by glm-serve itself (model control "
+                                 f"and the restricted protocols; see the README's Security section)")
 
 
-def server_command(options: ServerOptions, install: ServerInstall, shm_prefix: str) -> list[str]:
+def restriction_flags(admin_key: str) -> list[str]:
+    """Triton flags that refuse :data:`RESTRICTED_PROTOCOLS` to any request without the admin key.
+
+    >>> restriction_flags("s3cret")[0]
+    '--http-restricted-api=model-repository,shared-memory,trace,logging:glm-admin-key=s3cret'
+    """
+    if not admin_key or not all(c.isalnum() or c in "-_" for c in admin_key):
+        raise ValueError("admin_key must be a non-empty URL-safe token")
+    rule = f"{','.join(RESTRICTED_PROTOCOLS)}:{ADMIN_HEADER}={admin_key}"
+    return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+
+
+def server_command(options: ServerOptions, install: ServerInstall, shm_prefix: str,
+                   admin_key: str) -> list[str]:
     """The ``tritonserver`` command line for ``options``.
 
     ``shm_prefix`` names this server's shared-memory regions, so that two servers on one machine
-    (two test runs) never share them.
+    (two test runs) never share them; ``admin_key`` is the secret of :func:`restriction_flags`.
 
-    >>> server_command(options, install, "glm1234")[:3]
+    >>> server_command(options, install, "glm1234", "s3cret")[:3]
     ['/.../bin/tritonserver', '--model-repository', 'generated_repo']
     """
     command = [
@@ -97,9 +131,10 @@ def server_command(options: ServerOptions, install: ServerInstall, shm_prefix: s
         "--metrics-port", str(options.metrics_port),
         "--http-address", options.address,
         "--grpc-address", options.address,
-        "--metrics-address", options.address,
+        "--metrics-address", options.metrics_address or options.address,
         "--log-verbose", str(options.log_verbose),
         "--backend-config", f"python,shm-region-prefix-name={shm_prefix}",
+        *restriction_flags(admin_key),
     ]
     if install.backend_dir is not None:
         command += ["--backend-directory", str(install.backend_dir)]
@@ -139,6 +174,7 @@ class TritonServer:
         self._log_tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
         self._log_thread: Optional[threading.Thread] = None
         self._shm_prefix = ""  # names this server's Python-backend shared-memory regions
+        self._admin_key = ""  # made at each start; only this object (and its watchdog) knows it
 
     def __enter__(self) -> "TritonServer":
         self.start()
@@ -167,6 +203,23 @@ class TritonServer:
         }
 
     @property
+    def admin_headers(self) -> dict[str, str]:
+        """The header that lets a request through the restricted protocols (model control & co).
+
+        Kept in-process: tests and the watchdog use it; nothing prints or writes it.
+
+        >>> httpclient.InferenceServerClient(url).get_model_repository_index(headers=server.admin_headers)
+        """
+        if not self._admin_key:
+            raise RuntimeError("tritonserver not started: call start() first")
+        return {ADMIN_HEADER: self._admin_key}
+
+    @property
+    def admin_grpc_headers(self) -> dict[str, str]:
+        """:attr:`admin_headers` for a gRPC client (Triton looks for its own metadata key)."""
+        return {ADMIN_GRPC_HEADER: self.admin_headers[ADMIN_HEADER]}
+
+    @property
     def pid(self) -> Optional[int]:
         """The server's process id (also its process-group id), None when not started."""
         return self._process.pid if self._process else None
@@ -185,9 +238,10 @@ class TritonServer:
             raise RuntimeError(f"tritonserver already started (pid {self._process.pid})")
         install = prepare_server_tree(self._install or find_tritonserver(), self._cache_dir)
         self._shm_prefix = f"glm{os.getpid()}_{secrets.token_hex(3)}_"
+        self._admin_key = secrets.token_urlsafe(32)
         self._log_tail.clear()
         self._process = subprocess.Popen(
-            server_command(self.options, install, self._shm_prefix),
+            server_command(self.options, install, self._shm_prefix, self._admin_key),
             env=server_environment(install),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -246,7 +300,8 @@ class TritonServer:
                     from .watchdog import StubWatchdog
 
                     self.watchdog = StubWatchdog(self._process.pid, self.options.model_repository,
-                                                 f"http://{self.urls['http']}").start()
+                                                 f"http://{self.urls['http']}",
+                                                 headers=self.admin_headers).start()
                 return self
             if time.monotonic() > deadline:
                 raise ServerStartError(

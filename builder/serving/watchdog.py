@@ -3,9 +3,9 @@
 Triton 2.51's Python backend marks an instance whose stub process died as "not healthy" and fails
 every request to it from then on; it does not start a new stub. The watchdog notices the missing
 stub (the server runs with ``--model-control-mode=explicit``) and reloads that model through the
-repository API, so requests routed to it succeed again while the other models keep serving.
+repository API, which refuses every client without the server's admin key (``headers``), so requests routed to it succeed again while the other models keep serving.
 
->>> watchdog = StubWatchdog(server_pid, repo, "http://127.0.0.1:8000").start()
+>>> watchdog = StubWatchdog(server_pid, repo, "http://127.0.0.1:8000", headers=server.admin_headers).start()
 """
 from __future__ import annotations
 
@@ -44,8 +44,10 @@ def stubs_by_model(server_pid: int, repo: Path) -> collections.Counter:
 class StubWatchdog:
     """Every ``interval`` s, reload (unload, then load) each model that lost a stub."""
 
-    def __init__(self, server_pid: int, repo: Path, http_url: str, interval: float = 2.0):
+    def __init__(self, server_pid: int, repo: Path, http_url: str, interval: float = 2.0,
+                 headers: dict[str, str] | None = None):
         self.server_pid, self.repo, self.http_url, self.interval = server_pid, Path(repo), http_url, interval
+        self.headers = dict(headers or {})  # the admin key: the repository API refuses requests without it
         self.expected = stubs_by_model(server_pid, self.repo)
         self.reloads: collections.Counter = collections.Counter()
         self._stop = threading.Event()
@@ -73,7 +75,8 @@ class StubWatchdog:
         try:
             for verb in ("unload", "load"):
                 request = urllib.request.Request(
-                    f"{self.http_url}/v2/repository/models/{model}/{verb}", data=b"{}", method="POST")
+                    f"{self.http_url}/v2/repository/models/{model}/{verb}", data=b"{}", method="POST",
+                    headers=self.headers)
                 with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=600):
                     pass
         except OSError as err:

@@ -1,0 +1,128 @@
+"""torch's packed CPU kernels on the tensors a checkpoint hands them, and THUDM's quantized format
+built by hand (not by ``save_quantized``) in both file formats.
+
+These run again under every CPU capability the host has (tests/test_isa.py): a weight that one ISA's
+kernel reads fine can fault another's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from builder import TINY_CHECKPOINT, load_chatglm2
+from builder.checkpoint import iter_checkpoint_tensors
+from builder.config import ChatGLM2Config
+from builder.quantization import QuantizedLinear, owned_aligned
+
+from conftest import write_checkpoint
+
+PROJECTION_SUFFIXES = ("self_attention.query_key_value.weight", "self_attention.dense.weight",
+                       "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
+IDS = [[819, 821, 723, 263, 705, 12, 40, 7, 301, 9, 77, 5]]
+
+
+# -- THUDM's scheme, written out here by hand --------------------------------------------------------
+def thudm_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scale = max|w| / (2^(bits-1) - 1) per row; q = round(w / scale); int4 packs element 2j
+    in the high nibble. Returns (weight int8 [out, in] or [out, in/2], weight_scale fp16 [out])."""
+    limit = 2 ** (bits - 1) - 1
+    scale = (weight.float().abs().amax(dim=1) / limit).half()
+    q = torch.round(weight.float() / scale.float()[:, None]).clamp(-limit, limit).to(torch.int8)
+    if bits == 4:
+        nibbles = q.to(torch.int16) & 0xF
+        q = ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).to(torch.uint8).view(torch.int8)
+    return q, scale
+
+
+def thudm_dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 4:
+        byte = weight.view(torch.uint8).to(torch.int16)
+        high, low = byte >> 4, byte & 0xF
+        codes = torch.stack([high, low], dim=-1).flatten(1)
+        weight = torch.where(codes > 7, codes - 16, codes)
+    return weight.float() * scale.float()[:, None]
+
+
+# -- misaligned and borrowed weights reach the kernels safely ---------------------------------------
+def _misaligned(tensor: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of ``tensor`` that starts ``offset`` bytes past a 64-byte boundary, inside a bigger
+    buffer: what a safetensors shard (8-byte alignment) or a q/k/v slice hands the loader."""
+    flat = tensor.contiguous().view(torch.int8).flatten()
+    buffer = torch.zeros(flat.numel() + 128, dtype=torch.int8)
+    start = (-buffer.data_ptr()) % 64 + offset
+    view = buffer[start:start + flat.numel()]
+    view.copy_(flat)
+    return view.view(tensor.dtype).view(tensor.shape)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("offset", [1, 8, 16, 40])
+@pytest.mark.parametrize("rows", [1, 8, 33])
+def test_kernels_take_weights_at_any_offset(bits, offset, rows):
+    g = torch.Generator().manual_seed(bits * 100 + offset)
+    weight = torch.randn(64, 256, generator=g) * 0.05
+    q, scale = thudm_quantize(weight, bits)
+    layer = QuantizedLinear.from_thudm(_misaligned(q, offset), _misaligned(scale, offset & ~1), None, bits)
+    assert layer.kernel == ("cpu_int8" if bits == 8 else "cpu_int4")
+    x = torch.randn(rows, 256, generator=g)
+    expected = x @ thudm_dequantize(q, scale, bits).T
+    y = layer(x)
+    assert float((y - expected).norm() / expected.norm()) < 1e-2
+    for tensor in layer.buffers():
+        assert tensor.data_ptr() % 64 == 0  # what the kernels read is aligned and its own
+
+
+def test_owned_aligned_copies_only_what_it_must():
+    whole = torch.zeros(64, 32, dtype=torch.int8)
+    assert owned_aligned(whole) is whole
+    part = whole[16:32]  # aligned, but a slice that would keep the whole tensor alive
+    assert owned_aligned(part) is not part and owned_aligned(part).untyped_storage().nbytes() == 512
+    odd = _misaligned(whole, 8)
+    copy = owned_aligned(odd)
+    assert copy.data_ptr() % 64 == 0 and torch.equal(copy, odd)
+
+
+# -- a THUDM-format quantized checkpoint, made by hand ------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_float_state():
+    return {name: tensor.float() for name, tensor in iter_checkpoint_tensors(TINY_CHECKPOINT)}
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return ChatGLM2Config.from_json(TINY_CHECKPOINT / "config.json")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_hand_made_thudm_checkpoint_matches_a_dequantized_reference(tmp_path, tiny_float_state,
+                                                                    tiny_config, bits, fmt):
+    quantized, dequantized = {}, {}
+    for name, tensor in tiny_float_state.items():
+        if name.endswith(PROJECTION_SUFFIXES):
+            q, scale = thudm_quantize(tensor, bits)
+            quantized[name], quantized[name + "_scale"] = q, scale
+            dequantized[name] = thudm_dequantize(q, scale, bits)
+        else:
+            quantized[name] = tensor.half()
+            dequantized[name] = tensor
+    config = dataclasses.replace(tiny_config, quantization_bit=bits)
+    # .bin named like THUDM's shards (pytorch_model-00001-of-00002.bin + index); safetensors in one file
+    path = write_checkpoint(tmp_path / f"int{bits}-{fmt}", config, quantized, fmt=fmt,
+                            shards=2 if fmt == "bin" else 1, index=fmt == "bin")
+    assert json.loads((path / "config.json").read_text())["quantization_bit"] == bits
+    reference_path = write_checkpoint(tmp_path / "dequantized", tiny_config, dequantized)
+
+    model, _ = load_chatglm2(path, dtype=torch.bfloat16)
+    reference, _ = load_chatglm2(reference_path, dtype=torch.float32)
+    kernels = {m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)}
+    assert f"cpu_int{bits}" in kernels
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+        expected = reference(input_ids=ids).logits
+    assert float((logits - expected).norm() / expected.norm()) < 2e-2  # bfloat16 activations
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
