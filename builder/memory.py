@@ -101,14 +101,6 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
 dynamic threshold rises to this after the first large free); smaller blocks come from its heap,
 where a freed block stays resident while a live one lies above it."""
 
-CPU_QUANTIZE_RETENTION = {8: 0.5, 4: 1.0}
-"""Bytes glibc's heap keeps after quantizing at load, per byte of the largest projection's int8
-codes (rows × cols: 107 MiB for the 6B's ``dense_h_to_4h``). Calibrated, not derived: quantizing
-leaves freed temporaries below the mmap threshold (unpacked codes, the int4 repack, the small K/V
-projections' float copies) between live blocks. Measured on 2- and 4-layer checkpoints with the
-6B's shapes: 44–61 MiB for int8, 87–139 MiB for int4; it does not grow with the layer count."""
-
-
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes one serving process needs, by term; ``total`` is their sum.
@@ -298,17 +290,6 @@ def cpu_heap_bytes(config: ChatGLM2Config, tokens: int, phase: str, *,
     return min(q * config.ffn_hidden_size * dtype_bytes, GLIBC_MMAP_THRESHOLD_MAX)
 
 
-def cpu_load_retention_bytes(config: ChatGLM2Config, bits: int) -> int:
-    """Heap that quantizing at load leaves resident on a CPU (:data:`CPU_QUANTIZE_RETENTION`).
-
-    >>> from builder import CHATGLM2_6B
-    >>> cpu_load_retention_bytes(CHATGLM2_6B, 4) // MIB, cpu_load_retention_bytes(CHATGLM2_6B, 16)
-    (107, 0)
-    """
-    largest = max(rows * cols for rows, cols in quantized_projections(config).values())
-    return round(CPU_QUANTIZE_RETENTION.get(bits, 0) * largest)
-
-
 # -- overhead ---------------------------------------------------------------------------------
 def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
                    device: str = "cuda", process_overhead: int | None = None) -> int:
@@ -325,8 +306,8 @@ def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
 
     On a CPU: ``process_overhead`` or :data:`CPU_PROCESS_OVERHEAD`, the interpreter's resident
     set; glibc returns freed blocks of 32 MiB and more to the system, so there is no allocator
-    reserve to speak of, except after quantizing at load (int8/int4): the heap that leaves
-    behind, :func:`cpu_load_retention_bytes`.
+    reserve to speak of. Quantizing at load leaves none either: it works a block of rows at a
+    time and the loader hands the heap's free pages back (``malloc_trim``) when it is done.
     """
     _check_scheme(bits, None, dtype_bytes, device)
     if process_overhead is not None and (not isinstance(process_overhead, int)
@@ -335,7 +316,7 @@ def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
                          f"got {process_overhead!r}")
     if device == "cpu":
         base = CPU_PROCESS_OVERHEAD if process_overhead is None else process_overhead
-        return base + cpu_load_retention_bytes(config, bits)
+        return base
     base = DEFAULT_CUDA_PROCESS_OVERHEAD if process_overhead is None else process_overhead
     if bits == 16:
         return base

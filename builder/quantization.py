@@ -98,6 +98,42 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * _per_column(scale.float(), q.shape[1])
 
 
+QUANTIZE_BLOCK_BYTES = 8 * 2**20
+"""float32 bytes of weight quantized at once. Whole-layer temporaries (a 6B ``gate_up_proj`` is 449
+MB in float32) would be freed into the C heap between live tensors and stay resident after loading;
+blocks this small are reused from one block to the next."""
+
+
+def row_blocks(rows: int, row_bytes: int, multiple: int = 1):
+    """``(start, stop)`` spans of at most :data:`QUANTIZE_BLOCK_BYTES` (a multiple of ``multiple``
+    rows, at least ``multiple``) covering ``rows``.
+
+    >>> list(row_blocks(10, QUANTIZE_BLOCK_BYTES // 4))
+    [(0, 4), (4, 8), (8, 10)]
+    """
+    step = max(multiple, QUANTIZE_BLOCK_BYTES // max(row_bytes, 1) // multiple * multiple)
+    return ((start, min(start + step, rows)) for start in range(0, rows, step))
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """THUDM's tensors for a float weight [out, in], a block of rows at a time: int8 codes [out, in]
+    (int4: packed [out, in/2]) and fp16 scales [out] (or [out, groups]).
+
+    >>> codes, scale = quantize_weight(torch.randn(8, 64), 4)     # [8, 32] int8, [8] fp16
+    """
+    out_features, in_features = weight.shape
+    groups = () if group_size is None else (in_features // group_size,)
+    scale = torch.empty(out_features, *groups, dtype=torch.float16, device=weight.device)
+    codes = torch.empty(out_features, in_features * bits // 8, dtype=torch.int8, device=weight.device)
+    for start, stop in row_blocks(out_features, in_features * 4):
+        block_scale = row_scales(weight[start:stop], bits, group_size).to(torch.float16)  # as THUDM stores it
+        q = quantize_rows(weight[start:stop], block_scale, bits)
+        scale[start:stop] = block_scale
+        codes[start:stop] = pack_int4(q) if bits == 4 else q
+    return codes, scale
+
+
 # -- torch's CPU int4 kernel format -----------------------------------------------------------------
 def _cpu_int4_group(in_features: int, group_size: int | None) -> int | None:
     """The group size the CPU int4 kernel runs with, or None when it cannot take this shape.
@@ -117,6 +153,19 @@ def _cpu_int4pack(q: torch.Tensor) -> torch.Tensor:
 
 
 _PACK_ROWS = 64  # the kernel packs blocks of 32 (AVX2) or 64 (AVX-512) rows into contiguous bytes
+
+
+def _cpu_int4pack_thudm(packed: torch.Tensor) -> torch.Tensor:
+    """THUDM's packed int4 [out, in/2] -> the kernel's prepacked uint8 [out, in/2], by row blocks.
+
+    Whole-layer temporaries (int8 codes, then the int32 the packer takes: 5 bytes per weight) would
+    stay in the C heap; blocks of whole 64-row groups pack to the same contiguous bytes.
+    """
+    out_features, half = packed.shape
+    result = torch.empty(out_features, half, dtype=torch.uint8, device=packed.device)
+    for start, stop in row_blocks(out_features, half * 2 * 4, multiple=_PACK_ROWS):
+        result[start:stop] = _cpu_int4pack(unpack_int4(packed[start:stop])).view(stop - start, half)
+    return result
 
 
 @functools.lru_cache(maxsize=8)  # a 6B model has two block shapes: [64, 4096] and [64, 13696]
@@ -243,7 +292,7 @@ class QuantizedLinear(torch.nn.Module):
             self.register_buffer("scales_and_zeros", torch.stack(
                 [scales, torch.zeros_like(scales)], dim=-1).to(torch.bfloat16).contiguous(),
                 persistent=False)  # [groups, out, 2]
-            self.register_buffer("weight_int4pack", _cpu_int4pack(unpack_int4(weight)), persistent=False)
+            self.register_buffer("weight_int4pack", _cpu_int4pack_thudm(weight), persistent=False)
             self.kernel_group_size = group
         else:
             self.register_buffer("weight", owned_aligned(weight), persistent=False)
@@ -269,9 +318,8 @@ class QuantizedLinear(torch.nn.Module):
         weight = weight.detach()
         if group_size is not None and weight.shape[1] % group_size:
             raise ValueError(f"group_size={group_size} does not divide in_features={weight.shape[1]}")
-        scale = row_scales(weight, bits, group_size).to(torch.float16)  # stored as THUDM stores it
-        q = quantize_rows(weight, scale, bits)
-        return cls(pack_int4(q) if bits == 4 else q, scale, bias, bits)
+        codes, scale = quantize_weight(weight, bits, group_size)
+        return cls(codes, scale, bias, bits)
 
     @classmethod
     def from_thudm(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -308,7 +356,7 @@ class QuantizedLinear(torch.nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [tokens, in]
+        x2 = x.reshape(-1, self.in_features)  # [tokens, in], strides (in, 1): see builder.cpu_runtime
         if self.kernel in ("cpu_int8", "cpu_int4") and x.device.type != "cpu":
             raise RuntimeError(f"QuantizedLinear was built for the CPU kernels but got input on {x.device}; "
                                "rebuild it there with QuantizedLinear.from_thudm(**layer.thudm_state(), bits=...)")

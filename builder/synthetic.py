@@ -5,6 +5,10 @@ on this: every tensor has the 6B's shape (hidden 4096, FFN 13696, 32 heads × 12
 vocab 65024), only ``num_layers`` is smaller. It is written one shard at a time (embedding, one
 shard per ``shard_layers`` decoder layers, then the final norm and output layer) so writing it never
 holds more than one shard, like the real checkpoint's ``pytorch_model-0000N-of-00007`` files.
+``layout`` picks how it is cut: ``per-layer`` (safetensors, one shard per ``shard_layers`` layers),
+``single`` (one ``model.safetensors``: a real 6B shard is 1.8–2 GB, a 2-layer checkpoint is one
+1.9 GB file) or ``bin`` (the per-layer cut as ``pytorch_model-0000N-of-0000M.bin`` with THUDM's
+``pytorch_model.bin.index.json``).
 
 >>> path = write_synthetic_checkpoint("/tmp/glm-2l", num_layers=2)   # ~1.9 GB of fp16
 >>> model, _ = load_chatglm2(path, bits=4, dtype=torch.bfloat16)
@@ -21,6 +25,8 @@ import torch
 from .config import CHATGLM2_6B, ChatGLM2Config
 
 INDEX_FILE = "model.safetensors.index.json"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+LAYOUTS = ("per-layer", "single", "bin")
 
 
 def layer_tensors(config: ChatGLM2Config, layer: int, g: torch.Generator,
@@ -46,7 +52,8 @@ def _normal(shape: tuple[int, ...], std: float, g: torch.Generator, dtype: torch
 
 def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
                                config: ChatGLM2Config = CHATGLM2_6B, seed: int = 0,
-                               dtype: torch.dtype = torch.float16, shard_layers: int = 1) -> Path:
+                               dtype: torch.dtype = torch.float16, shard_layers: int = 1,
+                               layout: str = "per-layer") -> Path:
     """Write a random ChatGLM2 checkpoint with ``config``'s shapes and ``num_layers`` layers.
 
     ``path`` gets ``config.json``, the tiny model's ``tokenizer.model`` (its vocabulary is far
@@ -61,6 +68,8 @@ def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
 
     if num_layers < 1 or shard_layers < 1:
         raise ValueError(f"num_layers and shard_layers must be ≥ 1, got {num_layers} and {shard_layers}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     config = dataclasses.replace(config, num_layers=num_layers, quantization_bit=0,
                                  torch_dtype=str(dtype).removeprefix("torch."))
     path = Path(path)
@@ -72,12 +81,21 @@ def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
     weight_map: dict[str, str] = {}
     total_size = 0
 
+    single: dict[str, torch.Tensor] = {}
+
     def write(number: int, tensors: dict[str, torch.Tensor]) -> None:
         nonlocal total_size
-        file = f"model-{number:05d}-of-{count:05d}.safetensors"
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+        if layout == "single":
+            single.update(tensors)
+            return
+        if layout == "bin":
+            file = f"pytorch_model-{number:05d}-of-{count:05d}.bin"
+            torch.save(tensors, path / file)
+        else:
+            file = f"model-{number:05d}-of-{count:05d}.safetensors"
+            save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
 
     write(1, {"transformer.embedding.word_embeddings.weight": _normal((V, H), 0.02, g, dtype)})
     for number, layers in enumerate(layer_groups, start=2):
@@ -88,8 +106,13 @@ def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
         del shard
     write(count, {"transformer.encoder.final_layernorm.weight": 1 + _normal((H,), 0.05, g, dtype),
                   "transformer.output_layer.weight": _normal((V, H), 0.02, g, dtype)})
-    (path / INDEX_FILE).write_text(json.dumps(
-        {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    if layout == "single":
+        save_file(single, str(path / "model.safetensors"), metadata={"format": "pt"})
+        del single
+    else:
+        (path / (BIN_INDEX_FILE if layout == "bin" else INDEX_FILE)).write_text(json.dumps(
+            {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+            indent=2))
     (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     shutil.copy(TINY_CHECKPOINT / "tokenizer.model", path / "tokenizer.model")
     return path

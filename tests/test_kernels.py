@@ -126,3 +126,66 @@ def test_hand_made_thudm_checkpoint_matches_a_dequantized_reference(tmp_path, ti
         expected = reference(input_ids=ids).logits
     assert float((logits - expected).norm() / expected.norm()) < 2e-2  # bfloat16 activations
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+# -- the CPU runtime's workarounds (builder.cpu_runtime) ------------------------------------------------
+def _peak_growth_mib(call) -> float:
+    """How far the resident high-water mark rises during ``call`` (Linux), in MiB."""
+    def read(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = read("VmRSS")
+    call()
+    return read("VmHWM") - before
+
+
+def test_the_last_position_logits_do_not_copy_the_output_layer():
+    """lm_head on hidden[:, -1:, :] (a view with the prompt as its batch stride): torch's bf16
+    matmul copied the whole weight for it (+508 MB on the 6B) unless it gets plain rows."""
+    from builder.cpu_runtime import RowsLinear, use_row_inputs
+
+    head = use_row_inputs(torch.nn.Sequential(torch.nn.Linear(4096, 32768, bias=False))).to(torch.bfloat16)[0]
+    assert isinstance(head, RowsLinear)
+    hidden = torch.randn(1, 512, 4096, dtype=torch.bfloat16)
+    last = hidden[:, -1:, :]
+    with torch.inference_mode():
+        expected = torch.nn.functional.linear(last.reshape(1, 4096).clone(), head.weight)
+        head(last)  # warm
+        growth = _peak_growth_mib(lambda: head(last))
+        assert torch.equal(head(last).view(1, -1), expected)
+    assert growth < 64, f"the matmul grew the resident set by {growth:.0f} MiB (weight: 256 MiB)"
+
+
+def test_bfloat16_attention_at_the_6b_head_size(tmp_path):
+    """Heads of 128 and 80 tokens take torch's packed flash-attention path, which fails under a
+    capability forced below the CPU's own unless the loader works around it."""
+    from conftest import thudm_state
+
+    config = ChatGLM2Config(num_layers=1, hidden_size=256, ffn_hidden_size=128, kv_channels=128,
+                            num_attention_heads=2, multi_query_group_num=1, padded_vocab_size=832,
+                            seq_length=2048)
+    path = write_checkpoint(tmp_path / "heads128", config, thudm_state(config))
+    model, _ = load_chatglm2(path, bits=8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.arange(80)[None] % 800 + 1).logits
+    assert logits.shape == (1, 80, 832) and torch.isfinite(logits).all()
+
+
+# -- quantizing by row blocks gives what one whole-layer pass gives ----------------------------------
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, None), (4, 64)])
+def test_row_blocks_change_nothing(monkeypatch, bits, group_size):
+    import builder.quantization as quantization
+
+    g = torch.Generator().manual_seed(11)
+    weight = torch.randn(64 * 5 + 16, 256, generator=g) * 0.05  # 5 whole 64-row groups and a tail
+    whole = QuantizedLinear.from_float(weight, None, bits, group_size)
+    monkeypatch.setattr(quantization, "QUANTIZE_BLOCK_BYTES", 64 * 256 * 4)  # 64 float32 rows
+    assert len(list(quantization.row_blocks(weight.shape[0], 256 * 4))) == 6
+    blocked = QuantizedLinear.from_float(weight, None, bits, group_size)
+    for name, tensor in whole.named_buffers():
+        assert torch.equal(tensor, dict(blocked.named_buffers())[name]), name
+    state, expected = blocked.thudm_state(), thudm_quantize(weight, bits) if group_size is None else None
+    if expected is not None:
+        assert torch.equal(state["weight"], expected[0]) and torch.equal(state["weight_scale"], expected[1])

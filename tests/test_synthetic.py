@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -38,3 +39,21 @@ def test_synthetic_checkpoint_is_indexed_and_loads(tmp_path):
     assert logits.shape == (1, 3, SMALL.padded_vocab_size) and torch.isfinite(logits).all()
     quantized, _ = load_chatglm2(path, bits=8, dtype=torch.bfloat16)
     assert torch.isfinite(quantized(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_layouts_hold_the_same_tensors(tmp_path):
+    from builder.checkpoint import iter_checkpoint_tensors, weight_files
+
+    per_layer = write_synthetic_checkpoint(tmp_path / "per-layer", num_layers=2, config=SMALL, seed=5)
+    expected = {n: t for n, t in iter_checkpoint_tensors(per_layer)}
+    single = write_synthetic_checkpoint(tmp_path / "single", num_layers=2, config=SMALL, seed=5, layout="single")
+    assert [f.name for f in weight_files(single)] == ["model.safetensors"]
+    bin_ = write_synthetic_checkpoint(tmp_path / "bin", num_layers=2, config=SMALL, seed=5, layout="bin")
+    assert [f.name for f in weight_files(bin_)] == [f"pytorch_model-0000{i}-of-00004.bin" for i in range(1, 5)]
+    assert (bin_ / "pytorch_model.bin.index.json").is_file()
+    for path in (single, bin_):
+        got = dict(iter_checkpoint_tensors(path))
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[n], expected[n]) for n in expected)
+    with pytest.raises(ValueError, match="layout must be one of per-layer, single, bin, got 'zip'"):
+        write_synthetic_checkpoint(tmp_path / "zip", config=SMALL, layout="zip")
