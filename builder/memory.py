@@ -203,7 +203,7 @@ def kv_cache_bytes(config: ChatGLM2Config, tokens: int, *, dtype_bytes: int = 2)
 # -- activations ------------------------------------------------------------------------------
 def activation_steps(config: ChatGLM2Config, bits: int, tokens: int, phase: str, *,
                      dtype_bytes: int = 2, device: str = "cuda", sdpa: bool = True,
-                     all_logits: bool = True) -> dict[str, int]:
+                     all_logits: bool = True, batch: int = 1) -> dict[str, int]:
     """Temporaries alive at once at each step of the phase's largest forward, in bytes.
 
     The largest forward of ``encode`` is the prefill: ``tokens`` queries over ``tokens`` keys.
@@ -225,8 +225,9 @@ def activation_steps(config: ChatGLM2Config, bits: int, tokens: int, phase: str,
     _check_phase(tokens, phase)
     _check_scheme(bits, None, dtype_bytes, device)
     d = dtype_bytes
-    q = tokens if phase == "encode" else 1  # query positions in the largest forward
-    k = tokens  # key positions they attend to
+    # query positions in the largest forward: a decode step of a running batch has one per request
+    q = tokens if phase == "encode" else batch
+    k = tokens  # key positions each attends to
     h, ffn, heads = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads
     dequantize = bits < 16 and device == "cuda"
 
@@ -237,7 +238,8 @@ def activation_steps(config: ChatGLM2Config, bits: int, tokens: int, phase: str,
     proj = quantized_projections(config)
     return {
         "query_key_value": project(*proj["query_key_value"]),
-        "attention": q * config.qkv_size * d + 2 * k * h * d + q * h * d + scores,
+        "attention": q * config.qkv_size * d + (q if phase == "generate" else 1) * 2 * k * h * d
+                     + q * h * d + scores,
         "dense": project(*proj["dense"]),
         "dense_h_to_4h": project(*proj["dense_h_to_4h"]),
         "swiglu": q * 4 * ffn * d,  # [q, 2ffn] + silu [q, ffn] + product [q, ffn]
@@ -248,7 +250,7 @@ def activation_steps(config: ChatGLM2Config, bits: int, tokens: int, phase: str,
 
 def activation_bytes(config: ChatGLM2Config, bits: int, tokens: int, phase: str, *,
                      dtype_bytes: int = 2, device: str = "cuda", sdpa: bool = True,
-                     all_logits: bool = True) -> int:
+                     all_logits: bool = True, batch: int = 1) -> int:
     """The phase's activation peak: the residual stream plus the largest step.
 
     The residual stream is the hidden states and the residual, ``[q, hidden]`` each
@@ -259,8 +261,8 @@ def activation_bytes(config: ChatGLM2Config, bits: int, tokens: int, phase: str,
     0.235e9 bytes and one decoding step's temporaries at most 0.22e9.
     """
     steps = activation_steps(config, bits, tokens, phase, dtype_bytes=dtype_bytes,
-                             device=device, sdpa=sdpa, all_logits=all_logits)
-    q = tokens if phase == "encode" else 1
+                             device=device, sdpa=sdpa, all_logits=all_logits, batch=batch)
+    q = tokens if phase == "encode" else batch
     if device == "cpu":
         residual = CPU_RESIDUAL_COPIES * q * config.hidden_size * dtype_bytes
         return residual + max(steps.values()) + cpu_heap_bytes(config, tokens, phase,
@@ -328,7 +330,7 @@ def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
 def estimate_breakdown(config: ChatGLM2Config, bits: int, tokens: int, phase: str, *,
                        group_size: int | None = None, dtype_bytes: int = 2, device: str = "cuda",
                        process_overhead: int | None = None, sdpa: bool = True,
-                       all_logits: bool = True) -> MemoryEstimate:
+                       all_logits: bool = True, concurrency: int = 1) -> MemoryEstimate:
     """Every term of :func:`estimate_memory`, for reports.
 
     ``bits``: 16 (not quantized), 8 or 4 (ChatGLM's weight-only scheme, ``group_size`` for a
@@ -339,6 +341,9 @@ def estimate_breakdown(config: ChatGLM2Config, bits: int, tokens: int, phase: st
     ``"cuda"`` or ``"cpu"``. ``process_overhead``: a GPU profile's per-process figure.
     ``sdpa=False``: torch < 2's naive attention with the full score matrix. Tokens past
     ``config.seq_length`` are estimated all the same; capping them is the caller's business.
+    ``concurrency``: that many requests of ``tokens`` in one running batch (continuous
+    batching): each holds its KV cache; a decode step works on one row per request (its
+    temporaries grow with them, a dequantized weight does not), while prefills run one at a time.
 
     >>> from builder import CHATGLM2_6B
     >>> e = estimate_breakdown(CHATGLM2_6B, 8, 2048, "encode")
@@ -347,12 +352,16 @@ def estimate_breakdown(config: ChatGLM2Config, bits: int, tokens: int, phase: st
     """
     _check_phase(tokens, phase)
     _check_scheme(bits, group_size, dtype_bytes, device)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    activations = activation_bytes(config, bits, tokens, phase, dtype_bytes=dtype_bytes,
+                                   device=device, sdpa=sdpa, all_logits=all_logits,
+                                   batch=concurrency if phase == "generate" else 1)
     return MemoryEstimate(
         weights=weight_bytes(config, bits, group_size=group_size, dtype_bytes=dtype_bytes,
                              device=device),
-        kv_cache=kv_cache_bytes(config, tokens, dtype_bytes=dtype_bytes),
-        activations=activation_bytes(config, bits, tokens, phase, dtype_bytes=dtype_bytes,
-                                     device=device, sdpa=sdpa, all_logits=all_logits),
+        kv_cache=concurrency * kv_cache_bytes(config, tokens, dtype_bytes=dtype_bytes),
+        activations=activations,
         overhead=overhead_bytes(config, bits, dtype_bytes=dtype_bytes, device=device,
                                 process_overhead=process_overhead),
     )
@@ -361,8 +370,9 @@ def estimate_breakdown(config: ChatGLM2Config, bits: int, tokens: int, phase: st
 def estimate_memory(config: ChatGLM2Config, bits: int, tokens: int, phase: str, *,
                     group_size: int | None = None, dtype_bytes: int = 2, device: str = "cuda",
                     process_overhead: int | None = None, sdpa: bool = True,
-                    all_logits: bool = True) -> int:
-    """Bytes one process needs to serve ``config`` at ``bits`` for ``tokens`` in ``phase``.
+                    all_logits: bool = True, concurrency: int = 1) -> int:
+    """Bytes one process needs to serve ``config`` at ``bits`` for ``tokens`` in ``phase``
+    (``concurrency`` such requests at once).
 
     The sum of :func:`estimate_breakdown`'s terms; same arguments.
 
@@ -373,7 +383,7 @@ def estimate_memory(config: ChatGLM2Config, bits: int, tokens: int, phase: str, 
     return estimate_breakdown(config, bits, tokens, phase, group_size=group_size,
                               dtype_bytes=dtype_bytes, device=device,
                               process_overhead=process_overhead, sdpa=sdpa,
-                              all_logits=all_logits).total
+                              all_logits=all_logits, concurrency=concurrency).total
 
 
 # -- argument checks ---------------------------------------------------------------------------

@@ -23,12 +23,13 @@ profile's ``process_overhead_bytes``). A variant serving a request of ``T`` toke
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .config import CHATGLM2_6B, ChatGLM2Config
-from .memory import GIB, PHASES, MemoryEstimate, estimate_breakdown
+from .memory import GIB, PHASES, MemoryEstimate, estimate_breakdown, kv_cache_bytes
 from .profiles import GpuProfile, list_profiles, load_profile
 from .routing import Route, RoutingTable
 
@@ -43,6 +44,19 @@ PRECISIONS: dict[str, tuple[int, int | None]] = {
 """precision → (bits, group_size), highest precision first: the order the router tries them in."""
 
 ALL_LOGITS = False
+
+# -- the KV pool each variant's continuous batcher gets (builder.serving.batcher) ---------------------
+KV_PAGE_SIZE = 256
+"""Tokens per KV block (transformers' ``ContinuousBatchingConfig.page_size`` default)."""
+KV_POOL_SHARE = 0.8
+"""Of a device's headroom at the routing limits, the part split among its variants' KV pools. The
+rest absorbs what grows with a running batch besides its KV cache: one row per request through
+every decode step (``estimate_memory(..., concurrency=N)`` counts it)."""
+MAX_RUNNING = 32
+"""No pool is sized for more than this many requests at the routing limit (a CPU profile's
+budget is the whole host: a pool that large would be allocated for nothing)."""
+CONCURRENCY_LENGTHS = (512, 2048)
+"""Request lengths at which reports print how many requests a pool holds (and at the limit)."""
 """Whether the serving runtime computes logits for every prompt position. ``builder.chat`` passes
 ``logits_to_keep=1``, so it does not; THUDM's code (the published table's) did, which is why the
 report compares against the table with ``all_logits=True`` but plans with this."""
@@ -168,6 +182,12 @@ class Placement:
     min_need_bytes: int  # estimated need at the plan's min_tokens (what placement used)
     weights_bytes: int  # the variant's parameters in their stored format
     dtype: str  # activations' dtype ("float16" / "bfloat16")
+    kv_blocks: int = 0  # KV pool of its continuous batcher: blocks of KV_PAGE_SIZE tokens
+    max_batch_tokens: int = 0  # tokens one batcher step may process (prefill chunk + decode rows)
+
+    def concurrency(self, tokens: int) -> int:
+        """How many requests of ``tokens`` in total its KV pool holds at once."""
+        return self.kv_blocks // -(-tokens // KV_PAGE_SIZE)
 
     @property
     def device_label(self) -> str:
@@ -230,7 +250,11 @@ class Plan:
                             "bits": p.variant.bits, "group_size": p.variant.group_size,
                             "device": p.device, "dtype": p.dtype, "max_tokens": p.max_tokens,
                             "need_bytes": p.need_bytes, "min_need_bytes": p.min_need_bytes,
-                            "weights_bytes": p.weights_bytes} for p in self.placements],
+                            "weights_bytes": p.weights_bytes, "kv_blocks": p.kv_blocks,
+                            "kv_page_size": KV_PAGE_SIZE, "max_batch_tokens": p.max_batch_tokens,
+                            "concurrency": {str(t): p.concurrency(t) for t in
+                                            (*CONCURRENCY_LENGTHS, p.max_tokens)}}
+                           for p in self.placements],
             "devices": [{"index": d.index, "budget_bytes": d.budget_bytes,
                          "used_bytes": d.used_bytes, "headroom_bytes": d.headroom_bytes,
                          "variants": list(d.variants)} for d in self.devices],
@@ -373,13 +397,62 @@ def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: 
         group = [v for v in variants if devices[v] == device]
         limits.update(_device_limits(config, group, device, profile, floor, max_tokens,
                                      overrides))
-    return Plan(config=config, profile=profile, max_tokens=max_tokens, min_tokens=floor,
-                placements=tuple(Placement(
-                    variant=v, device=None if profile.kind == "cpu" else devices[v],
-                    max_tokens=limits[v], need_bytes=need_bytes(config, v, limits[v], profile),
-                    min_need_bytes=floor_needs[v], weights_bytes=need_breakdown(
-                        config, v, 1, profile).weights, dtype=v.dtype(profile))
-                    for v in variants))
+    placements = tuple(Placement(
+        variant=v, device=None if profile.kind == "cpu" else devices[v],
+        max_tokens=limits[v], need_bytes=need_bytes(config, v, limits[v], profile),
+        min_need_bytes=floor_needs[v], weights_bytes=need_breakdown(
+            config, v, 1, profile).weights, dtype=v.dtype(profile))
+        for v in variants)
+    plan = Plan(config=config, profile=profile, max_tokens=max_tokens, min_tokens=floor,
+                placements=placements)
+    return dataclasses.replace(plan, placements=tuple(kv_pools(plan)))
+
+
+def kv_pools(plan: Plan) -> list[Placement]:
+    """Each placement with its KV pool: the most blocks such that a batch filling them with
+    requests of any length in :data:`CONCURRENCY_LENGTHS` (or the routing limit) still fits its
+    need at the limit plus its share of :data:`KV_POOL_SHARE` of the device's headroom, counting
+    every request's KV cache and decode row (``estimate_memory(..., concurrency=N)``); at least one
+    request at the limit, at most :data:`MAX_RUNNING`. ``max_batch_tokens`` is the limit, whose
+    prefill the need already counts.
+
+    >>> from builder import CHATGLM2_6B, load_profile
+    >>> plan = make_plan(CHATGLM2_6B, "int4", load_profile("p40"))
+    >>> plan.placements[0].concurrency(2048) > 8
+    True
+    """
+    headroom = {d.index: max(d.headroom_bytes, 0) for d in plan.devices}
+    sharing = {d.index: len(d.variants) for d in plan.devices}
+    pools = []
+    for p in plan.placements:
+        available = p.need_bytes + KV_POOL_SHARE * headroom[p.device] / sharing[p.device]
+        lengths = sorted({min(t, p.max_tokens) for t in CONCURRENCY_LENGTHS} | {p.max_tokens})
+
+        def fits(blocks: int) -> bool:
+            for tokens in lengths:
+                n = blocks // -(-tokens // KV_PAGE_SIZE)
+                if n > 1 and phase_need(plan.config, p.variant, tokens, plan.profile, n) > available:
+                    return False
+            return True
+
+        per_request = -(-p.max_tokens // KV_PAGE_SIZE)  # blocks of one request at the limit
+        lo, hi = per_request, MAX_RUNNING * per_request
+        while lo < hi:  # the largest pool that fits: the need grows with the blocks
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        pools.append(dataclasses.replace(p, kv_blocks=lo, max_batch_tokens=p.max_tokens))
+    return pools
+
+
+def phase_need(config: ChatGLM2Config, variant: Variant, tokens: int, profile: GpuProfile,
+               concurrency: int) -> int:
+    """Bytes for ``concurrency`` requests of ``tokens`` running together (generate: every KV cache
+    and decode row; encode: one prefill beside the others' KV caches)."""
+    return max(estimate_breakdown(
+        config, variant.bits, tokens, phase, group_size=variant.group_size, dtype_bytes=2,
+        device="cuda" if profile.kind == "gpu" else "cpu",
+        process_overhead=profile.process_overhead_bytes, all_logits=ALL_LOGITS,
+        concurrency=concurrency).total for phase in PHASES)
 
 
 def _device_limits(config, group: list[Variant], device: int, profile, floor: int,

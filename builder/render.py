@@ -28,7 +28,7 @@ from pathlib import Path
 import jinja2
 
 from .checkpoint import TOKENIZER_FILE
-from .plan import MODEL_NAME, Plan
+from .plan import KV_PAGE_SIZE, MODEL_NAME, Plan
 from .report import ModelSource, build_record, glm_build_version, write_report
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "assets" / "variants"
@@ -201,7 +201,8 @@ def render_models(plan: Plan, staging: Path, *, checkpoint: Path, tokenizer: Pat
     weights = weights or {}
     for p in plan.placements:
         context = dict(common, variant=p.variant, device=p.device, dtype=p.dtype,
-                       max_tokens=p.max_tokens,
+                       max_tokens=p.max_tokens, kv_blocks=p.kv_blocks, kv_page_size=KV_PAGE_SIZE,
+                       max_batch_tokens=p.max_batch_tokens,
                        checkpoint=weights.get(p.variant.precision, checkpoint),
                        # fp16 has nothing to quantize: it always loads the checkpoint as it is
                        quantize_at=quantize_at if p.variant.precision in weights else "initialize")

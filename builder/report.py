@@ -182,9 +182,15 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str
 
 def plan_lines(plan: Plan, markdown: bool = False) -> list[str]:
     """The placement table and one fit line per device."""
+    from .plan import CONCURRENCY_LENGTHS, KV_PAGE_SIZE
+
     rows = [[p.variant.name, p.device_label, p.dtype, _gib(p.weights_bytes), _gib(p.need_bytes),
-             str(p.max_tokens), _published_cell(p.variant)] for p in plan.placements]
+             str(p.max_tokens), f"{p.kv_blocks} × {KV_PAGE_SIZE}",
+             " / ".join(str(p.concurrency(t)) for t in (*CONCURRENCY_LENGTHS, p.max_tokens)),
+             _published_cell(p.variant)] for p in plan.placements]
     lines = _table(["variant", "device", "dtype", "weights", "need at limit", "limit tokens",
+                    "KV pool (blocks × tokens)",
+                    "concurrent at " + " / ".join(map(str, CONCURRENCY_LENGTHS)) + " / limit",
                     "6B published enc 2048 / gen 8192"], rows, markdown)
     lines.append("")
     for d in plan.devices:

@@ -208,3 +208,38 @@ def test_routing_module_imports_no_torch():
             "assert module.choose_variant([('a', 10)], 5) == 'a'\n"
             "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the batchers' KV pools -------------------------------------------------------------------------
+def test_kv_pools_come_from_the_headroom_and_fit_with_a_full_batch():
+    from builder.memory import estimate_memory
+    from builder.plan import KV_PAGE_SIZE, MAX_RUNNING
+
+    for profile_name, precisions in (("p40", "int4"), ("p40", "int8,int4"), ("p40x2", "fp16,int8,int4")):
+        profile = load_profile(profile_name)
+        plan = make_plan(CHATGLM2_6B, precisions, profile)
+        for d in plan.devices:
+            on_device = [p for p in plan.placements if p.device == d.index]
+            total = 0
+            for p in on_device:
+                per_request = -(-p.max_tokens // KV_PAGE_SIZE)
+                assert per_request <= p.kv_blocks <= MAX_RUNNING * per_request
+                assert p.concurrency(p.max_tokens) >= 1 and p.concurrency(512) >= p.concurrency(2048)
+                # a full batch of 2048-token requests, with its decode rows, still fits the device
+                n = max(p.concurrency(2048), 1)
+                total += estimate_memory(CHATGLM2_6B, p.variant.bits, 2048, "generate",
+                                         process_overhead=profile.process_overhead_bytes,
+                                         concurrency=n, all_logits=False)
+            assert total <= d.budget_bytes, (profile_name, d.label, total / GIB)
+
+
+def test_concurrency_grows_the_estimate_by_kv_and_decode_rows():
+    from builder.memory import estimate_breakdown, kv_cache_bytes
+
+    one = estimate_breakdown(CHATGLM2_6B, 4, 512, "generate")
+    eight = estimate_breakdown(CHATGLM2_6B, 4, 512, "generate", concurrency=8)
+    assert eight.weights == one.weights and eight.overhead == one.overhead
+    assert eight.kv_cache == 8 * kv_cache_bytes(CHATGLM2_6B, 512)
+    assert one.activations < eight.activations < 8 * one.activations  # the dequantized weight is shared
+    with pytest.raises(ValueError, match="concurrency must be a positive integer, got 0"):
+        estimate_breakdown(CHATGLM2_6B, 4, 512, "generate", concurrency=0)

@@ -96,7 +96,10 @@ def test_variant_configs_on_cpu(cpu_repo, checkpoint):
             "precision": v.precision, "bits": str(v.bits), "group_size": "0",
             "quantize_at": "initialize",
             "dtype": "float16" if v.bits == 16 else "bfloat16",
-            "seq_length": str(SMALL.seq_length), "max_tokens": str(placement.max_tokens)}
+            "seq_length": str(SMALL.seq_length), "max_tokens": str(placement.max_tokens),
+            "kv_blocks": str(placement.kv_blocks), "kv_page_size": "256",
+            "max_batch_tokens": str(placement.max_tokens)}
+        assert placement.kv_blocks >= -(-placement.max_tokens // 256)  # one request at the limit fits
 
 
 def test_router_configs(cpu_repo, checkpoint):

@@ -52,6 +52,9 @@ class VariantParameters:
     precision: str  # "fp16", "int8", "int4"
     dtype: str  # compute dtype of the unquantized parts: "float16", "bfloat16", "float32"
     seq_length: int  # longer max_token values are clamped to this
+    kv_blocks: int = 0  # the batcher's KV pool from the memory plan (0: a config from before it)
+    kv_page_size: int = 256  # tokens per KV block
+    max_batch_tokens: int = 0  # tokens one batcher step may process
 
     @classmethod
     def from_model_config(cls, model_config: dict) -> "VariantParameters":
