@@ -18,6 +18,7 @@ from .config import CHATGLM2_6B
 from .plan import PRECISIONS, Plan, make_plan
 from .profiles import load_profile
 from .render import QUANTIZE_AT, render_repository
+from .routing import FALLBACKS
 from .report import ModelSource, format_summary
 
 SPECS = {"chatglm2-6b": CHATGLM2_6B}  # --spec NAME: plan a model from its config alone
@@ -61,6 +62,7 @@ class BuildOptions:
     force: bool = False  # replace an existing output
     limits: Mapping[str, int] = field(default_factory=dict)  # {precision: tokens} overrides
     profile_dir: Optional[Path] = None  # a `glm-build profile` output to link from report.md
+    fallback: str = "lower"  # where the router sends a request its variant cannot take now
 
     def __post_init__(self):
         quant = self.quant.split(",") if isinstance(self.quant, str) else list(self.quant)
@@ -95,13 +97,15 @@ class BuildOptions:
                              f"got {self.quantize_at!r}")
         limits = parse_limits(self.limits) if isinstance(self.limits, str) else dict(self.limits)
         object.__setattr__(self, "limits", limits)
+        if self.fallback not in FALLBACKS:
+            raise BuildError(f"fallback: must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
 
     def as_dict(self) -> dict:
         """For build.json."""
         return {"quant": list(self.quant), "gpu": self.gpu, "model": self.model,
                 "spec": self.spec, "out": str(self.out), "max_tokens": self.max_tokens,
                 "min_tokens": self.min_tokens, "quantize_at": self.quantize_at,
-                "limits": dict(self.limits), "force": self.force,
+                "limits": dict(self.limits), "force": self.force, "fallback": self.fallback,
                 "profile_dir": None if self.profile_dir is None else str(self.profile_dir)}
 
 
@@ -206,5 +210,5 @@ def build(options: BuildOptions, *, progress: bool = True) -> BuildResult:
     out = render_repository(plan, checkpoint=source.checkpoint, out=options.out,
                             force=options.force, quantize_at=options.quantize_at, source=source,
                             options=options.as_dict(), profile_dir=options.profile_dir,
-                            progress=progress)
+                            progress=progress, fallback=options.fallback)
     return BuildResult(plan, source, out)

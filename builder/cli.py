@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 from .build import DEFAULT_OUT, SPECS, BuildError, BuildOptions, build, parse_limits
 from .plan import PRECISIONS, PlacementError
 from .render import QUANTIZE_AT, OutputExistsError
+from .routing import FALLBACKS
 
 PROG = "glm-build"
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize-at", choices=QUANTIZE_AT, default="initialize",
                         help="quantize int8/int4 weights when each variant loads (initialize, "
                         "default) or now, into OUT/weights/ (build)")
+    parser.add_argument("--fallback", choices=FALLBACKS, default="lower",
+                        help="when a request's variant is full, down or reloading, the router sends "
+                        "it to a lower precision that covers it (lower, default), to any variant that "
+                        "covers it (any), or fails it (none)")
     parser.add_argument("--profile-dir", type=Path, metavar="DIR",
                         help="a folder with profile.md/profile.json to link from report.md")
     parser.add_argument("--dry-run", action="store_true",
@@ -93,7 +98,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     return BuildOptions(quant=args.quant, gpu=args.gpu, model=args.model, spec=args.spec,
                         out=args.out, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
                         quantize_at=args.quantize_at, dry_run=args.dry_run, force=args.force,
-                        limits=args.limits, profile_dir=args.profile_dir)
+                        limits=args.limits, profile_dir=args.profile_dir,
+                        fallback=args.fallback)
 
 
 def _error(message: str, status: int) -> int:

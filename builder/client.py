@@ -185,7 +185,10 @@ def _ask(client: ChatGLMClient, prompt: str, history, stream: bool, model: str |
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.stream and args.protocol != "grpc":  # Triton streams decoupled models over gRPC only
+        parser.error("--stream needs --protocol grpc")
     port = args.port or (8001 if args.protocol == "grpc" else 8000)
     client = ChatGLMClient(f"{args.host}:{port}", args.protocol, args.temperature, args.max_token,
                            args.history_len)

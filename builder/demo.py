@@ -4,7 +4,7 @@
 2. `glm-build --quant fp16,int8,int4 --gpu cpu` into generated_repo/ (and the ChatGLM2-6B plan
    for a Tesla P40 beside it);
 3. start Triton on it (`glm-serve`), ask one question through the router, print the answer, the
-   variant that served it and the latency;
+   variant that served it and the latency; stream one; ask a few at once;
 4. print the memory report and stop the server.
 
     .venv/bin/python -m builder.demo
@@ -94,10 +94,38 @@ def serve_and_ask(repo: Path) -> None:
             print(".", end="", flush=True)
         print(f" {part.response}  (variant {part.variant})")
         client.close()
+        ask_together(server.urls["grpc"])
         print_report(repo)
         banner("stopping the server")
     left = [p.pid for p in psutil.process_iter() if _group_of(p) == group]
     print(f"stopped: {'no server or stub process left' if not left else f'processes left: {left}'}")
+
+
+TOGETHER = ("5只鸡和4只兔子一共有几条腿？", "How many legs do 2 chickens and 6 rabbits have?",
+            "7只兔子有几条腿？", "How many legs do 8 chickens have?")
+
+
+def ask_together(url: str) -> None:
+    """A few questions at once: each variant answers them in one running batch."""
+    import concurrent.futures
+
+    from .client import ChatGLMClient
+
+    banner(f"{len(TOGETHER)} questions at once (continuous batching in the variant)")
+
+    def ask(question):
+        client = ChatGLMClient(url, temperature=0, max_token=256)
+        try:
+            return client.chat(question)
+        finally:
+            client.close()
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(TOGETHER)) as pool:
+        results = list(pool.map(ask, TOGETHER))
+    for question, result in zip(TOGETHER, results):
+        print(f"{question} → {result.response}  ({result.variant}, {result.latency_s * 1000:.0f} ms)")
+    print(f"all {len(TOGETHER)} answered in {(time.perf_counter() - start) * 1000:.0f} ms")
 
 
 def _group_of(proc: psutil.Process) -> int | None:

@@ -42,6 +42,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return int(order[choice])
 
 
+def decode_answer(tokenizer, new_ids: Sequence[int], *, final: bool = True) -> str | None:
+    """The answer text of ``new_ids`` as ``stream_chat`` shows it (stripped); ``None`` for a partial
+    answer that ends inside a multi-byte character (wait for the next token).
+
+    >>> decode_answer(tokenizer, tokenizer.encode("你好"), final=False)
+    '你好'
+    """
+    text = tokenizer.decode(new_ids)
+    if not final and text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+        return None
+    return text.strip()
+
+
 @torch.inference_mode()
 def generate_ids(model, input_ids: list[int], *, max_length: int, temperature: float,
                  top_p: float, stop_ids: Sequence[int],
@@ -72,12 +85,12 @@ def stream_chat(model, tokenizer, query: str, history: History = (), *, max_leng
     for token in generate_ids(model, prompt_ids, max_length=max_length, temperature=temperature,
                               top_p=top_p, stop_ids=tokenizer.stop_ids, generator=generator):
         new_ids.append(token)
-        text = tokenizer.decode(new_ids)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+        partial = decode_answer(tokenizer, new_ids, final=False)
+        if partial is None:
             continue
-        response = text.strip()
+        response = partial
         yield response, history + [(query, response)]
-    response = tokenizer.decode(new_ids).strip()
+    response = decode_answer(tokenizer, new_ids)
     yield response, history + [(query, response)]
 
 

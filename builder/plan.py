@@ -55,6 +55,8 @@ every decode step (``estimate_memory(..., concurrency=N)`` counts it)."""
 MAX_RUNNING = 32
 """No pool is sized for more than this many requests at the routing limit (a CPU profile's
 budget is the whole host: a pool that large would be allocated for nothing)."""
+MAX_BATCH_TOKENS = 512
+"""Tokens one batcher step processes at most (longer prompts are prefilled in chunks of this)."""
 CONCURRENCY_LENGTHS = (512, 2048)
 """Request lengths at which reports print how many requests a pool holds (and at the limit)."""
 """Whether the serving runtime computes logits for every prompt position. ``builder.chat`` passes
@@ -413,8 +415,9 @@ def kv_pools(plan: Plan) -> list[Placement]:
     requests of any length in :data:`CONCURRENCY_LENGTHS` (or the routing limit) still fits its
     need at the limit plus its share of :data:`KV_POOL_SHARE` of the device's headroom, counting
     every request's KV cache and decode row (``estimate_memory(..., concurrency=N)``); at least one
-    request at the limit, at most :data:`MAX_RUNNING`. ``max_batch_tokens`` is the limit, whose
-    prefill the need already counts.
+    request at the limit, at most :data:`MAX_RUNNING`. ``max_batch_tokens`` is
+    :data:`MAX_BATCH_TOKENS` (or the limit, if shorter): prefills run in chunks no longer than the
+    one the need already counts.
 
     >>> from builder import CHATGLM2_6B, load_profile
     >>> plan = make_plan(CHATGLM2_6B, "int4", load_profile("p40"))
@@ -427,11 +430,15 @@ def kv_pools(plan: Plan) -> list[Placement]:
     for p in plan.placements:
         available = p.need_bytes + KV_POOL_SHARE * headroom[p.device] / sharing[p.device]
         lengths = sorted({min(t, p.max_tokens) for t in CONCURRENCY_LENGTHS} | {p.max_tokens})
+        step = min(p.max_tokens, MAX_BATCH_TOKENS)
 
         def fits(blocks: int) -> bool:
+            # transformers' batcher also keeps an attention mask of step × (pool + step) floats
+            mask = step * (blocks * KV_PAGE_SIZE + step) * 4
             for tokens in lengths:
                 n = blocks // -(-tokens // KV_PAGE_SIZE)
-                if n > 1 and phase_need(plan.config, p.variant, tokens, plan.profile, n) > available:
+                need = phase_need(plan.config, p.variant, tokens, plan.profile, max(n, 1))
+                if need + mask > available and n > 1:
                     return False
             return True
 
@@ -440,7 +447,7 @@ def kv_pools(plan: Plan) -> list[Placement]:
         while lo < hi:  # the largest pool that fits: the need grows with the blocks
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        pools.append(dataclasses.replace(p, kv_blocks=lo, max_batch_tokens=p.max_tokens))
+        pools.append(dataclasses.replace(p, kv_blocks=lo, max_batch_tokens=step))
     return pools
 
 

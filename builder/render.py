@@ -34,6 +34,10 @@ from .report import ModelSource, build_record, glm_build_version, write_report
 TEMPLATES_DIR = Path(__file__).resolve().parent / "assets" / "variants"
 QUANTIZE_AT = ("initialize", "build")
 ROUTERS = ((MODEL_NAME, False), (f"{MODEL_NAME}-stream", True))  # (name, decoupled)
+# Router processes per router model: {decoupled: count}. The one-response router answers from
+# execute(), so each of its instances carries one request at a time; the streaming router
+# answers from threads and takes any number with two.
+ROUTER_INSTANCES = {False: 8, True: 2}
 # What may sit in an output folder that is not a build: the README kept in git.
 _PLACEHOLDERS = {"README.md"}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -192,7 +196,7 @@ def _quantize_weights(plan: Plan, checkpoint: Path, staging: Path, out: Path,
 
 def render_models(plan: Plan, staging: Path, *, checkpoint: Path, tokenizer: Path,
                   quantize_at: str, model_label: str, weights: dict[str, Path] | None = None,
-                  templates_dir: Path | None = None) -> None:
+                  templates_dir: Path | None = None, fallback: str = "lower") -> None:
     """The variant and router models (config.pbtxt + 1/model.py) into ``staging``."""
     env = template_environment(templates_dir)
     common = {"glm_build_version": glm_build_version(), "model_label": model_label,
@@ -210,8 +214,8 @@ def render_models(plan: Plan, staging: Path, *, checkpoint: Path, tokenizer: Pat
         _write(env, "variant.config.pbtxt.j2", folder / "config.pbtxt", context)
         _write(env, "variant.model.py.j2", folder / "1" / "model.py", context)
     for name, decoupled in ROUTERS:
-        context = dict(common, name=name, decoupled=decoupled,
-                       routing=plan.routing_table().to_json())
+        context = dict(common, name=name, decoupled=decoupled, fallback=fallback,
+                       routing=plan.routing_table().to_json(), instances=ROUTER_INSTANCES[decoupled])
         _write(env, "router.config.pbtxt.j2", staging / name / "config.pbtxt", context)
         _write(env, "router.model.py.j2", staging / name / "1" / "model.py", context)
 
@@ -219,7 +223,8 @@ def render_models(plan: Plan, staging: Path, *, checkpoint: Path, tokenizer: Pat
 def render_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, force: bool = False,
                       quantize_at: str = "initialize", source: ModelSource | None = None,
                       options: dict | None = None, profile_dir: str | Path | None = None,
-                      templates_dir: str | Path | None = None, progress: bool = True) -> Path:
+                      templates_dir: str | Path | None = None, progress: bool = True,
+                      fallback: str = "lower") -> Path:
     """Write the Triton repository for ``plan`` to ``out``, all or nothing; returns ``out``.
 
     ``checkpoint``: the checkpoint folder the variants load (its ``tokenizer.model`` serves the
@@ -248,7 +253,7 @@ def render_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, fo
                    if quantize_at == "build" else {})
         render_models(plan, staging, checkpoint=checkpoint, tokenizer=tokenizer,
                       quantize_at=quantize_at, model_label=source.label, weights=weights,
-                      templates_dir=templates_dir)
+                      templates_dir=templates_dir, fallback=fallback)
         record = build_record(plan, source, quantize_at=quantize_at, options=options,
                               templates_dir=templates_dir)
         write_report(staging, plan, source, record, out=final,

@@ -98,6 +98,29 @@ class RoutingTable:
         name = choose_variant(self.limits, tokens)
         return None if name is None else next(r for r in self.routes if r.name == name)
 
+    def candidates(self, tokens: int, fallback: str = "lower") -> list[Route]:
+        """The routes to try for a request of ``tokens``, in order: the one :meth:`choose` picks,
+        then (``fallback`` ``"lower"``) every lower precision whose limit covers the request, or
+        (``"any"``) every other route that covers it, lower precisions first; ``"none"``: just
+        the first. With the tables the planner writes (highest precision first), no higher
+        precision than the chosen one covers the request, so ``any`` adds routes only to a table
+        whose order was changed by hand.
+
+        >>> [r.precision for r in table.candidates(300, "lower")]
+        ['int8', 'int4']
+        """
+        check_fallback(fallback)
+        first = self.choose(tokens)
+        if first is None:
+            return []
+        covering = [r for r in self.routes if r.max_tokens >= tokens and r is not first]
+        if fallback == "none":
+            return [first]
+        lower = [r for r in covering if r.bits < first.bits or (r.bits == first.bits and
+                                                               self.routes.index(r) > self.routes.index(first))]
+        higher = [r for r in covering if r not in lower] if fallback == "any" else []
+        return [first, *lower, *reversed(higher)]
+
     def refusal(self, tokens: int) -> str:
         """The error the router returns for a request no variant serves."""
         longest = self.longest
@@ -122,6 +145,16 @@ class RoutingTable:
     @classmethod
     def from_routes(cls, routes: Iterable[Route]) -> "RoutingTable":
         return cls(tuple(routes))
+
+
+FALLBACKS = ("none", "lower", "any")
+"""Where the router sends a request whose variant is full, down or reloading: nowhere (``none``),
+a lower precision that covers it (``lower``, the default), or any variant that covers it."""
+
+
+def check_fallback(fallback: str) -> None:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
 
 
 def _route(item) -> Route:

@@ -51,12 +51,28 @@ def test_a_query_that_alone_does_not_fit_is_an_error(tiny):
         chat(model, tok, "3只鸡和2只兔子一共有几条腿？", max_length=8)
 
 
-def test_stream_chat_yields_growing_text_ending_with_chat_result(tiny):
+def greedy_by_hand(model, tok, query: str, steps: int = 64) -> list[int]:
+    """New token ids, one full forward per step (no cache) and argmax, until a stop id."""
+    ids = tok.build_chat_input(query)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1]  # [vocab]
+            token = int(logits.argmax())
+            if token in tok.stop_ids:
+                break
+            new.append(token)
+    return new
+
+
+def test_stream_chat_yields_growing_text_ending_with_the_greedy_answer(tiny):
     model, tok = tiny
     parts = [r for r, _ in stream_chat(model, tok, "What is 2 plus 3?", temperature=0)]
+    new = greedy_by_hand(model, tok, "What is 2 plus 3?")
     assert len(parts) > 2
     assert all(b.startswith(a) for a, b in zip(parts, parts[1:]))
-    assert parts[-1] == chat(model, tok, "What is 2 plus 3?", temperature=0)[0]
+    assert set(parts) <= {tok.decode(new[:n]).strip() for n in range(1, len(new) + 1)}
+    assert parts[-1] == tok.decode(new).strip()
 
 
 def test_sampling_is_seeded_and_greedy_at_zero_temperature():

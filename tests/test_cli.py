@@ -173,6 +173,41 @@ def test_default_model_is_the_embedded_demo_and_says_so(tmp_path, capsys):
     assert "NOT ChatGLM2-6B" in (out / "report.md").read_text()
 
 
+@needs_tiny
+def test_quantize_at_build_saves_weights_that_give_the_load_time_logits(tmp_path, capsys):
+    """Each int variant loads its saved weights as the variant does (the parameters of its
+    config.pbtxt) and gets the logits of quantizing the source checkpoint at load."""
+    import torch
+
+    from builder import load_chatglm2
+    from builder.quantization import QuantizedLinear
+    from builder.tokenizer import ChatGLM2Tokenizer
+    from test_render import params, parse
+
+    out = tmp_path / "repo"
+    status, _, _ = run(capsys, "--quant", "fp16,int8,int4", "--gpu", "cpu", "--quantize-at",
+                       "build", "--out", str(out))
+    assert status == 0
+    assert params(parse(out / "chatglm2-6b-fp16" / "config.pbtxt"))["checkpoint"] == str(
+        TINY_CHECKPOINT.resolve())
+    tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")
+    ids = torch.tensor([tokenizer.build_chat_input("3只鸡和2只兔子一共有几条腿？")])  # [1, seq]
+    for precision, bits in (("int8", 8), ("int4", 4)):
+        p = params(parse(out / f"chatglm2-6b-{precision}" / "config.pbtxt"))
+        assert p["quantize_at"] == "build" and int(p["bits"]) == bits
+        assert Path(p["checkpoint"]) == out.resolve() / "weights" / precision
+        dtype = getattr(torch, p["dtype"])
+        saved, _ = load_chatglm2(p["checkpoint"], bits=bits, dtype=dtype,
+                                 group_size=int(p["group_size"]) or None)
+        assert isinstance(saved.model.layers[0].mlp.down_proj, QuantizedLinear)
+        at_load, _ = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=dtype)
+        with torch.no_grad():
+            a = at_load(input_ids=ids).logits.float()  # [1, seq, vocab]
+            b = saved(input_ids=ids).logits.float()
+        # the same codes and scales (scales stored in fp16, as THUDM does): the same logits
+        assert float((a - b).norm() / a.norm()) < 1e-3, precision
+
+
 # -- hub ids -----------------------------------------------------------------------------------
 def hub_cache(root: Path, repo_id: str, config) -> Path:
     """A Hugging Face cache laid out by hand: refs/main → snapshots/<hash>/ files."""

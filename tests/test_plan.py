@@ -243,3 +243,22 @@ def test_concurrency_grows_the_estimate_by_kv_and_decode_rows():
     assert one.activations < eight.activations < 8 * one.activations  # the dequantized weight is shared
     with pytest.raises(ValueError, match="concurrency must be a positive integer, got 0"):
         estimate_breakdown(CHATGLM2_6B, 4, 512, "generate", concurrency=0)
+
+
+@pytest.mark.parametrize("fallback,tokens,expected", [
+    ("none", 300, ["int8"]), ("lower", 300, ["int8", "int4"]), ("any", 300, ["int8", "int4"]),
+    ("lower", 50, ["fp16", "int8", "int4"]), ("any", 1000, ["int4"]), ("lower", 5000, []),
+])
+def test_fallback_candidates(fallback, tokens, expected):
+    table = RoutingTable((Route("chatglm2-6b-fp16", "fp16", 16, 100), Route("chatglm2-6b-int8", "int8", 8, 400),
+                          Route("chatglm2-6b-int4", "int4", 4, 1500)))
+    assert [r.precision for r in table.candidates(tokens, fallback)] == expected
+
+
+def test_fallback_any_tries_higher_precisions_after_lower_ones():
+    table = RoutingTable((Route("a-int8", "int8", 8, 400), Route("a-fp16", "fp16", 16, 4000),
+                          Route("a-int4", "int4", 4, 4000)))  # a hand-edited order
+    assert [r.precision for r in table.candidates(300, "any")] == ["int8", "int4", "fp16"]
+    assert [r.precision for r in table.candidates(300, "lower")] == ["int8", "int4"]
+    with pytest.raises(ValueError, match="fallback must be one of none, lower, any, got 'up'"):
+        table.candidates(300, "up")

@@ -98,7 +98,7 @@ def test_variant_configs_on_cpu(cpu_repo, checkpoint):
             "dtype": "float16" if v.bits == 16 else "bfloat16",
             "seq_length": str(SMALL.seq_length), "max_tokens": str(placement.max_tokens),
             "kv_blocks": str(placement.kv_blocks), "kv_page_size": "256",
-            "max_batch_tokens": str(placement.max_tokens)}
+            "max_batch_tokens": str(min(placement.max_tokens, 512))}
         assert placement.kv_blocks >= -(-placement.max_tokens // 256)  # one request at the limit fits
 
 
@@ -108,9 +108,11 @@ def test_router_configs(cpu_repo, checkpoint):
         config = parse(out / name / "config.pbtxt")
         assert config.model_transaction_policy.decoupled is decoupled
         (group,) = config.instance_group
-        assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU and group.count == 2
+        assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        assert group.count == (2 if decoupled else 8)  # see builder.render.ROUTER_INSTANCES
         p = params(config)
-        assert set(p) == {"routing", "tokenizer", "seq_length"}
+        assert set(p) == {"routing", "tokenizer", "seq_length", "fallback"}
+        assert p["fallback"] == "lower"
         assert RoutingTable.from_json(p["routing"]) == plan.routing_table()
         assert [r["precision"] for r in json.loads(p["routing"])] == ALL3
         assert p["tokenizer"] == str(checkpoint.resolve() / "tokenizer.model")
@@ -310,3 +312,14 @@ def test_quantize_at_build_writes_loadable_thudm_weights(tmp_path):
 def test_variants_link_points_into_the_package():
     link = REPO / "variants"
     assert link.is_symlink() and link.resolve() == TEMPLATES_DIR
+
+
+def test_the_fallback_policy_reaches_the_routers(tmp_path, checkpoint):
+    from builder.build import BuildError, BuildOptions, build
+
+    out = build(BuildOptions(quant=("int8", "int4"), gpu="cpu", model=str(checkpoint), out=tmp_path / "r",
+                             fallback="none"), progress=False).out
+    for name in ("chatglm2-6b", "chatglm2-6b-stream"):
+        assert params(parse(out / name / "config.pbtxt"))["fallback"] == "none"
+    with pytest.raises(BuildError, match="fallback: must be one of none, lower, any, got 'up'"):
+        BuildOptions(quant=("int4",), gpu="cpu", fallback="up")

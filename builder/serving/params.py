@@ -66,6 +66,7 @@ class RouterParameters:
     routing: str  # JSON [{"name", "precision", "bits", "max_tokens"}], highest precision first
     tokenizer: Path  # tokenizer.model, to count a request's tokens
     seq_length: int
+    fallback: str = "lower"  # builder.routing.FALLBACKS
 
     @classmethod
     def from_model_config(cls, model_config: dict) -> "RouterParameters":

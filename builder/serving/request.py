@@ -88,6 +88,28 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ChatRequest:
     return ChatRequest(prompt, kept, temperature, max_token, history_len, stream)
 
 
+def request_length(req: ChatRequest, tokenizer, seq_length: int) -> tuple[int, int]:
+    """``(needed, prompt_tokens)``: the length the router routes ``req`` by, and its prompt's
+    length with the kept history (``tokenizer``: a :class:`~builder.tokenizer.ChatGLM2Tokenizer`).
+
+    ``needed`` is ``max_token`` clamped to ``seq_length``, as the variant clamps it, or the prompt
+    with its kept history plus one new token when that is longer. (A variant drops the oldest
+    pairs that do not fit ``max_token``; counting them anyway never under-counts.) A query that
+    alone leaves no room to answer is refused here, with the variant's own words, rather than
+    forwarded to a variant that would refuse it.
+
+    >>> request_length(parse_request(inputs), tokenizer, seq_length=2048)
+    (64, 20)
+    """
+    budget = min(req.max_token, seq_length)
+    query_tokens = len(tokenizer.build_chat_input(req.prompt))
+    if query_tokens >= budget:
+        raise RequestError(f"input 'max_token' = {req.max_token}: the query alone is {query_tokens} "
+                           f"tokens, which leaves no room to answer within max_length={budget}")
+    prompt_tokens = len(tokenizer.build_chat_input(req.prompt, req.history))
+    return max(prompt_tokens + 1, budget), prompt_tokens
+
+
 def output_arrays(response: str, history, variant: str) -> dict[str, np.ndarray]:
     """The contract's outputs as numpy arrays of UTF-8 bytes: response [1], history [n, 2], variant [1]."""
     pairs = np.array([[q.encode(), a.encode()] for q, a in history], dtype=object).reshape(-1, 2)

@@ -2,24 +2,52 @@
 
 Each counts the request's tokens with the tokenizer (the prompt plus the history it keeps), picks
 the highest-precision variant whose planned limit covers the request, and forwards it with a BLS
-call. The generated ``model.py`` only imports :class:`TritonPythonModel`; whether it streams comes
-from the model's ``model_transaction_policy``. Nothing here imports torch.
+call. When that variant cannot take it now (its batch is full, its stub is down or being
+reloaded) and nothing has been sent yet, the request goes to the next variant the ``fallback``
+policy allows (``builder.routing.RoutingTable.candidates``), and the ``variant`` output says which
+one served. The generated ``model.py`` only imports :class:`TritonPythonModel`; whether it
+streams comes from the model's ``model_transaction_policy``. Nothing here imports torch.
+
+The streaming router answers from a thread per request (a decoupled model may respond after
+``execute()`` returns), so two instances carry any number of streams; the one-response router
+must answer from ``execute()`` and has one instance per request in flight (see
+``builder.render.ROUTER_INSTANCES``).
 """
 from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
-from ..routing import RoutingTable
+from ..routing import RoutingTable, check_fallback
 from ..tokenizer import ChatGLM2Tokenizer
 from .params import RouterParameters
-from .request import OUTPUTS, RequestError, parse_request
-from .variant import FINAL, error_response, request_inputs
+from .request import OUTPUTS, RequestError, parse_request, request_length
+from .variant import BUSY, FINAL, error_response, request_inputs
 
 log = logging.getLogger("glm-build.router")
+
+# What a variant that cannot take a request now answers (its own refusal, or Triton's for a dead
+# stub or a model being reloaded): the request may go elsewhere.
+_UNAVAILABLE = (BUSY, "is not healthy", "unknown model", "is not found", "not ready", "unavailable",
+                "stub process")
+
+
+class VariantUnavailable(RuntimeError):
+    """The variant refused the request before answering anything: another may take it."""
+
+
+def unavailable(message: str) -> bool:
+    """Whether a variant's error says it could not take the request now (vs. a failed request).
+
+    >>> unavailable("busy: chatglm2-6b-int8 is full: 64 requests already wait")
+    True
+    """
+    text = message.lower()
+    return any(marker in text for marker in _UNAVAILABLE)
 
 
 class TritonPythonModel:
@@ -28,57 +56,107 @@ class TritonPythonModel:
         self.name = args["model_name"]
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         params = RouterParameters.from_model_config(config)
+        check_fallback(params.fallback)
+        self.fallback = params.fallback
         self.table = RoutingTable.from_json(params.routing)
         self.seq_length = params.seq_length
         self.tokenizer = ChatGLM2Tokenizer(params.tokenizer)
+        self.fallbacks = pb_utils.MetricFamily(
+            name="glm_router_fallbacks_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Requests sent to another variant than the one routing picked")
+        self._fallback_metrics: dict[tuple[str, str], object] = {}
 
-    def route(self, request) -> tuple[str, list]:
-        """The variant for this request, and the inputs to forward to it."""
+    def route(self, request) -> tuple[list[str], list]:
+        """The variants to try for this request, in order, and the inputs to forward."""
         inputs = request_inputs(request)
         req = parse_request(inputs)
-        prompt_tokens = len(self.tokenizer.build_chat_input(req.prompt, req.history))
-        needed = max(prompt_tokens + 1, min(req.max_token, self.seq_length))
-        route = self.table.choose(needed)
-        if route is None:
+        needed, prompt_tokens = request_length(req, self.tokenizer, self.seq_length)
+        routes = self.table.candidates(needed, self.fallback)
+        if not routes:
             raise RequestError(f"{self.table.refusal(needed)} (prompt with its kept history: "
                                f"{prompt_tokens} tokens; input 'max_token' = {req.max_token})")
         stream = np.array([b"1" if self.decoupled else b"0"], dtype=object)
         forwarded = [pb_utils.Tensor(name, array) for name, array in inputs.items()
                      if array is not None and name != "stream"]
-        return route.name, forwarded + [pb_utils.Tensor("stream", stream)]
+        return [r.name for r in routes], forwarded + [pb_utils.Tensor("stream", stream)]
 
     def forward(self, variant: str, inputs: list):
-        """Yield the variant's responses (one, or a stream) as responses of this model."""
+        """Yield the variant's responses (one, or a stream) as responses of this model; raises
+        :class:`VariantUnavailable` when it refused before answering anything."""
         call = pb_utils.InferenceRequest(model_name=variant, inputs=inputs,
                                          requested_output_names=list(OUTPUTS))
-        for answer in call.exec(decoupled=True):
-            if answer.has_error():
-                raise RuntimeError(f"variant {variant} failed: {answer.error().message()}")
-            tensors = [pb_utils.get_output_tensor_by_name(answer, name) for name in OUTPUTS]
-            if all(t is not None for t in tensors):  # the empty final flag carries no outputs
-                yield pb_utils.InferenceResponse(output_tensors=tensors)
+        answered = False
+        try:
+            for answer in call.exec(decoupled=True):
+                if answer.has_error():
+                    message = answer.error().message()
+                    if not answered and unavailable(message):
+                        raise VariantUnavailable(f"variant {variant}: {message}")
+                    raise RuntimeError(f"variant {variant} failed: {message}")
+                tensors = [pb_utils.get_output_tensor_by_name(answer, name) for name in OUTPUTS]
+                if all(t is not None for t in tensors):  # the empty final flag carries no outputs
+                    answered = True
+                    yield pb_utils.InferenceResponse(output_tensors=tensors)
+        except pb_utils.TritonModelException as err:  # the BLS call itself failed (model gone)
+            if answered or not unavailable(str(err)):
+                raise
+            raise VariantUnavailable(f"variant {variant}: {err}") from None
 
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            sender = request.get_response_sender() if self.decoupled else None
+    def serve(self, request, send) -> None:
+        """Route ``request``, falling back as the policy allows; ``send(response)`` each answer.
+        Returns the last response; raises for a request no variant served."""
+        variants, inputs = self.route(request)
+        errors = []
+        for variant in variants:
             try:
-                variant, inputs = self.route(request)
                 last = None
                 for last in self.forward(variant, inputs):
-                    if sender:
-                        sender.send(last)
+                    send(last)
                 if last is None:
                     raise RuntimeError(f"variant {variant} sent no answer")
-                if sender:
-                    sender.send(flags=FINAL)
-                else:
-                    responses.append(last)
-            except Exception as err:  # bad input or a failed variant: this request only
+                if variant != variants[0]:
+                    self._count_fallback(variants[0], variant)
+                return last
+            except VariantUnavailable as err:
+                errors.append(str(err))
+                log.warning("%s: %s%s", self.name, err,
+                            "; trying the next variant" if variant != variants[-1] else "")
+        raise RuntimeError("no variant could take the request now (fallback "
+                           f"{self.fallback!r}): " + "; ".join(errors))
+
+    def _count_fallback(self, preferred: str, served: str) -> None:
+        key = (preferred, served)
+        if key not in self._fallback_metrics:
+            self._fallback_metrics[key] = self.fallbacks.Metric(
+                labels={"router": self.name, "preferred": preferred, "served": served})
+        self._fallback_metrics[key].increment(1)
+
+    def execute(self, requests):
+        if self.decoupled:
+            for request in requests:
+                threading.Thread(target=self._stream, args=(request,), daemon=True,
+                                 name="glm-route").start()
+            return None
+        responses = []
+        for request in requests:
+            answers = []
+            try:
+                responses.append(self.serve(request, answers.append))
+            except Exception as err:  # bad input or no variant: this request only
                 if not isinstance(err, RequestError):
                     log.error("%s: %s", self.name, err)
-                if sender:
-                    sender.send(error_response(str(err)), flags=FINAL)
-                else:
-                    responses.append(error_response(str(err)))
-        return None if self.decoupled else responses
+                responses.append(error_response(str(err)))
+        return responses
+
+    def _stream(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            self.serve(request, sender.send)
+            sender.send(flags=FINAL)
+        except Exception as err:  # bad input, a failed or unavailable variant: this request only
+            if not isinstance(err, RequestError):
+                log.error("%s: %s", self.name, err)
+            try:
+                sender.send(error_response(str(err)), flags=FINAL)
+            except Exception:  # the client went away meanwhile
+                log.warning("%s: could not deliver the error: %s", self.name, err)

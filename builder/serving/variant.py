@@ -1,22 +1,32 @@
-"""The variant model: one precision of ChatGLM2 in a Triton Python-backend instance.
+"""The variant model: one precision of ChatGLM2 in a Triton Python-backend instance, serving many
+requests at once.
 
-The generated ``chatglm2-6b-<precision>/1/model.py`` only imports :class:`TritonPythonModel`.
-The model is decoupled so the streaming router can relay partial answers; a request with
-``stream`` = "1" gets them, any other gets one response.
+The generated ``chatglm2-6b-<precision>/1/model.py`` only imports :class:`TritonPythonModel`. The
+model is decoupled: ``execute()`` parses each request and hands it to the continuous batcher
+(:mod:`.batcher`, over the KV pool the memory plan sized), then returns; the batcher's delivery
+thread answers each request through its own response sender (every partial answer when the
+request asked to ``stream``, the final one always). A request whose client went away leaves the
+batch and frees its KV blocks; one that fails fails alone.
+
+A full batcher refuses a request with an error that starts with :data:`BUSY`, so that the router
+can hand it to another variant.
 """
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
 from .params import VariantParameters
-from .request import RequestError, output_arrays, parse_request, REQUIRED_INPUTS, OPTIONAL_INPUTS
+from .request import OPTIONAL_INPUTS, REQUIRED_INPUTS, RequestError, output_arrays, parse_request
 
 log = logging.getLogger("glm-build.variant")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+BUSY = "busy:"  # the start of a full variant's refusal (the router falls back on it)
+METRICS_INTERVAL_S = 1.0
 
 
 def request_inputs(request) -> dict:
@@ -37,11 +47,55 @@ def error_response(message: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
 
+class VariantMetrics:
+    """This variant's batch on Triton's metrics port, beside Triton's own (``glm_*`` families)."""
+
+    def __init__(self, model: str):
+        labels = {"model": model}
+        self._families = []  # a Metric fails once its MetricFamily is garbage: keep them
+
+        def family(name, kind, description):
+            self._families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
+            return self._families[-1].Metric(labels=labels)
+
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.running = family("glm_batch_running_requests", gauge, "Requests in the running batch")
+        self.queued = family("glm_batch_queued_requests", gauge, "Requests waiting to join the batch")
+        self.kv_used = family("glm_kv_blocks_used", gauge, "KV-cache blocks held by requests")
+        self.kv_free = family("glm_kv_blocks_free", gauge, "KV-cache blocks free")
+        self.tokens = family("glm_generated_tokens_total", counter, "Answer tokens generated")
+        self.cancelled = family("glm_cancelled_requests_total", counter,
+                                "Requests that left the batch because their client went away")
+        self.ttft_sum = family("glm_time_to_first_token_seconds_sum", counter,
+                               "Sum of the times to first token, seconds")
+        self.ttft_count = family("glm_time_to_first_token_seconds_count", counter,
+                                 "Requests that got a first token")
+        self._tokens = self._cancelled = 0
+
+    def publish(self, stats) -> None:
+        self.running.set(stats.running_requests)
+        self.queued.set(stats.queued_requests)
+        self.kv_used.set(stats.kv_blocks_used)
+        self.kv_free.set(stats.kv_blocks_free)
+        self.tokens.increment(stats.generated_tokens - self._tokens)
+        self._tokens = stats.generated_tokens
+        self.cancelled.increment(stats.cancelled_requests - self._cancelled)
+        self._cancelled = stats.cancelled_requests
+
+    def first_token(self, seconds: float) -> None:
+        try:
+            self.ttft_sum.increment(seconds)
+            self.ttft_count.increment(1)
+        except Exception:  # metrics must never fail a request
+            log.exception("publishing the time to first token failed")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import torch
 
         from ..checkpoint import load_chatglm2
+        from .batcher import Batcher, BatcherConfig
 
         config = json.loads(args["model_config"])
         self.name = args["model_name"]
@@ -53,40 +107,85 @@ class TritonPythonModel:
         self.model, self.tokenizer = load_chatglm2(
             self.params.checkpoint, device=device, dtype=getattr(torch, self.params.dtype),
             bits=self.params.bits, group_size=self.params.group_size or None)
-        log.warning("%s: loaded %s (%d-bit, %s) on %s in %.1f s", self.name, self.params.checkpoint,
-                    self.params.bits, self.params.dtype, device, time.perf_counter() - start)
+        # A repository built before the plan sized pools: one request at seq_length.
+        blocks = self.params.kv_blocks or -(-self.params.seq_length // self.params.kv_page_size)
+        self.batcher = Batcher(self.model, self.tokenizer, BatcherConfig(
+            num_blocks=blocks, block_size=self.params.kv_page_size,
+            max_batch_tokens=self.params.max_batch_tokens or 512))
+        self.batcher.start()
+        self.metrics = VariantMetrics(self.name)
+        self._closing = threading.Event()
+        threading.Thread(target=self._publish_metrics, name="glm-metrics", daemon=True).start()
+        log.warning("%s: loaded %s (%d-bit, %s) on %s in %.1f s; KV pool %d × %d tokens",
+                    self.name, self.params.checkpoint, self.params.bits, self.params.dtype, device,
+                    time.perf_counter() - start, blocks, self.params.kv_page_size)
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self.serve(request, sender)
-            except RequestError as err:
+                self.submit(request, sender)
+            except Exception as err:  # a bad or refused request fails alone, at once
+                if not isinstance(err, RequestError):
+                    log.warning("%s: request refused: %s", self.name, err)
                 sender.send(error_response(str(err)), flags=FINAL)
-            except Exception as err:  # a bug or an OOM must fail this request, not the model
-                log.exception("%s: request failed", self.name)
-                sender.send(error_response(f"{self.name}: {type(err).__name__}: {err}"), flags=FINAL)
         return None
 
-    def serve(self, request, sender) -> None:
-        from ..generation import PromptTooLongError, stream_chat
+    def submit(self, request, sender) -> None:
+        from ..generation import PromptTooLongError
+        from .batcher import BatcherFullError
 
         req = parse_request(request_inputs(request))
-        max_length = req.max_token
-        if max_length > self.params.seq_length:
-            log.warning("%s: max_token %d is above seq_length %d; clamped", self.name, max_length,
-                        self.params.seq_length)
-            max_length = self.params.seq_length
+        max_length = min(req.max_token, self.params.seq_length)  # as documented: clamped
+        state = {"handle": None, "first": True}
+        started = time.perf_counter()
+
+        def on_update(text, history, finished, error):
+            if state["first"] and (text or finished):
+                state["first"] = False
+                self.metrics.first_token(time.perf_counter() - started)
+            if _cancelled(request, sender):  # the client went away: free its place in the batch
+                if state["handle"] is not None:
+                    state["handle"].cancel()
+                try:
+                    sender.send(error_response(f"{self.name}: cancelled"), flags=FINAL)
+                except Exception:  # nobody is listening any more
+                    pass
+                return
+            if error is not None:
+                sender.send(error_response(f"{self.name}: {type(error).__name__}: {error}"), flags=FINAL)
+            elif finished:
+                sender.send(to_response(text, history, self.params.precision), flags=FINAL)
+            elif req.stream:
+                sender.send(to_response(text, history, self.params.precision))
+
         try:
-            answers = stream_chat(self.model, self.tokenizer, req.prompt, req.history,
-                                  max_length=max_length, temperature=req.temperature)
-            response, history = "", list(req.history) + [(req.prompt, "")]
-            for response, history in answers:
-                if req.stream:
-                    sender.send(to_response(response, history, self.params.precision))
+            state["handle"] = self.batcher.submit(req.prompt, req.history, max_length=max_length,
+                                                  temperature=req.temperature, on_update=on_update)
         except PromptTooLongError as err:
             raise RequestError(f"input 'max_token' = {req.max_token}: {err}") from None
-        sender.send(to_response(response, history, self.params.precision), flags=FINAL)
+        except BatcherFullError as err:
+            raise RuntimeError(f"{BUSY} {self.name} is full: {err}") from None
+        except ValueError as err:
+            raise RequestError(f"{self.name}: {err}") from None
+
+    def _publish_metrics(self) -> None:
+        while not self._closing.wait(METRICS_INTERVAL_S):
+            try:
+                self.metrics.publish(self.batcher.stats())
+            except Exception:  # metrics must never take the model down
+                log.exception("%s: publishing metrics failed", self.name)
 
     def finalize(self):
+        self._closing.set()
+        self.batcher.stop()
         self.model = None
+
+
+def _cancelled(request, sender) -> bool:
+    """Whether the client cancelled this request (or its stream closed)."""
+    for owner in (sender, request):
+        check = getattr(owner, "is_cancelled", None)
+        if check is not None and check():
+            return True
+    return False

@@ -1,0 +1,402 @@
+"""Continuous batching for a variant: many chats share one running batch over a paged KV cache.
+
+New requests join the batch at the next decode step and finished ones leave it; each streams its
+own answer through its ``on_update`` callback. The work is done by transformers' own
+``ContinuousBatchingManager`` (``model.init_continuous_batching()``); this module sizes it from the
+memory plan, keeps ``stream_chat``'s contract (``max_length`` counts the prompt, temperature 0 is
+greedy, ChatGLM2's stop ids, the same answer text and history) and isolates requests from each
+other. Nothing here imports Triton.
+
+>>> batcher = Batcher(model, tokenizer, BatcherConfig(num_blocks=512, block_size=64))
+>>> batcher.start()
+>>> handle = batcher.submit("你好", [], max_length=2048, temperature=0,
+...                         on_update=lambda text, history, finished, error: print(text))
+>>> handle.wait(); batcher.stop()
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.generation.continuous_batching import RequestStatus
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingLogitsProcessor)
+
+from ..generation import decode_answer, fit_history
+
+log = logging.getLogger("glm-build.batcher")
+
+# on_update(response_so_far, history, finished, error): called from the batcher's thread.
+OnUpdate = Callable[[str, list, bool, "Exception | None"], None]
+
+
+class BatcherFullError(RuntimeError):
+    """Too many requests wait for a place in the batch: hand this one to another variant."""
+
+
+class BatcherStoppedError(RuntimeError):
+    """The batcher is not running (not started, stopped, or its generation loop died)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The generation loop failed this request (the message is transformers')."""
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    num_blocks: int  # KV blocks in the pool: the plan's KV headroom / bytes per block, never guessed
+    block_size: int = 64  # tokens per block (transformers' page_size); at least 4
+    max_batch_tokens: int = 512  # tokens per forward step, prefill chunks included
+    max_queue: int = 64  # requests waiting for a place in the batch before submit() refuses
+    prefix_sharing: bool = True  # reuse the KV blocks of an identical prompt prefix (multi-turn chats)
+    seed: int | None = None  # the sampling RNG's seed (shared by every request of the batch)
+
+    def __post_init__(self):
+        for name, low in (("num_blocks", 1), ("block_size", 4), ("max_batch_tokens", 1),
+                          ("max_queue", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"BatcherConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"BatcherConfig.seed must be None or an integer >= 0, got {self.seed!r}")
+
+    @property
+    def max_tokens(self) -> int:
+        """The pool's capacity in tokens: the longest ``max_length`` one request may ask for."""
+        return self.num_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    running_requests: int  # in the running batch (prefilling or decoding)
+    queued_requests: int  # submitted, not yet in the batch
+    kv_blocks_total: int
+    kv_blocks_used: int  # held by requests; blocks kept only for prefix reuse count as free
+    kv_blocks_free: int
+    generated_tokens: int  # answer tokens streamed since start (stop tokens not counted)
+    finished_requests: int
+    failed_requests: int
+    cancelled_requests: int
+    time_to_first_token_s: tuple[float, ...]  # of the latest requests (up to 256), oldest first
+
+
+class BatchRequest:
+    """One submitted chat: the handle ``submit()`` returns. ``cancel()`` removes it from the batch."""
+
+    def __init__(self, batcher: "Batcher", request_id: str, query: str, history: list,
+                 prompt_tokens: int, on_update: OnUpdate):
+        self.request_id = request_id
+        self.query = query
+        self.history = history  # the caller's history; the answer's history is this + (query, answer)
+        self.prompt_tokens = prompt_tokens
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.response = ""
+        self.error: Exception | None = None
+        self.cancelled = False
+        self._batcher = batcher
+        self._on_update = on_update
+        self._tokens_seen = 0
+        self._last_sent: str | None = None
+        self._done = False
+        # on_update and cancel() never overlap; on_update may call cancel() (a re-entrant lock)
+        self._lock = threading.RLock()
+        self._finished = threading.Event()
+
+    @property
+    def time_to_first_token_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request finished, failed or was cancelled; False on timeout."""
+        return self._finished.wait(timeout)
+
+    def cancel(self) -> bool:
+        """Leave the batch and free the KV blocks; ``on_update`` is not called again once this
+        returns. False when the request had already ended."""
+        with self._lock:
+            if self._done:
+                return False
+            self._done = self.cancelled = True
+        self._batcher._end(self, "cancelled")
+        self._batcher._manager.cancel_request(self.request_id)
+        self._finished.set()
+        return True
+
+
+class GreedyRows(ContinuousBatchingLogitsProcessor):
+    """Per-request greedy decoding inside a sampling batch: a row flagged ``greedy`` keeps only its
+    first arg-max logit, so the batch's multinomial draw returns exactly ``argmax`` (what
+    ``sample_next`` does at temperature 0, ties included)."""
+
+    supported_kwargs = {"greedy": bool}
+    ignored_kwargs = ()
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
+        flags = [r.state.logit_processor_kwargs.get("greedy", False) for r in requests_with_new_token]
+        return torch.tensor(flags, dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        greedy = tensor_arg[: scores.size(0)].bool().unsqueeze(-1)  # [rows, 1]
+        best = scores.argmax(dim=-1, keepdim=True)  # [rows, 1]
+        only_best = torch.full_like(scores, -math.inf).scatter(-1, best, scores.gather(-1, best))
+        return torch.where(greedy, only_best, scores)  # [rows, vocab]
+
+
+def _make_manager(model, tokenizer, config: BatcherConfig):
+    """transformers' manager, sized from ``config``, sampling per request, with greedy rows."""
+    # Sampling on, with temperature and top-p warpers that each request overrides: the manager
+    # builds a warper only for a default that differs from "no-op" (temperature 1, top-p 1).
+    generation_config = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.8, top_k=None,
+                                         eos_token_id=list(tokenizer.stop_ids),
+                                         pad_token_id=tokenizer.pad_id)
+    cb_config = ContinuousBatchingConfig(
+        num_blocks=config.num_blocks, page_size=config.block_size,
+        max_batch_tokens=config.max_batch_tokens, per_request_processors=True,
+        allow_block_sharing=config.prefix_sharing, seed=config.seed)
+    manager = model.init_continuous_batching(generation_config=generation_config,
+                                             continuous_batching_config=cb_config)
+    # transformers has no public hook for a custom per-request processor: add ours first, before
+    # start() sizes the per-request argument tensors from `tensors_required`.
+    processors = manager.logit_processor
+    processors.logits_processor.insert(0, GreedyRows())
+    processors.tensors_required += 1
+    processors._retrieve_processors_kwargs()
+    processors.do_processing = True
+    if not {"greedy", "temperature", "top_p"} <= set(processors.supported_keys):
+        raise RuntimeError(f"transformers' continuous batching did not take per-request greedy, "
+                           f"temperature and top_p (it supports {sorted(processors.supported_keys)})")
+    return manager
+
+
+def _loop_view(manager) -> tuple[int, int, int, int]:
+    """``(running, queued, kv_used, kv_total)`` read from the generation loop's scheduler and cache
+    (plain int reads of another thread's state: a snapshot for metrics, not a synchronised one)."""
+    processor = manager.batch_processor
+    if processor is None:
+        return 0, manager.input_queue.qsize(), 0, 0
+    scheduler, cache = processor.scheduler, processor.cache
+    running = len(scheduler.active_requests)
+    queued = len(scheduler.waiting_requests) + manager.input_queue.qsize()
+    used = total = 0
+    for allocator in cache.cache_allocators.values():  # GLM: one group, full attention
+        free = (cache.pool.num_free_sectors * allocator.blocks_per_sector
+                + cache.pool.count_free_blocks(allocator.index) + len(allocator.ledger.cached_blocks))
+        total += allocator.num_blocks
+        used += allocator.num_blocks - free
+    return running, queued, used, total
+
+
+class Batcher:
+    """A running batch of chats over ``model`` (a ``GlmForCausalLM``, quantized or not).
+
+    ``start()`` starts transformers' generation thread and this batcher's delivery thread, which
+    decodes each request's tokens and calls its ``on_update``; ``stop()`` ends both and fails the
+    requests still running with :class:`BatcherStoppedError`.
+    """
+
+    def __init__(self, model, tokenizer, config: BatcherConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self._stop_ids = tuple(tokenizer.stop_ids)
+        self._manager = _make_manager(model, tokenizer, config)
+        self._lock = threading.Lock()
+        self._requests: dict[str, BatchRequest] = {}
+        self._next_id = 0
+        self._counts = {"generated": 0, "finished": 0, "failed": 0, "cancelled": 0}
+        self._ttfts: deque[float] = deque(maxlen=256)
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, timeout: float = 120.0) -> None:
+        """Start generating; raises if the generation loop cannot build its KV pool. A stopped
+        batcher does not start again: make a new one."""
+        if self._stopping or self._thread is not None:
+            raise BatcherStoppedError("start() once per batcher: this one was started already")
+        with torch.inference_mode():  # the generation thread inherits the caller's mode
+            self._manager.start()
+        deadline = time.monotonic() + timeout
+        while self._manager.batch_processor is None:
+            if not self._manager.is_running() or time.monotonic() > deadline:
+                self._manager.stop(block=True, timeout=timeout)
+                raise BatcherStoppedError(f"the generation loop did not start: {self._fatal_error()}")
+            time.sleep(0.01)
+        self._accepting = True
+        self._thread = threading.Thread(target=self._deliver_loop, name="glm-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        """Stop now: requests still running get ``on_update(..., finished=True, error=...)``."""
+        self._accepting, self._stopping = False, True
+        if self._manager.is_running():
+            self._manager.stop(block=True, timeout=timeout, hard_stop=True)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._fail_open(BatcherStoppedError("the batcher was stopped"))
+
+    def __enter__(self) -> "Batcher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- requests -------------------------------------------------------------------------------
+    def submit(self, prompt: str, history: Sequence[tuple[str, str]] = (), *, max_length: int,
+               temperature: float = 0.8, top_p: float = 0.8, on_update: OnUpdate) -> BatchRequest:
+        """Queue a chat; it joins the batch at the next step. Raises at once for a bad value
+        (``ValueError``, ``PromptTooLongError``), a full queue (:class:`BatcherFullError`) or a
+        stopped batcher; later failures come through ``on_update`` with ``error`` set.
+
+        ``max_length`` counts prompt and answer tokens, as in ``stream_chat``; the oldest rounds
+        of ``history`` are dropped when the prompt does not fit.
+        """
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        if max_length > self.config.max_tokens:
+            raise ValueError(f"max_length={max_length} is more than the KV pool holds for one request: "
+                             f"{self.config.max_tokens} tokens (num_blocks={self.config.num_blocks} "
+                             f"x block_size={self.config.block_size})")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        prompt_ids, _ = fit_history(self.tokenizer, prompt, history, max_length)
+        if temperature > 0:
+            sampling = {"greedy": False, "temperature": float(temperature), "top_p": float(top_p)}
+        else:  # the warpers leave the single kept logit alone
+            sampling = {"greedy": True, "temperature": 1.0, "top_p": 1.0}
+        with self._lock:
+            if not self._accepting or not self._manager.is_running():
+                raise BatcherStoppedError(f"the batcher is not running: {self._fatal_error()}")
+            waiting = sum(1 for r in self._requests.values() if r.first_token_at is None)
+            if waiting >= self.config.max_queue:
+                raise BatcherFullError(f"{waiting} requests already wait for the batch "
+                                       f"(max_queue={self.config.max_queue})")
+            request_id = f"chat-{self._next_id}"
+            self._next_id += 1
+            handle = BatchRequest(self, request_id, prompt, [tuple(p) for p in history],
+                                  len(prompt_ids), on_update)
+            self._requests[request_id] = handle
+        added = self._manager.add_request(prompt_ids, request_id=request_id, streaming=True,
+                                          max_new_tokens=max_length - len(prompt_ids),
+                                          eos_token_id=list(self._stop_ids), **sampling)
+        if added is None:  # the manager refused it: it is stopping
+            with self._lock:
+                self._requests.pop(request_id, None)
+            raise BatcherStoppedError(f"the batcher is not running: {self._fatal_error()}")
+        return handle
+
+    def stats(self) -> BatcherStats:
+        running, queued, used, total = _loop_view(self._manager)
+        total = total or self.config.num_blocks
+        with self._lock:
+            return BatcherStats(running, queued, total, used, total - used, self._counts["generated"],
+                                self._counts["finished"], self._counts["failed"],
+                                self._counts["cancelled"], tuple(self._ttfts))
+
+    # -- delivery thread ------------------------------------------------------------------------
+    def _deliver_loop(self) -> None:
+        while True:
+            running = self._manager.is_running()
+            for output in self._take_outputs():
+                self._deliver(output)
+            if not running:  # everything it produced before it ended has been delivered
+                error = BatcherStoppedError(f"the generation loop stopped: {self._fatal_error()}")
+                self._fail_open(error)
+                self._accepting = False
+                return
+
+    def _take_outputs(self) -> list:
+        """The latest output of each request (they are cumulative), waiting up to 0.1 s for one."""
+        output = self._manager.get_result(timeout=0.1)
+        latest = {}
+        while output is not None:
+            latest[output.request_id] = output
+            output = self._manager.get_result(timeout=0)
+        return list(latest.values())
+
+    def _deliver(self, output) -> None:
+        with self._lock:
+            handle = self._requests.get(output.request_id)
+        if handle is None:  # cancelled, or already ended
+            return
+        tokens = list(output.generated_tokens)
+        if tokens and tokens[-1] in self._stop_ids:
+            tokens.pop()
+        with handle._lock:
+            if handle._done:
+                return
+            if handle.first_token_at is None and output.generated_tokens:
+                handle.first_token_at = time.monotonic()
+                with self._lock:
+                    self._ttfts.append(handle.time_to_first_token_s)
+            with self._lock:
+                self._counts["generated"] += max(0, len(tokens) - handle._tokens_seen)
+            handle._tokens_seen = max(handle._tokens_seen, len(tokens))
+            if output.error is not None or output.status == RequestStatus.FAILED:
+                error = (BatcherStoppedError("the batcher was stopped") if self._stopping
+                         else RequestFailedError(output.error or "generation failed"))
+                self._finish(handle, decode_answer(self.tokenizer, tokens), error)
+            elif output.is_finished():
+                self._finish(handle, decode_answer(self.tokenizer, tokens), None)
+            else:
+                partial = decode_answer(self.tokenizer, tokens, final=False)
+                if partial is not None and partial != handle._last_sent:
+                    self._update(handle, partial)
+
+    def _update(self, handle: BatchRequest, text: str) -> None:
+        """A partial answer; an ``on_update`` that raises ends (only) its own request."""
+        handle.response = handle._last_sent = text
+        try:
+            handle._on_update(text, handle.history + [(handle.query, text)], False, None)
+        except Exception as err:
+            log.exception("%s: on_update raised; cancelling the request", handle.request_id)
+            if not handle._done:
+                self._manager.cancel_request(handle.request_id)
+                self._finish(handle, text, err)
+
+    def _finish(self, handle: BatchRequest, text: str, error: Exception | None) -> None:
+        """The last ``on_update`` of a request (the caller holds ``handle._lock``)."""
+        handle._done = True
+        handle.response, handle.error = text, error
+        self._end(handle, "finished" if error is None else "failed")
+        try:
+            handle._on_update(text, handle.history + [(handle.query, text)], True, error)
+        except Exception:
+            log.exception("%s: on_update raised on the final answer", handle.request_id)
+        handle._finished.set()  # after the last on_update: wait() then sees everything
+
+    def _end(self, handle: BatchRequest, outcome: str) -> None:
+        with self._lock:
+            self._requests.pop(handle.request_id, None)
+            self._counts[outcome] += 1
+
+    def _fail_open(self, error: Exception) -> None:
+        with self._lock:
+            handles = list(self._requests.values())
+        for handle in handles:
+            with handle._lock:
+                if not handle._done:
+                    self._finish(handle, handle.response, error)
+
+    def _fatal_error(self) -> str:
+        error = getattr(self._manager.background_thread_status, "fatal_error", None)
+        return "no error recorded" if error is None else f"{type(error).__name__}: {error}"

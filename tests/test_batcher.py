@@ -1,0 +1,207 @@
+"""The continuous batcher on the embedded tiny model: chat()'s answers, streamed, one request's
+trouble kept to itself."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from builder import TINY_CHECKPOINT, chat, load_chatglm2
+from builder.generation import PromptTooLongError
+from builder.serving.batcher import (Batcher, BatcherConfig, BatcherFullError, BatcherStoppedError,
+                                     GreedyRows)
+
+PAST = [("你好", "你好！"), ("1加1等于多少？", "1加1等于2。")]
+# (query, history): greetings, arithmetic and 鸡兔同笼 in both languages, one with two past rounds.
+QUESTIONS = [("你好", []), ("Who are you?", []), ("3只鸡和2只兔子一共有几条腿？", []),
+             ("What is 2 plus 3?", []), ("4加5等于多少？", []), ("2乘以3等于多少？", PAST),
+             ("鸡兔同笼，共有10个头，28只脚，鸡和兔子各有几只？", []),
+             ("How many legs do 5 chickens and 3 rabbits have?", [])]
+LONG_QUESTION = "A cage holds chickens and rabbits: 21 heads and 60 feet. How many of each?"
+CONFIG = BatcherConfig(num_blocks=64, block_size=16, max_batch_tokens=256)
+
+
+def off_main_thread(fn):
+    """``fn()`` run in a worker thread, as the batcher's generation loop runs: on a busy 2-core
+    machine the main thread's OpenMP team makes a tiny model's decode ~40x slower."""
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn()))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
+def answers(model, tok, questions=QUESTIONS) -> list[tuple[str, list]]:
+    return off_main_thread(lambda: [chat(model, tok, q, h, temperature=0) for q, h in questions])
+
+
+class Updates:
+    """The ``(text, history, finished, error)`` calls one request received."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text, history, finished, error):
+        self.calls.append((text, history, finished, error))
+
+    @property
+    def texts(self) -> list[str]:
+        return [text for text, *_ in self.calls]
+
+
+def settled(batcher: Batcher, timeout: float = 10.0):
+    """The stats once nothing runs, waits or holds a KV block (the loop frees them a step later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = batcher.stats()
+        idle = stats.running_requests == stats.queued_requests == stats.kv_blocks_used == 0
+        if idle or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def int4():
+    return load_chatglm2(TINY_CHECKPOINT, bits=4, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("field, value", [("num_blocks", 0), ("block_size", 2),
+                                          ("max_batch_tokens", -1), ("max_queue", 1.5)])
+def test_config_names_the_bad_field_and_value(field, value):
+    kwargs = {"num_blocks": 8, field: value}
+    with pytest.raises(ValueError, match=rf"BatcherConfig\.{field} .*got {value!r}"):
+        BatcherConfig(**kwargs)
+
+
+def test_greedy_rows_keep_only_their_first_best_logit():
+    rows = [SimpleNamespace(state=SimpleNamespace(logit_processor_kwargs=kwargs))
+            for kwargs in ({"greedy": True}, {"greedy": False, "temperature": 0.7}, {})]
+    flags = GreedyRows().prepare_tensor_args(rows)
+    assert flags.tolist() == [1, 0, 0] and flags.dtype == torch.int32
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.5]] * 3)  # a tie at the top, as argmax sees it
+    out = GreedyRows()(scores, flags)
+    assert out[0].tolist() == [-math.inf, 3.0, -math.inf, -math.inf]
+    assert torch.equal(out[1:], scores[1:])
+    assert torch.multinomial(out[0].softmax(-1), 20, replacement=True).unique().tolist() == [1]
+
+
+def check_eight_questions(model, tok):
+    expected = answers(model, tok)
+    updates = [Updates() for _ in QUESTIONS]
+    with Batcher(model, tok, CONFIG) as batcher:
+        handles = [batcher.submit(q, h, max_length=256, temperature=0, on_update=u)
+                   for (q, h), u in zip(QUESTIONS, updates)]
+        assert all(handle.wait(30) for handle in handles)
+        stats = settled(batcher)
+    for (response, history), u, handle in zip(expected, updates, handles):
+        assert u.calls[-1] == (response, history, True, None)
+        assert [finished for _, _, finished, _ in u.calls] == [False] * (len(u.calls) - 1) + [True]
+        assert all(b.startswith(a) for a, b in zip(u.texts, u.texts[1:]))  # a growing answer
+        assert handle.time_to_first_token_s > 0
+    assert stats.finished_requests == 8 and stats.failed_requests == stats.cancelled_requests == 0
+    assert stats.kv_blocks_free == stats.kv_blocks_total == 64
+    assert len(stats.time_to_first_token_s) == 8 and stats.generated_tokens > 8
+
+
+def test_eight_questions_at_once_get_chats_answers_streamed(tiny):
+    check_eight_questions(*tiny)
+
+
+def test_int4_bfloat16_model_gets_chats_answers_too(int4):
+    check_eight_questions(*int4)
+
+
+def test_a_cancelled_request_leaves_the_batch_and_gives_its_blocks_back(tiny):
+    model, tok = tiny
+    (short, short_history), = answers(model, tok, [QUESTIONS[2]])
+    others = [Updates(), Updates()]
+    with Batcher(model, tok, CONFIG) as batcher:
+        cancelled, submitted = Updates(), threading.Event()
+
+        def cancel_at_first_update(*call):
+            cancelled(*call)
+            submitted.wait(5)
+            assert long_request.cancel()  # from inside on_update: no further call after this
+            assert batcher.stats().kv_blocks_used > 0
+
+        long_request = batcher.submit(LONG_QUESTION, max_length=256, temperature=0,
+                                      on_update=cancel_at_first_update)
+        submitted.set()
+        handles = [batcher.submit(QUESTIONS[2][0], max_length=256, temperature=0, on_update=u)
+                   for u in others]
+        assert all(handle.wait(30) for handle in handles)
+        # The long answer needs ~40 steps, the short ones ~20: had it stayed, it would still run.
+        stats = batcher.stats()
+        assert stats.running_requests == 0 and stats.kv_blocks_used == 0
+    assert long_request.cancelled and long_request.done and not long_request.cancel()
+    assert len(cancelled.calls) == 1 and cancelled.calls[0][2] is False
+    assert [u.calls[-1] for u in others] == [(short, short_history, True, None)] * 2
+    assert (stats.cancelled_requests, stats.finished_requests) == (1, 2)
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+def test_bad_requests_fail_alone(tiny):
+    model, tok = tiny
+    expected = answers(model, tok, QUESTIONS[:2])
+    good = [Updates(), Updates()]
+    broken = Updates()
+
+    def send_fails(*call):
+        broken(*call)
+        if not call[2]:
+            raise ConnectionError("client went away")
+
+    with Batcher(model, tok, CONFIG) as batcher:
+        handles = [batcher.submit(q, h, max_length=256, temperature=0, on_update=u)
+                   for (q, h), u in zip(QUESTIONS[:2], good)]
+        failing = batcher.submit(LONG_QUESTION, max_length=256, temperature=0, on_update=send_fails)
+        with pytest.raises(PromptTooLongError, match="max_length=8"):
+            batcher.submit(QUESTIONS[2][0], max_length=8, temperature=0, on_update=Updates())
+        with pytest.raises(ValueError, match="KV pool holds .* 1024 tokens"):
+            batcher.submit("你好", max_length=2048, temperature=0, on_update=Updates())
+        with pytest.raises(ValueError, match="temperature .* got -0.5"):
+            batcher.submit("你好", max_length=64, temperature=-0.5, on_update=Updates())
+        with pytest.raises(ValueError, match="top_p .* got 0"):
+            batcher.submit("你好", max_length=64, temperature=0.5, top_p=0, on_update=Updates())
+        assert all(handle.wait(30) for handle in handles + [failing])
+        stats = settled(batcher)
+    assert [u.calls[-1] for u in good] == [(r, h, True, None) for r, h in expected]
+    assert isinstance(failing.error, ConnectionError) and broken.calls[-1][2] is True
+    assert (stats.finished_requests, stats.failed_requests, stats.kv_blocks_used) == (2, 1, 0)
+    with pytest.raises(BatcherStoppedError):
+        batcher.submit("你好", max_length=64, temperature=0, on_update=Updates())
+
+
+def test_sampling_and_greedy_requests_share_the_batch(tiny):
+    model, tok = tiny
+    (response, history), = answers(model, tok, QUESTIONS[:1])
+    greedy, sampled = Updates(), Updates()
+    with Batcher(model, tok, BatcherConfig(num_blocks=64, block_size=16, seed=0)) as batcher:
+        handles = [batcher.submit("Hello", max_length=256, temperature=0.9, top_p=0.9,
+                                  on_update=sampled),
+                   batcher.submit(QUESTIONS[0][0], max_length=256, temperature=0, on_update=greedy)]
+        assert all(handle.wait(30) for handle in handles)
+    assert greedy.calls[-1] == (response, history, True, None)
+    text, sampled_history, finished, error = sampled.calls[-1]
+    assert finished and error is None and sampled_history == [("Hello", text)]
+
+
+def test_a_full_queue_refuses_and_stop_fails_what_still_runs(tiny):
+    model, tok = tiny
+    batcher = Batcher(model, tok, BatcherConfig(num_blocks=64, block_size=16, max_queue=2))
+    batcher.start()
+    waiting = [Updates(), Updates()]
+    with batcher._manager.pause():  # transformers' loop holds still: nothing gets a first token
+        handles = [batcher.submit(q, max_length=256, temperature=0, on_update=u)
+                   for (q, _), u in zip(QUESTIONS, waiting)]
+        with pytest.raises(BatcherFullError, match="max_queue=2"):
+            batcher.submit("你好", max_length=256, temperature=0, on_update=Updates())
+        assert batcher.stats().queued_requests == 2
+    batcher.stop()
+    for handle, u in zip(handles, waiting):
+        assert handle.done and u.calls[-1][2] is True
+        assert handle.error is None or isinstance(handle.error, BatcherStoppedError)

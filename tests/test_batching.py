@@ -1,0 +1,151 @@
+"""Many requests at once, live: the variants' continuous batchers behind the routers.
+
+One server for the module: the tiny repository built with the `cpu` profile, routing limits low
+enough that each variant gets picked, and ``--fallback none`` (tests/test_serving.py's server has
+the default, ``lower``, and checks that a killed variant's requests get answers from int4).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import queue
+import re
+import signal
+import time
+import urllib.request
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from builder import TINY_CHECKPOINT, chat, load_chatglm2
+from builder.build import BuildOptions, build
+from builder.client import ChatGLMClient
+from builder.serving.server import ServerOptions, TritonServer, free_port
+
+pytestmark = pytest.mark.server
+
+LIMITS = {"fp16": 100, "int8": 400, "int4": 1500}
+QUESTIONS = ["3只鸡和2只兔子一共有几条腿？", "5只鸡有几条腿？", "How many legs do 4 rabbits have?",
+             "2只兔子有几条腿？", "How many legs do 7 chickens have?", "6只鸡和1只兔子一共有几条腿？",
+             "How many legs do 3 chickens and 3 rabbits have?", "9只兔子有几条腿？"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    out = tmp_path_factory.mktemp("batching") / "repo"
+    build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=out, limits=LIMITS,
+                       fallback="none"), progress=False)
+    options = ServerOptions(out, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), address="127.0.0.1",
+                            log_file=out.parent / "server.log")
+    server = TritonServer(options, ready_timeout=240)
+    server.start().wait_ready()
+    server.repo = out
+    yield server
+    server.stop()
+
+
+def ask(server, question, max_token=64, model=None):
+    client = ChatGLMClient(server.urls["grpc"], temperature=0, max_token=max_token, timeout_s=120)
+    try:
+        return client.chat(question, model=model)
+    finally:
+        client.close()
+
+
+def metrics(server) -> dict[str, float]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://{server.urls['metrics']}/metrics", timeout=10).read().decode()
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r'^(glm_\w+)\{(.*)\} (\S+)$', line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            found[f"{match.group(1)}[{labels.get('model', labels.get('served', ''))}]"] = float(match.group(3))
+    return found
+
+
+def test_eight_concurrent_requests_get_the_answers_chat_gives_each_alone(server):
+    model, tokenizer = load_chatglm2(TINY_CHECKPOINT, dtype=torch.float16)  # the fp16 variant's runtime
+    expected = [chat(model, tokenizer, q, max_length=64, temperature=0)[0] for q in QUESTIONS]
+    with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        answers = list(pool.map(lambda q: ask(server, q), QUESTIONS))
+    assert [a.variant for a in answers] == ["fp16"] * len(QUESTIONS)
+    assert [a.response for a in answers] == expected
+
+
+def test_the_batch_metrics_are_on_the_metrics_port(server):
+    ask(server, QUESTIONS[0])
+    time.sleep(1.5)  # the variants publish every second
+    found = metrics(server)
+    for name in ("glm_batch_running_requests", "glm_batch_queued_requests", "glm_kv_blocks_used",
+                 "glm_kv_blocks_free", "glm_generated_tokens_total",
+                 "glm_time_to_first_token_seconds_count"):
+        assert f"{name}[chatglm2-6b-fp16]" in found, name
+    assert found["glm_generated_tokens_total[chatglm2-6b-fp16]"] > 0
+    assert found["glm_time_to_first_token_seconds_count[chatglm2-6b-fp16]"] >= 1
+    assert found["glm_kv_blocks_used[chatglm2-6b-fp16]"] == 0  # nothing running now
+
+
+def test_a_bad_request_among_good_ones_fails_alone(server):
+    def one(i):
+        if i == 3:  # the prompt alone is longer than max_token: the variant refuses it
+            return ask(server, QUESTIONS[0] * 6, max_token=20, model="chatglm2-6b-int4")
+        return ask(server, QUESTIONS[i], model="chatglm2-6b-int4")
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+    for i, future in enumerate(futures):
+        if i == 3:
+            with pytest.raises(Exception, match="max_token"):
+                future.result()
+        else:
+            assert future.result().response
+
+
+def test_a_cancelled_stream_leaves_the_batch_and_frees_its_blocks(server):
+    """A long greedy answer, streamed straight from a variant, cancelled after its first words."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.urls["grpc"])
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    values = {"prompt": [QUESTIONS[2].encode()], "history": [], "temperature": [b"0"],
+              "max_token": [b"1400"], "history_len": [b"0"], "stream": [b"1"]}
+    inputs = []
+    for name, items in values.items():
+        tensor = grpcclient.InferInput(name, [len(items)], "BYTES")
+        tensor.set_data_from_numpy(np.array(items, dtype=object).reshape(len(items)))
+        inputs.append(tensor)
+    client.async_stream_infer("chatglm2-6b-int4", inputs)
+    cancelled_before = metrics(server)["glm_cancelled_requests_total[chatglm2-6b-int4]"]
+    result, error = results.get(timeout=60)  # the first partial answer: the request is in the batch
+    assert error is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 30
+    while True:
+        time.sleep(1.2)
+        found = metrics(server)
+        if found["glm_kv_blocks_used[chatglm2-6b-int4]"] == 0 \
+                and found["glm_batch_running_requests[chatglm2-6b-int4]"] == 0 \
+                and found["glm_cancelled_requests_total[chatglm2-6b-int4]"] == cancelled_before + 1:
+            break
+        assert time.monotonic() < deadline, f"the cancelled request still holds the batch: {found}"
+    assert ask(server, QUESTIONS[0], model="chatglm2-6b-int4").response  # the next one is admitted
+
+
+def test_without_fallback_a_killed_variant_fails_its_requests(server):
+    marker = os.path.join(str(server.repo), "chatglm2-6b-int8", "1", "model.py")
+    group = os.getpgid(server.pid)
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if any(marker in part for part in p.info["cmdline"] or []) and os.getpgid(p.pid) == group]
+    assert victims
+    server.watchdog.stop()  # keep it dead for this test
+    victims[0].send_signal(signal.SIGKILL)
+    time.sleep(1)
+    with pytest.raises(Exception, match="chatglm2-6b-int8"):
+        ask(server, QUESTIONS[0], max_token=300)  # routed to int8; --fallback none
+    assert ask(server, QUESTIONS[0], max_token=1200).variant == "int4"
