@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="past question/answer pairs to keep (default 10)")
     parser.add_argument("-c", "--count", "--send_count", type=int, default=1,
                         help="send the prompt this many times and print min/avg/max latency")
+    parser.add_argument("-j", "--concurrency", type=int, default=None, metavar="C",
+                        help="with -c N: send the N requests from C clients at once, streamed over gRPC, "
+                        "and print time-to-first-token, per-token time and tokens/s percentiles")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="with -j: the model's tokenizer.model, to count answer tokens "
+                        "(without it answers are counted in characters)")
     parser.add_argument("--stream", action="store_true", help="print the answer as it arrives (gRPC)")
     parser.add_argument("--model", default=None, help="call this model instead of the router")
     return parser
@@ -189,7 +195,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.stream and args.protocol != "grpc":  # Triton streams decoupled models over gRPC only
         parser.error("--stream needs --protocol grpc")
+    if args.concurrency is not None:
+        if args.concurrency < 1:
+            parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
+        if args.protocol != "grpc" or args.prompt is None:
+            parser.error("--concurrency needs --protocol grpc and a prompt")
     port = args.port or (8001 if args.protocol == "grpc" else 8000)
+    if args.concurrency is not None:
+        return _load(f"{args.host}:{port}", args)
     client = ChatGLMClient(f"{args.host}:{port}", args.protocol, args.temperature, args.max_token,
                            args.history_len)
     try:
@@ -209,6 +222,25 @@ def main(argv=None) -> int:
         return 1
     finally:
         client.close()
+
+
+def _load(url: str, args) -> int:
+    """``-c N -j C``: N streamed requests from C clients at once; percentiles on stderr."""
+    from .loadtest import run_load
+
+    count_tokens = None
+    if args.tokenizer:
+        from .tokenizer import ChatGLM2Tokenizer
+
+        tokenizer = ChatGLM2Tokenizer(args.tokenizer)
+        count_tokens = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    result = run_load(url, [args.prompt], concurrency=args.concurrency, requests=args.count,
+                      max_token=args.max_token, temperature=args.temperature,
+                      model=args.model or STREAM_ROUTER, count_tokens=count_tokens)
+    for error in result.errors[:3]:
+        print(f"glm-chat: error: {error}", file=sys.stderr)
+    print(result.summary(), file=sys.stderr)
+    return 1 if result.errors else 0
 
 
 def _interactive(client: ChatGLMClient, args) -> int:

@@ -10,7 +10,9 @@ becomes a :class:`RowsLinear`, which reshapes its input to ``[tokens, in]`` firs
 **Attention below the CPU's own capability.** With ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) on a
 CPU with AVX-512 bfloat16/AMX, torch 2.13's bfloat16 flash-attention kernel still picks oneDNN's
 packed path, which only its AVX-512 build has ("pack_vnni2 is only supported when avx512 is
-supported"). A one-off probe finds that case, and attention then runs with oneDNN off.
+supported"). A one-off probe finds that case, and the process then runs with oneDNN off (a
+process-wide switch: transformers' continuous batching runs its own paged attention, so a
+per-call wrapper would not reach it). A real AVX2 host never needs it.
 
 >>> model = prepare_for_cpu(model)
 """
@@ -22,7 +24,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-ATTENTION_WITHOUT_ONEDNN = "sdpa_without_onednn"  # registered with transformers' AttentionInterface
 # Toggling oneDNN off warns once about an Intel-GPU feature this torch build lacks: not ours to act on.
 warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
 
@@ -59,20 +60,9 @@ def bf16_attention_needs_onednn_off() -> bool:
         return True
 
 
-def _sdpa_without_onednn(*args, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    with torch.backends.mkldnn.flags(enabled=False):
-        return sdpa_attention_forward(*args, **kwargs)
-
-
 def prepare_for_cpu(model, dtype: torch.dtype):
     """Apply both workarounds to a model loaded on the CPU in ``dtype``; returns it."""
     use_row_inputs(model)
-    if dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa" \
-            and bf16_attention_needs_onednn_off():
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(ATTENTION_WITHOUT_ONEDNN, _sdpa_without_onednn)
-        model.set_attn_implementation(ATTENTION_WITHOUT_ONEDNN)
+    if dtype == torch.bfloat16 and bf16_attention_needs_onednn_off():
+        torch.backends.mkldnn.enabled = False
     return model

@@ -2,6 +2,18 @@
 """Load benchmark of the generated repository on a live Triton (loopback only, bounded).
 
     .venv/bin/python scripts/bench_serving.py [--requests 24] [--seconds 60] [--out docs/benchmarks.md]
+    .venv/bin/python scripts/bench_serving.py --batched [--checkpoint /tmp/glm-2l-per-layer]
+        [--levels 1,4,8,16] [--new-tokens 24] [--curves docs/serving-curves.json] [--out docs/benchmarks.md]
+
+``--batched`` measures the continuous batchers: at each concurrency level, clients stream chats
+with mixed prompt lengths (about 16, 64 and 200 tokens, each asking ``--new-tokens`` more) to each
+variant directly and to the streaming router, and the script prints aggregate generated tokens/s
+(from the variants' ``glm_generated_tokens_total`` metric), time to first token p50/p95, time per
+output token p50/p95 and requests lost, per target and level; ``--curves`` saves the router's
+points as the service curve ``glm-build capacity`` reads. With ``--checkpoint`` a synthetic
+checkpoint with ChatGLM2-6B's real layer shapes (written there if missing: 2 layers).
+
+Without ``--batched``:
 
 Builds the embedded tiny model's repository (fp16, int8, int4 on the `cpu` profile) into a
 temporary folder, starts Triton on free loopback ports, and for each target — every variant called
@@ -74,12 +86,117 @@ def success_totals(url: str, model: str) -> tuple[int, int]:
     return stats.count, stats.ns
 
 
+def generated_tokens(metrics_url: str) -> dict[str, float]:
+    """{variant: glm_generated_tokens_total} from the metrics port."""
+    import re
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://{metrics_url}/metrics", timeout=10).read().decode()
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^glm_generated_tokens_total\{model="([^"]+)"\} (\S+)$', text, re.M)}
+
+
+def mixed_prompts(tokenizer, new_tokens: int) -> list[tuple[str, int]]:
+    """Prompts of about 16, 64 and 200 tokens, each with max_token = its length + new_tokens."""
+    base = "鸡兔同笼，共有10个头，28只脚，鸡和兔子各有几只？"
+    out = []
+    for repeat in (1, 4, 13):
+        prompt = " ".join([base] * repeat)
+        out.append((prompt, len(tokenizer.build_chat_input(prompt)) + new_tokens))
+    return out
+
+
+def batched(args) -> None:
+    import json
+
+    from builder import TINY_CHECKPOINT
+    from builder.loadtest import run_load
+    from builder.tokenizer import ChatGLM2Tokenizer
+
+    checkpoint = args.checkpoint or TINY_CHECKPOINT
+    if args.checkpoint and not (checkpoint / "config.json").is_file():
+        from builder.synthetic import write_synthetic_checkpoint
+
+        write_synthetic_checkpoint(checkpoint, num_layers=2)
+    levels = [int(x) for x in args.levels.split(",")]
+    tokenizer = ChatGLM2Tokenizer(checkpoint / "tokenizer.model")
+    prompts = mixed_prompts(tokenizer, args.new_tokens)
+    targets = ("chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4", "chatglm2-6b-stream")
+    rows, curves = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", model=str(checkpoint), out=repo),
+              progress=False)
+        options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
+                                metrics_port=free_port(), address="127.0.0.1",
+                                log_file=Path(tmp) / "server.log")
+        with TritonServer(options, ready_timeout=600) as server:
+            url, metrics_url = server.urls["grpc"], server.urls["metrics"]
+            for target in targets:  # warm up: first calls pay for lazy initialisation
+                run_load(url, prompts, concurrency=len(prompts), requests=len(prompts), model=target)
+            for target in targets:
+                for level in levels:
+                    time.sleep(1.2)  # the variants publish their counters every second
+                    before = generated_tokens(metrics_url)
+                    result = run_load(url, prompts, concurrency=level, requests=2 * level, model=target)
+                    time.sleep(1.2)
+                    after = generated_tokens(metrics_url)
+                    tokens = sum(after.values()) - sum(before.values())
+                    per_request = tokens / max(1, len(result.timings))
+                    tpot = sorted((t.latency_s - t.ttft_s) / max(1.0, per_request - 1) for t in result.timings)
+                    point = {**result.as_dict(), "tokens_per_s": tokens / result.elapsed_s,
+                             "mean_tokens": per_request,
+                             "tpot_p50_s": tpot[len(tpot) // 2] if tpot else 0.0,
+                             "tpot_p95_s": tpot[min(len(tpot) - 1, round(0.95 * (len(tpot) - 1)))] if tpot else 0.0}
+                    rows.append((target, point))
+                    if target == "chatglm2-6b-stream":
+                        curves.append(point)
+                    print(f"{target} c={level}: {point['tokens_per_s']:.1f} tokens/s, TTFT p50 "
+                          f"{point['ttft_p50_s'] * 1000:.0f} p95 {point['ttft_p95_s'] * 1000:.0f} ms, "
+                          f"TPOT p50 {point['tpot_p50_s'] * 1000:.0f} ms, lost {point['lost']}", flush=True)
+    lines = ["| target | concurrency | requests | lost | tokens/s | × c=1 | TTFT p50 ms | TTFT p95 ms "
+             "| TPOT p50 ms | TPOT p95 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {t: p["tokens_per_s"] for t, p in rows if p["concurrency"] == levels[0]}
+    for target, p in rows:
+        lines.append(f"| {target} | {p['concurrency']} | {p['requests']} | {p['lost']} "
+                     f"| {p['tokens_per_s']:.1f} | {p['tokens_per_s'] / base[target]:.2f} "
+                     f"| {p['ttft_p50_s'] * 1000:.0f} | {p['ttft_p95_s'] * 1000:.0f} "
+                     f"| {p['tpot_p50_s'] * 1000:.0f} | {p['tpot_p95_s'] * 1000:.0f} |")
+    label = "tiny model" if checkpoint == TINY_CHECKPOINT else f"{checkpoint.name}, ChatGLM2-6B's layer shapes"
+    body = "\n".join([
+        f"## Serving many requests at once ({label})", "",
+        f"Command: `{command_line()}`", "", f"Machine: {machine()}", "",
+        f"Each level sends 2 × concurrency streamed chats, greedy, prompts of "
+        f"{', '.join(str(m - args.new_tokens) for _, m in prompts)} tokens in turn, each asking for "
+        f"{args.new_tokens} new tokens (random weights rarely stop early). tokens/s: answer tokens "
+        "the variants generated (their `glm_generated_tokens_total`) over the level's wall time; "
+        "TTFT: until the first streamed piece; TPOT: the rest of the answer over its tokens, per "
+        "request. `chatglm2-6b-stream` is the streaming router (it routes every request here to "
+        "fp16: the cpu profile's limits cover them).", "", *lines])
+    print(body)
+    if args.curves:
+        args.curves.write_text(json.dumps({"checkpoint": label, "new_tokens": args.new_tokens,
+                                           "prompt_tokens": [m - args.new_tokens for _, m in prompts],
+                                           "points": curves}, indent=2) + "\n")
+        print(f"wrote {args.curves}")
+    if args.out:
+        write_section(args.out, "serving-batched" + ("" if checkpoint == TINY_CHECKPOINT else "-6b-shapes"), body)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=24, help="requests per target and level")
     parser.add_argument("--seconds", type=float, default=60, help="time cap per target and level")
     parser.add_argument("--out", type=Path, help="write the table into this markdown file")
+    parser.add_argument("--batched", action="store_true", help="measure the continuous batchers (above)")
+    parser.add_argument("--checkpoint", type=Path, help="with --batched: a synthetic checkpoint's folder")
+    parser.add_argument("--levels", default="1,4,8,16", help="with --batched: concurrency levels")
+    parser.add_argument("--new-tokens", type=int, default=24, help="with --batched: new tokens per chat")
+    parser.add_argument("--curves", type=Path, help="with --batched: save the router's service curve (JSON)")
     args = parser.parse_args(argv)
+    if args.batched:
+        return batched(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"

@@ -149,3 +149,26 @@ def test_without_fallback_a_killed_variant_fails_its_requests(server):
     with pytest.raises(Exception, match="chatglm2-6b-int8"):
         ask(server, QUESTIONS[0], max_token=300)  # routed to int8; --fallback none
     assert ask(server, QUESTIONS[0], max_token=1200).variant == "int4"
+
+
+def test_glm_chat_concurrency_reports_ttft_and_tokens_per_second(server, capsys):
+    from builder.client import main as glm_chat_main
+
+    port = server.urls["grpc"].rsplit(":", 1)[1]
+    status = glm_chat_main([QUESTIONS[0], "-p", port, "-c", "6", "-j", "3", "-t", "0", "-m", "64",
+                            "--tokenizer", str(TINY_CHECKPOINT / "tokenizer.model")])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    match = re.search(r"concurrency 3: 6 answers, 0 lost, ([\d.]+) tokens/s; TTFT p50 (\d+) ms "
+                      r"p95 (\d+) ms; per output token p50 (\d+) ms p95 (\d+) ms", err)
+    assert match, err
+    assert float(match.group(1)) > 0 and int(match.group(2)) <= int(match.group(3))
+
+
+def test_glm_chat_concurrency_needs_grpc_and_a_prompt(capsys):
+    from builder.client import main as glm_chat_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        glm_chat_main(["hi", "--protocol", "http", "-j", "2"])
+    assert exit_info.value.code == 2
+    assert "--concurrency needs --protocol grpc and a prompt" in capsys.readouterr().err

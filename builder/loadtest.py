@@ -1,0 +1,140 @@
+"""Many streamed chats at once against a live server: time to first token, time per output
+token, tokens/s, and requests lost. ``glm-chat -c N -j C`` and ``scripts/bench_serving.py`` use it.
+
+>>> result = run_load("127.0.0.1:8001", ["你好", "3只鸡有几条腿？"], concurrency=4, requests=16)
+>>> print(result.summary())
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from .client import STREAM_ROUTER, ChatError, ChatGLMClient
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    ttft_s: float  # until the first partial answer
+    latency_s: float  # until the final answer
+    tokens: int  # answer tokens (or characters, without a token counter)
+    variant: str
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    elapsed_s: float
+    timings: list[RequestTiming] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    unit: str = "tokens"  # what ``RequestTiming.tokens`` counts
+
+    @property
+    def lost(self) -> int:
+        return len(self.errors)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Answer tokens of every request over the wall time of the whole run."""
+        return sum(t.tokens for t in self.timings) / self.elapsed_s if self.elapsed_s else 0.0
+
+    def ttft(self, q: float) -> float:
+        return percentile([t.ttft_s for t in self.timings], q)
+
+    def tpot(self, q: float) -> float:
+        """Time per output token after the first, per request."""
+        return percentile([(t.latency_s - t.ttft_s) / (t.tokens - 1) for t in self.timings
+                           if t.tokens > 1], q)
+
+    def latency(self, q: float) -> float:
+        return percentile([t.latency_s for t in self.timings], q)
+
+    def as_dict(self) -> dict:
+        """One service-curve point (the format ``glm-build capacity`` reads)."""
+        return {"concurrency": self.concurrency, "requests": len(self.timings), "lost": self.lost,
+                "elapsed_s": self.elapsed_s, f"{self.unit}_per_s": self.tokens_per_s,
+                "ttft_p50_s": self.ttft(0.5), "ttft_p95_s": self.ttft(0.95),
+                "tpot_p50_s": self.tpot(0.5), "tpot_p95_s": self.tpot(0.95),
+                "latency_p50_s": self.latency(0.5), "latency_p95_s": self.latency(0.95),
+                f"mean_{self.unit}": (sum(t.tokens for t in self.timings) / len(self.timings)
+                                      if self.timings else 0.0)}
+
+    def summary(self) -> str:
+        if not self.timings:
+            return f"concurrency {self.concurrency}: no answers, {self.lost} lost"
+        return (f"concurrency {self.concurrency}: {len(self.timings)} answers, {self.lost} lost, "
+                f"{self.tokens_per_s:.1f} {self.unit}/s; TTFT p50 {self.ttft(0.5) * 1000:.0f} ms "
+                f"p95 {self.ttft(0.95) * 1000:.0f} ms; per output {self.unit[:-1]} p50 "
+                f"{self.tpot(0.5) * 1000:.0f} ms p95 {self.tpot(0.95) * 1000:.0f} ms")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile by nearest rank (0.0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency: int, requests: int,
+             max_token: int = 256, temperature: float = 0.0, model: str = STREAM_ROUTER,
+             count_tokens: Optional[Callable[[str], int]] = None,
+             timeout_s: float = 600.0) -> LoadResult:
+    """``requests`` streamed chats (prompts taken in turn) from ``concurrency`` clients at once.
+
+    A prompt may come with its own ``max_token`` as a ``(prompt, max_token)`` pair.
+
+    ``count_tokens`` counts an answer's tokens (e.g. the model's tokenizer); without it answers are
+    measured in characters. A request that fails is counted as lost, with its error.
+    """
+    if concurrency < 1 or requests < 1:
+        raise ValueError(f"concurrency and requests must be >= 1, got {concurrency} and {requests}")
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    result = LoadResult(concurrency, 0.0, unit="tokens" if count_tokens else "chars")
+
+    def worker() -> None:
+        client = ChatGLMClient(url, "grpc", temperature, max_token, timeout_s=timeout_s)
+        try:
+            while True:
+                with lock:
+                    index = next(counter, None)
+                if index is None:
+                    return
+                prompt = prompts[index % len(prompts)]
+                if isinstance(prompt, tuple):
+                    prompt, client.max_token = prompt
+                try:
+                    timing = _one(client, prompt, model, count_tokens)
+                except ChatError as err:
+                    with lock:
+                        result.errors.append(str(err))
+                    continue
+                with lock:
+                    result.timings.append(timing)
+        finally:
+            client.close()
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+def _one(client: ChatGLMClient, prompt: str, model: str,
+         count_tokens: Optional[Callable[[str], int]]) -> RequestTiming:
+    started = time.perf_counter()
+    first = None
+    last = None
+    for last in client.stream(prompt, model=model):
+        if first is None and last.response:
+            first = time.perf_counter() - started
+    if last is None:
+        raise ChatError(f"{model} sent no answer")
+    latency = time.perf_counter() - started
+    tokens = count_tokens(last.response) if count_tokens else len(last.response)
+    return RequestTiming(first if first is not None else latency, latency, tokens, last.variant)
