@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 from .config import CHATGLM2_6B
 from .plan import PRECISIONS, Plan, make_plan
 from .profiles import load_profile
-from .render import QUANTIZE_AT, render_repository
+from .render import QUANTIZE_AT, WEIGHTS, check_weights_uri, render_repository
 from .routing import FALLBACKS
 from .report import ModelSource, format_summary
 
@@ -63,6 +63,8 @@ class BuildOptions:
     limits: Mapping[str, int] = field(default_factory=dict)  # {precision: tokens} overrides
     profile_dir: Optional[Path] = None  # a `glm-build profile` output to link from report.md
     fallback: str = "lower"  # where the router sends a request its variant cannot take now
+    weights: str = "link"  # the checkpoint into the repository: hard links where possible, or "copy"
+    weights_uri: Optional[str] = None  # or: the path where the deployment mounts the checkpoint
 
     def __post_init__(self):
         quant = self.quant.split(",") if isinstance(self.quant, str) else list(self.quant)
@@ -97,6 +99,13 @@ class BuildOptions:
                              f"got {self.quantize_at!r}")
         limits = parse_limits(self.limits) if isinstance(self.limits, str) else dict(self.limits)
         object.__setattr__(self, "limits", limits)
+        if self.weights not in WEIGHTS:
+            raise BuildError(f"weights: must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.weights_uri is not None:
+            try:
+                object.__setattr__(self, "weights_uri", check_weights_uri(self.weights_uri))
+            except ValueError as err:
+                raise BuildError(str(err)) from None
         if self.fallback not in FALLBACKS:
             raise BuildError(f"fallback: must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
 
@@ -106,6 +115,7 @@ class BuildOptions:
                 "spec": self.spec, "out": str(self.out), "max_tokens": self.max_tokens,
                 "min_tokens": self.min_tokens, "quantize_at": self.quantize_at,
                 "limits": dict(self.limits), "force": self.force, "fallback": self.fallback,
+                "weights": self.weights, "weights_uri": self.weights_uri,
                 "profile_dir": None if self.profile_dir is None else str(self.profile_dir)}
 
 
@@ -210,5 +220,6 @@ def build(options: BuildOptions, *, progress: bool = True) -> BuildResult:
     out = render_repository(plan, checkpoint=source.checkpoint, out=options.out,
                             force=options.force, quantize_at=options.quantize_at, source=source,
                             options=options.as_dict(), profile_dir=options.profile_dir,
-                            progress=progress, fallback=options.fallback)
+                            progress=progress, fallback=options.fallback,
+                            weights=options.weights, weights_uri=options.weights_uri)
     return BuildResult(plan, source, out)

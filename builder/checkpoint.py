@@ -161,12 +161,25 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+BF16_COMPUTE_CAPABILITY = (8, 0)
+"""bfloat16 arithmetic on NVIDIA GPUs starts with Ampere. ``torch.cuda.is_bf16_supported()`` says
+True below it too (it counts emulation) and asks about the current device, not the target."""
+
+
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Fail before loading when ``device`` cannot compute in ``dtype``.
+
+    >>> check_dtype(torch.bfloat16, torch.device("cuda:1"))  # on a P40 (6.1): ValueError
+    """
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-                         "use float16")
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < BF16_COMPUTE_CAPABILITY:
+            raise ValueError(
+                f"dtype bfloat16: {torch.cuda.get_device_name(device)} ({device}, compute "
+                f"capability {capability[0]}.{capability[1]}) has no bfloat16 arithmetic (it needs "
+                f"{BF16_COMPUTE_CAPABILITY[0]}.{BF16_COMPUTE_CAPABILITY[1]}); use float16")
 
 
 # A hook that may replace a GLM tensor as it is loaded (the quantizer uses it). It gets the GLM name
@@ -285,9 +298,9 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
             raise ValueError(f"bits={bits}: {path} holds weights quantized to "
                              f"{config.quantization_bit} bits (config.json quantization_bit); "
                              f"load it with bits={config.quantization_bit}")
-        hook = make_prequantized_hook(model, config.quantization_bit, device=device)
+        hook = make_prequantized_hook(model, config.quantization_bit, device=device, dtype=dtype)
     elif bits != 16:
-        hook = make_load_hook(model, bits, group_size, device=device)
+        hook = make_load_hook(model, bits, group_size, device=device, dtype=dtype)
     load_weights(model, path, config, device=device, dtype=dtype, hook=hook, progress=progress)
     model = finish_model(model, device, dtype)
     release_free_memory(device)

@@ -3,9 +3,13 @@
     glm-build --quant int4 --gpu p40 --spec chatglm2-6b --dry-run   # does the 6B fit a P40?
     glm-build --quant fp16,int8,int4 --gpu p40x2 --model THUDM/chatglm2-6b
     glm-build --quant fp16,int4 --gpu cpu                           # the embedded demo model
+    glm-build deploy --repo generated_repo --replicas 2             # Dockerfile, Kubernetes, KServe
+    glm-build capacity --rate 4/s --prompt-tokens 300 --output-tokens 200 --ttft-p95 1.5s --curves c.json
 
-The CLI only parses and calls :func:`builder.build.build`. Exit status: 0 done, 2 bad input or
-variants that do not fit (nothing written), 1 anything else that went wrong.
+The CLI only parses and calls one library function per command (:func:`builder.build.build`,
+``builder.profile.run_profile``, :func:`builder.deploy.deploy`,
+``builder.deploy.capacity.plan_capacity``). Exit status: 0 done, 2 bad input or variants that do not
+fit (nothing written), 1 anything else that went wrong.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 from .build import DEFAULT_OUT, SPECS, BuildError, BuildOptions, build, parse_limits
 from .plan import PRECISIONS, PlacementError
-from .render import QUANTIZE_AT, OutputExistsError
+from .render import QUANTIZE_AT, WEIGHTS, OutputExistsError
 from .routing import FALLBACKS
 
 PROG = "glm-build"
@@ -79,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize-at", choices=QUANTIZE_AT, default="initialize",
                         help="quantize int8/int4 weights when each variant loads (initialize, "
                         "default) or now, into OUT/weights/ (build)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", choices=WEIGHTS, default="link",
+                         help="how the checkpoint goes into the repository, so that it moves as one "
+                         "folder: hard links where the file system allows, else copies (link, "
+                         "default), or copies (copy)")
+    weights.add_argument("--weights-uri", metavar="PATH",
+                         help="leave the checkpoint out of the repository: the variants read it at "
+                         "PATH (or file:///PATH), where the deployment mounts it, e.g. "
+                         "/mnt/weights/chatglm2-6b; --model still names a local copy to plan from")
     parser.add_argument("--fallback", choices=FALLBACKS, default="lower",
                         help="when a request's variant is full, down or reloading, the router sends "
                         "it to a lower precision that covers it (lower, default), to any variant that "
@@ -99,7 +112,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
                         out=args.out, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
                         quantize_at=args.quantize_at, dry_run=args.dry_run, force=args.force,
                         limits=args.limits, profile_dir=args.profile_dir,
-                        fallback=args.fallback)
+                        fallback=args.fallback, weights=args.weights,
+                        weights_uri=args.weights_uri)
 
 
 def _error(message: str, status: int) -> int:
@@ -202,6 +216,176 @@ def profile_main(argv: Sequence[str]) -> int:
 
 
 COMMANDS["profile"] = profile_main
+
+
+# -- glm-build deploy ------------------------------------------------------------------------------
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def build_deploy_parser() -> argparse.ArgumentParser:
+    """The ``deploy`` subcommand's parser.
+
+    >>> build_deploy_parser().parse_args([]).out
+    PosixPath('deploy')
+    """
+    from .deploy.manifests import DEFAULT_OUT as DEPLOY_OUT
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} deploy",
+        description="Write a Dockerfile (NVIDIA's Triton image, torch for the target GPU, this "
+        "package, glm-serve), Kubernetes manifests (Deployment, Service, PodDisruptionBudget, "
+        "HorizontalPodAutoscaler) and a KServe InferenceService for a built repository, from its "
+        "own plan (build.json); all or nothing.")
+    parser.add_argument("--repo", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help="the repository glm-build wrote (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEPLOY_OUT, metavar="DIR",
+                        help="folder to write (default: %(default)s)")
+    parser.add_argument("--image", metavar="REF",
+                        help="the image the Deployment runs, repository inside (default: "
+                        "glm-build:VERSION-TORCHBUILD, a local name: push it and pass its name)")
+    parser.add_argument("--runtime-image", metavar="REF",
+                        help="KServe's image, without the repository (default: IMAGE-runtime)")
+    parser.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+                        help="replicas of the Deployment, and the autoscalers' minimum (default: "
+                        "%(default)s)")
+    parser.add_argument("--max-replicas", type=_positive_int, metavar="N",
+                        help="the autoscalers' maximum (default: 2 × --replicas; `glm-build "
+                        "capacity` says what a load needs)")
+    parser.add_argument("--target-in-flight", type=_positive_float, metavar="X",
+                        help="requests in flight per pod the autoscalers aim at (default: from the "
+                        "plan's KV pool; `glm-build capacity` measures one)")
+    parser.add_argument("--namespace", default="default", help="Kubernetes namespace (default: "
+                        "%(default)s)")
+    parser.add_argument("--name", default="chatglm2-6b",
+                        help="name of every resource (default: %(default)s)")
+    parser.add_argument("--storage-uri", metavar="URI",
+                        help="where KServe's storage initializer fetches the repository from, e.g. "
+                        "s3://bucket/chatglm2-6b (default: pvc://NAME-repository/REPO)")
+    parser.add_argument("--weights-claim", metavar="CLAIM",
+                        help="PersistentVolumeClaim holding the checkpoint of a repository built "
+                        "with --weights-uri (mounted read-only there)")
+    parser.add_argument("--gpu-product", action="append", default=[], metavar="LABEL",
+                        help="nvidia.com/gpu.product value of the target nodes (repeatable; default: "
+                        "the profile's known ones)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing deploy folder")
+    return parser
+
+
+def deploy_options_from_args(args: argparse.Namespace):
+    """The :class:`builder.deploy.DeployOptions` for parsed arguments."""
+    from .deploy import DeployOptions
+
+    return DeployOptions(repo=args.repo, out=args.out, image=args.image,
+                         runtime_image=args.runtime_image, replicas=args.replicas,
+                         max_replicas=args.max_replicas, namespace=args.namespace, name=args.name,
+                         target_in_flight=args.target_in_flight, storage_uri=args.storage_uri,
+                         weights_claim=args.weights_claim, gpu_products=tuple(args.gpu_product),
+                         force=args.force)
+
+
+def deploy_main(argv: Sequence[str]) -> int:
+    """``glm-build deploy ...``: 0 written, 2 bad input (nothing written), 1 anything else."""
+    from .deploy import deploy
+
+    try:
+        args = build_deploy_parser().parse_args(list(argv))
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        result = deploy(deploy_options_from_args(args))
+    except ValueError as err:
+        return _error(str(err), 2)
+    except OSError as err:
+        return _error(f"{err} (the previous deploy folder, if any, is untouched)", 1)
+    print(result.summary())
+    return 0
+
+
+COMMANDS["deploy"] = deploy_main
+
+
+# -- glm-build capacity ----------------------------------------------------------------------------
+def _rate(text: str) -> float:
+    """``"4"``, ``"4/s"`` → 4.0 requests per second."""
+    return _positive_float(text.strip().removesuffix("/s"))
+
+
+def _seconds(text: str) -> float:
+    """``"1.5"``, ``"1.5s"``, ``"800ms"`` → seconds."""
+    text = text.strip()
+    if text.endswith("ms"):
+        return _positive_float(text[:-2]) / 1000
+    return _positive_float(text.removesuffix("s"))
+
+
+def build_capacity_parser() -> argparse.ArgumentParser:
+    """The ``capacity`` subcommand's parser.
+
+    >>> build_capacity_parser().parse_args(["--rate", "4/s", "--prompt-tokens", "300",
+    ...     "--output-tokens", "200", "--ttft-p95", "800ms", "--curves", "c.json"]).ttft_p95
+    0.8
+    """
+    from .deploy.capacity import BALANCES
+
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} capacity",
+        description="How many replicas a load needs: simulate Poisson arrivals over N replicas "
+        "behind a Kubernetes Service, each serving with a measured per-replica service curve, and "
+        "print the smallest N whose time to first token meets the target, with the autoscaler "
+        "bounds to give `glm-build deploy`.")
+    parser.add_argument("--rate", type=_rate, required=True, metavar="R/s",
+                        help="peak arrival rate, requests per second (e.g. 4 or 4/s)")
+    parser.add_argument("--prompt-tokens", type=_positive_float, required=True, metavar="P",
+                        help="mean prompt tokens per request (history included)")
+    parser.add_argument("--output-tokens", type=_positive_float, required=True, metavar="G",
+                        help="mean answer tokens per request")
+    parser.add_argument("--ttft-p95", type=_seconds, required=True, metavar="S",
+                        help="target 95th-percentile time to first token, seconds (or 800ms)")
+    parser.add_argument("--curves", type=Path, required=True, metavar="FILE",
+                        help="the replica's measured service curve (JSON, format in "
+                        "builder/deploy/curves.py; written by scripts/bench_serving.py)")
+    parser.add_argument("--min-rate", type=float, default=0.0, metavar="R/s",
+                        help="the lowest rate to keep served without waiting for a scale-up: sets "
+                        "minReplicas (default: 0, one replica)")
+    parser.add_argument("--balance", choices=BALANCES, default="random",
+                        help="how the Service spreads requests: random (kube-proxy, default) or "
+                        "least (fewest in flight, an L7 gateway)")
+    parser.add_argument("--requests", type=_positive_int, default=4000, metavar="N",
+                        help="simulated requests per fleet size (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return parser
+
+
+def capacity_main(argv: Sequence[str]) -> int:
+    """``glm-build capacity ...``: 0 done, 2 bad input or a target no fleet meets."""
+    from .deploy.capacity import plan_capacity
+    from .deploy.curves import ServiceCurve
+
+    try:
+        args = build_capacity_parser().parse_args(list(argv))
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        curve = ServiceCurve.read(args.curves)
+        plan = plan_capacity(curve, rate=args.rate, prompt_tokens=args.prompt_tokens,
+                             output_tokens=args.output_tokens, ttft_p95_s=args.ttft_p95,
+                             min_rate=args.min_rate, balance=args.balance,
+                             requests=args.requests, warmup=args.requests // 10, seed=args.seed)
+    except ValueError as err:
+        return _error(str(err), 2)
+    print(plan.summary(args.ttft_p95))
+    return 0
+
+
+COMMANDS["capacity"] = capacity_main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,9 +3,11 @@
 1. answer locally with chat(), in fp32, int8 and int4, with each model's resident size;
 2. `glm-build --quant fp16,int8,int4 --gpu cpu` into generated_repo/ (and the ChatGLM2-6B plan
    for a Tesla P40 beside it);
-3. start Triton on it (`glm-serve`), ask one question through the router, print the answer, the
+3. `glm-build deploy`: the Dockerfile and the Kubernetes / KServe manifests for that repository,
+   into deploy/ beside it (where they are, what one pod asks for);
+4. start Triton on it (`glm-serve`), ask one question through the router, print the answer, the
    variant that served it and the latency; stream one; ask a few at once;
-4. print the memory report and stop the server.
+5. print the memory report and stop the server.
 
     .venv/bin/python -m builder.demo
 """
@@ -69,6 +71,14 @@ def build_repository():
                    progress=False)
     print(result.summary())
     return result
+
+
+def write_deploy(repo: Path) -> None:
+    from .deploy import DeployOptions, deploy
+
+    out = repo.parent / "deploy"
+    banner(f"glm-build deploy --repo {repo} --out {out} --force  (container, Kubernetes, KServe)")
+    print(deploy(DeployOptions(repo=repo, out=out, force=True)).summary())
 
 
 def serve_and_ask(repo: Path) -> None:
@@ -143,6 +153,7 @@ def print_report(repo: Path) -> None:
 def main() -> None:
     answer_locally()
     result = build_repository()
+    write_deploy(result.out)
     serve_and_ask(result.out)
 
 

@@ -20,7 +20,10 @@ can leak into the next). In it:
 
 CPU readings come from ``/proc/self/status`` (``VmRSS``, and ``VmHWM`` reset through
 ``/proc/self/clear_refs``); CUDA readings from the caching allocator's statistics and
-``torch.cuda.mem_get_info`` (with ``nvidia-smi`` before the context exists).
+``torch.cuda.mem_get_info``, with one reading before the context exists from NVML (or
+``nvidia-smi``) asked for the card by the PCI bus id CUDA gives for the run's device, never by an
+index: CUDA numbers devices fastest first, NVML in PCI order. The per-process overhead measured
+(context + allocator reserve) is set beside the figure of the GPU profile matching the card.
 
 >>> from builder import TINY_CHECKPOINT
 >>> run = Run("cpu", str(TINY_CHECKPOINT), bits=4, group_size=None, dtype="bfloat16",
@@ -30,7 +33,6 @@ CPU readings come from ``/proc/self/status`` (``VmRSS``, and ``VmHWM`` reset thr
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 import time
 import traceback
@@ -61,6 +63,8 @@ class Run:
     tokens: int  # prefill length, or total length with the prompt
     vocab: int  # token ids are drawn from [3, vocab)
     threads: Optional[int] = None  # torch.set_num_threads in the run; None: torch's choice
+    concurrency: int = 1  # requests at once, through the variant's continuous batcher
+    gpu_profile: Optional[str] = None  # cuda: the profile whose overhead to compare; None: detect
 
 
 def measure_in_fresh_process(run: Run, stage: Callable[[str], None] = lambda text: None
@@ -151,9 +155,11 @@ def _measure_cuda(run: Run, stage: Callable[[str], None]) -> dict:
 
     from .checkpoint import load_chatglm2
 
-    used_before = _nvidia_smi_used()  # before this process has a context
+    index = torch.cuda.current_device()  # initializes CUDA, makes no context
+    bus_id = _cuda_pci_bus_id(index)
+    used_before = _device_used_by_pci(bus_id)  # before this process has a context
     torch.cuda.init()
-    free, total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info(index)  # the context exists from here on
     context_at_init = total - free - (used_before or 0)
     stage("warming up")
     _warm_up(run)
@@ -171,21 +177,45 @@ def _measure_cuda(run: Run, stage: Callable[[str], None]) -> dict:
     torch.cuda.synchronize()
     peak_allocated = torch.cuda.max_memory_allocated()
     peak_reserved = torch.cuda.max_memory_reserved()
-    free, total = torch.cuda.mem_get_info()
+    free, total = torch.cuda.mem_get_info(index)
     used_after = total - free - (used_before or 0)
     # everything this process holds outside the allocator: the context with its lazily loaded
     # kernels, cuBLAS/cuDNN handles
     context = used_after - torch.cuda.memory_reserved()
-    return {"measured_bytes": context + peak_reserved, "baseline_bytes": used_before or 0,
+    name = torch.cuda.get_device_name(index)
+    overhead = overhead_against_profile(
+        context, peak_reserved, peak_allocated, run.gpu_profile,
+        (name, torch.cuda.get_device_capability(index), total))
+    return {**overhead, "measured_bytes": context + peak_reserved,
+            "baseline_bytes": used_before or 0, "pci_bus_id": bus_id,
             "peak_bytes": peak_reserved, "load_seconds": load_seconds,
             "run_seconds": run_seconds, "context_bytes": context,
             "context_at_init_bytes": context_at_init, "peak_allocated_bytes": peak_allocated,
             "peak_reserved_bytes": peak_reserved, "allocated_after_load_bytes":
             allocated_after_load, "reserved_after_load_bytes": reserved_after_load,
             "device_used_after_bytes": used_after, "device_total_bytes": total,
-            "gpu": torch.cuda.get_device_name(), "context_method": "nvidia-smi before, "
-            "mem_get_info after" if used_before is not None else "mem_get_info only: assumes "
-            "no other process on the GPU"}
+            "gpu": name, "context_method": "NVML by PCI bus id before, mem_get_info after"
+            if used_before is not None else "mem_get_info only: assumes no other process on "
+            "the GPU"}
+
+
+def overhead_against_profile(context: int, peak_reserved: int, peak_allocated: int,
+                             profile_name: Optional[str], device: tuple) -> dict:
+    """The per-process overhead measured (context + what the allocator reserved beyond live
+    tensors at the peak) beside the GPU profile's ``process_overhead_bytes``: the profile named,
+    else the one matching ``device`` (name, compute capability, total bytes), else the A100's
+    default (``profile_match`` says which).
+    """
+    from .memory import DEFAULT_CUDA_PROCESS_OVERHEAD
+    from .profiles import load_profile, match_device
+
+    profile = load_profile(profile_name) if profile_name else match_device(*device)
+    expected = DEFAULT_CUDA_PROCESS_OVERHEAD if profile is None else profile.process_overhead_bytes
+    measured = context + peak_reserved - peak_allocated
+    return {"gpu_profile": None if profile is None else profile.name,
+            "profile_match": "named" if profile_name else "detected" if profile else
+            "none: the A100 default", "profile_overhead_bytes": expected,
+            "overhead_measured_bytes": measured, "overhead_error_bytes": measured - expected}
 
 
 def _warm_up(run: Run) -> None:
@@ -220,6 +250,8 @@ def _run_workload(model, run: Run, stage: Callable[[str], None]) -> float:
 
     from .generation import generate_ids
 
+    if run.concurrency > 1:
+        return _run_batched(model, run, stage)
     g = torch.Generator().manual_seed(0)
     tokens, encode = run.tokens, run.phase == "encode"
     prompt = torch.randint(3, run.vocab, (tokens if encode else PROMPT_TOKENS,),
@@ -233,6 +265,39 @@ def _run_workload(model, run: Run, stage: Callable[[str], None]) -> float:
     for count, _ in enumerate(ids, start=len(prompt) + 1):
         if not encode and count % every == 0:
             stage(f"generate {count}/{tokens} tokens")
+    return time.perf_counter() - start
+
+
+def _run_batched(model, run: Run, stage: Callable[[str], None]) -> float:
+    """``run.concurrency`` requests of the workload at once through the serving path (the
+    variant's continuous batcher, its KV pool sized for exactly them); the seconds it took."""
+    import torch
+
+    from .plan import KV_PAGE_SIZE, batch_pool
+    from .serving.batcher import Batcher, BatcherConfig
+    from .tokenizer import ChatGLM2Tokenizer
+
+    from . import TINY_CHECKPOINT
+
+    blocks, step = batch_pool(run.tokens, run.concurrency)
+    tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")  # only its stop ids matter
+    g = torch.Generator().manual_seed(0)
+    encode = run.phase == "encode"
+    stage(f"{run.concurrency} × {run.phase} {run.tokens} tokens")
+    start = time.perf_counter()
+    with Batcher(model, tokenizer, BatcherConfig(num_blocks=blocks, block_size=KV_PAGE_SIZE,
+                                                 max_batch_tokens=step, prefix_sharing=False,
+                                                 max_queue=run.concurrency)) as batcher:
+        handles = []
+        for _ in range(run.concurrency):
+            prompt = torch.randint(3, run.vocab, (run.tokens if encode else PROMPT_TOKENS,),
+                                   generator=g).tolist()
+            handles.append(batcher.submit_ids(prompt, max_length=run.tokens + 1 if encode else run.tokens,
+                                              ignore_stop=True))
+        for handle in handles:
+            handle.wait()
+            if handle.error is not None:
+                raise handle.error
     return time.perf_counter() - start
 
 
@@ -273,14 +338,40 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _nvidia_smi_used() -> Optional[int]:
-    """Bytes in use on this process's first visible GPU, read before it has a context."""
+def _cuda_pci_bus_id(index: int) -> Optional[str]:
+    """``"00000000:3B:00.0"``: the PCI bus id of CUDA device ``index``, as NVML and nvidia-smi
+    take it; None where this torch does not report it."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    try:
+        return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    except AttributeError:
+        return None
+
+
+def _device_used_by_pci(bus_id: Optional[str]) -> Optional[int]:
+    """Bytes in use on the card at PCI ``bus_id``, through NVML (``nvidia-ml-py``), else
+    ``nvidia-smi -i BUS_ID``; None when neither answers. Never by index: CUDA's device 0 is the
+    fastest card, NVML's and nvidia-smi's is the first on the PCI bus."""
     import subprocess
 
-    device = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    if bus_id is None:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(
+                pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 — not installed, no driver library, unknown bus id
+        pass
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
-                              "nounits", "-i", device], capture_output=True, text=True,
+                              "nounits", "-i", bus_id], capture_output=True, text=True,
                              timeout=30, check=True).stdout
         return int(out.strip().splitlines()[0]) * _MIB
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):

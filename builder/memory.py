@@ -79,6 +79,11 @@ cuBLAS workspaces). Calibrated on the fp16 row of the published table, which lea
 DEFAULT_CUDA_PROCESS_OVERHEAD = CUDA_CONTEXT_BYTES + ALLOCATOR_RESERVE_BYTES
 """Per-process overhead on the table's A100; the ``a100-80gb`` profile carries the same figure."""
 
+CUDA_EXTRACT_BLOCK_BYTES = 64 * MIB
+"""fp16 bytes of one projection's weight that this package's CUDA path dequantizes at once
+(:mod:`builder.cuda_quant`): the 6B's ``dense_h_to_4h`` (224 MB in fp16) in four blocks, its
+``dense_4h_to_h`` in two, the rest in one. THUDM's ``cpm_kernels`` extract the whole weight."""
+
 CPU_PROCESS_OVERHEAD = 400 * MIB
 """Resident set of a Python process that has imported torch 2.13 (CPU) and transformers 5 and
 this package, before any weights: 397 MiB measured on the development machine."""
@@ -212,7 +217,9 @@ def activation_steps(config: ChatGLM2Config, bits: int, tokens: int, phase: str,
 
     - a projection: its input and output; on CUDA with int8/int4, ``cpm_kernels`` first
       dequantizes the whole weight to fp16 (``extract_weight_to_half``), a transient as large as
-      the fp16 weight (224 MB for the 6B's ``dense_h_to_4h``), which dominates ``generate``;
+      the fp16 weight (224 MB for the 6B's ``dense_h_to_4h``), which dominates ``generate``.
+      This package's CUDA path dequantizes by row blocks instead (:func:`cuda_extract_bytes`);
+      the larger of the two is counted, so the estimate holds for either runtime;
     - attention: Q/K/V after rotary, K and V expanded from the groups to all heads for every
       cached key (THUDM's ``expand(...).contiguous()``), the context; plus, without SDPA (torch
       < 2), the ``[heads, q, k]`` scores in the model dtype and their fp32 softmax (two copies);
@@ -231,8 +238,9 @@ def activation_steps(config: ChatGLM2Config, bits: int, tokens: int, phase: str,
     h, ffn, heads = config.hidden_size, config.ffn_hidden_size, config.num_attention_heads
     dequantize = bits < 16 and device == "cuda"
 
-    def project(rows: int, cols: int) -> int:  # input [q, cols] + fp16 weight + output [q, rows]
-        return q * cols * d + (rows * cols * d if dequantize else 0) + q * rows * d
+    def project(rows: int, cols: int) -> int:  # input [q, cols] + dequantized weight + output [q, rows]
+        extract = max(rows * cols * d, cuda_extract_bytes(rows, cols, bits, q)) if dequantize else 0
+        return q * cols * d + extract + q * rows * d
 
     scores = 0 if sdpa else heads * q * k * (d + 4 + 4)  # [heads, q, k]: dtype, fp32, softmax
     proj = quantized_projections(config)
@@ -304,7 +312,10 @@ def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
     needs a fresh one. That block is calibrated, not derived: the published int8/int4 cells need
     0.17–0.54e9 bytes (0.41e9 on average) more overhead than the fp16 ones; this block (0.22e9
     for the 6B) is the part with an explanation, and the rest is why those rows come out 1–3.5%
-    low.
+    low. This package's CUDA path keeps less cached (its row blocks, :func:`cuda_extract_bytes`);
+    the larger of the two is counted. Loading leaves nothing reserved: int8/int4 are quantized
+    on the CPU and only finished tensors move to the GPU, and ``load_chatglm2`` empties the
+    caching allocator afterwards (``builder.checkpoint.release_free_memory``).
 
     On a CPU: ``process_overhead`` or :data:`CPU_PROCESS_OVERHEAD`, the interpreter's resident
     set; glibc returns freed blocks of 32 MiB and more to the system, so there is no allocator
@@ -322,8 +333,40 @@ def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
     base = DEFAULT_CUDA_PROCESS_OVERHEAD if process_overhead is None else process_overhead
     if bits == 16:
         return base
-    largest = max(rows * cols for rows, cols in quantized_projections(config).values())
-    return base + largest * dtype_bytes
+    projections = quantized_projections(config).values()
+    largest = max(rows * cols for rows, cols in projections)
+    cached = max(cuda_extract_bytes(rows, cols, bits) for rows, cols in projections)
+    return base + max(largest * dtype_bytes, cached)
+
+
+def cuda_extract_rows(rows: int, cols: int) -> int:
+    """Rows of a [rows, cols] projection that this package's CUDA path dequantizes at once: as
+    many as fit :data:`CUDA_EXTRACT_BLOCK_BYTES` in fp16, at least one.
+
+    >>> cuda_extract_rows(27392, 4096), cuda_extract_rows(4608, 4096)
+    (8192, 4608)
+    """
+    return min(rows, max(1, CUDA_EXTRACT_BLOCK_BYTES // (cols * 2)))
+
+
+def cuda_extract_bytes(rows: int, cols: int, bits: int, tokens: int = 0) -> int:
+    """Temporaries of one int8/int4 projection's forward on this package's CUDA path
+    (:mod:`builder.cuda_quant`), beyond its input and output: one fp16 block of
+    :func:`cuda_extract_rows` rows (codes times scales written straight into it), for int4 one
+    ``[block, cols/2]`` int8 nibble plane beside it, and, when the weight takes more than one
+    block, the block's ``[tokens, block]`` fp16 output before it is copied into place.
+
+    With ``tokens=0`` it is what the caching allocator keeps cached between forwards (the
+    blocks are the same size every time, so they are reused, and :func:`overhead_bytes` counts
+    them as reserved). The fused kernel (CuPy, decode steps) needs none of it; prefills still do.
+
+    >>> cuda_extract_bytes(27392, 4096, 8) == 8192 * 4096 * 2
+    True
+    """
+    block = cuda_extract_rows(rows, cols)
+    nibbles = block * cols // 2 if bits == 4 else 0
+    output = tokens * block * 2 if block < rows else 0
+    return block * cols * 2 + nibbles + output
 
 
 # -- the estimate ------------------------------------------------------------------------------

@@ -108,7 +108,8 @@ class Variant:
 
     def dtype(self, profile: GpuProfile) -> str:
         """The activations' dtype: float16 for fp16 everywhere; bfloat16 for int8/int4 on a CPU
-        (torch's fused int8 kernel is 11× slower with other activations), float16 on a GPU."""
+        (torch's fused int8 kernel is 11× slower with other activations), float16 on a GPU, the
+        P40 too: torch's fp16 matmuls accumulate in fp32 there (profiles/p40.toml says why)."""
         if self.bits == 16 or profile.kind == "gpu":
             return "float16"
         return "bfloat16"
@@ -410,6 +411,18 @@ def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: 
     return dataclasses.replace(plan, placements=tuple(kv_pools(plan)))
 
 
+def batch_pool(tokens: int, concurrency: int) -> tuple[int, int]:
+    """``(blocks, max_batch_tokens)`` of a batcher sized for ``concurrency`` requests of ``tokens``
+    (what ``glm-build profile`` runs ``generate:512x8`` with)."""
+    return concurrency * -(-tokens // KV_PAGE_SIZE), min(tokens, MAX_BATCH_TOKENS)
+
+
+def batcher_mask_bytes(blocks: int, step: int) -> int:
+    """transformers' continuous batching keeps an attention mask of ``step × (pool + step)``
+    float32s beside the pool (``step``: tokens per batch step)."""
+    return step * (blocks * KV_PAGE_SIZE + step) * 4
+
+
 def kv_pools(plan: Plan) -> list[Placement]:
     """Each placement with its KV pool: the most blocks such that a batch filling them with
     requests of any length in :data:`CONCURRENCY_LENGTHS` (or the routing limit) still fits its
@@ -434,7 +447,7 @@ def kv_pools(plan: Plan) -> list[Placement]:
 
         def fits(blocks: int) -> bool:
             # transformers' batcher also keeps an attention mask of step × (pool + step) floats
-            mask = step * (blocks * KV_PAGE_SIZE + step) * 4
+            mask = batcher_mask_bytes(blocks, step)
             for tokens in lengths:
                 n = blocks // -(-tokens // KV_PAGE_SIZE)
                 need = phase_need(plan.config, p.variant, tokens, plan.profile, max(n, 1))

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Optional
 from .config import CHATGLM2_6B, ChatGLM2Config
 from .memory import PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
 from .measure import PROMPT_TOKENS, RunFailedError
-from .plan import Variant, variants_of
+from .plan import Variant, batch_pool, batcher_mask_bytes, variants_of
 
 DEFAULT_WORKLOADS = "encode:2048,generate:8192"  # the published table's
 DEFAULT_OUT = Path("profile")
@@ -49,14 +49,18 @@ class ProfilingError(ValueError):
 # -- workloads ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Workload:
-    """``encode`` one prefill of ``tokens``, or ``generate`` until ``tokens`` in total.
+    """``encode`` one prefill of ``tokens``, or ``generate`` until ``tokens`` in total; with
+    ``xN``, N such requests at once through the variant's continuous batcher.
 
     >>> Workload.parse("generate:8192")
-    Workload(phase='generate', tokens=8192)
+    Workload(phase='generate', tokens=8192, concurrency=1)
+    >>> str(Workload.parse("generate:512x8"))
+    'generate:512x8'
     """
 
     phase: str  # "encode" or "generate" (builder.memory.PHASES)
     tokens: int  # prefill length, or total length with the prompt
+    concurrency: int = 1  # requests at once (continuous batching)
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -65,20 +69,25 @@ class Workload:
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
             raise ProfilingError(f"workloads: tokens must be a positive integer, got "
                                  f"{self.tokens!r} in {self.phase}:{self.tokens}")
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) \
+                or self.concurrency < 1:
+            raise ProfilingError(f"workloads: concurrency must be a positive integer, got "
+                                 f"{self.concurrency!r} in {self.phase}:{self.tokens}")
         if self.phase == "generate" and self.tokens <= PROMPT_TOKENS:
             raise ProfilingError(f"workloads: {self} must exceed the {PROMPT_TOKENS}-token "
                                  f"prompt it decodes from")
 
     @classmethod
     def parse(cls, text: str) -> "Workload":
-        phase, sep, tokens = text.strip().partition(":")
-        if not sep or not tokens.strip().isdigit():
-            raise ProfilingError(f"workloads: {text.strip()!r} must look like PHASE:TOKENS, "
-                                 f"e.g. encode:2048 or generate:8192")
-        return cls(phase.strip().lower(), int(tokens))
+        phase, sep, rest = text.strip().partition(":")
+        tokens, times, concurrency = rest.strip().lower().partition("x")
+        if not sep or not tokens.strip().isdigit() or (times and not concurrency.strip().isdigit()):
+            raise ProfilingError(f"workloads: {text.strip()!r} must look like PHASE:TOKENS or "
+                                 f"PHASE:TOKENSxREQUESTS, e.g. encode:2048 or generate:512x8")
+        return cls(phase.strip().lower(), int(tokens), int(concurrency) if times else 1)
 
     def __str__(self) -> str:
-        return f"{self.phase}:{self.tokens}"
+        return f"{self.phase}:{self.tokens}" + (f"x{self.concurrency}" if self.concurrency > 1 else "")
 
 
 def parse_workloads(text: str | Iterable[str | Workload]) -> tuple[Workload, ...]:
@@ -247,6 +256,7 @@ class ProfileRecord:
     bits: int  # 16, 8, 4
     phase: str  # encode or generate
     tokens: int
+    concurrency: int  # requests at once (1: one request, as builder.chat runs it)
     device: str  # cpu or cuda
     measured_bytes: int  # CPU: workload peak RSS − baseline; CUDA: context + peak reserved
     estimated_bytes: int  # builder.estimate_memory for this device, like with like (see estimate_for)
@@ -268,7 +278,7 @@ class ProfileRecord:
 
     @property
     def workload(self) -> str:
-        return f"{self.phase}:{self.tokens}"
+        return str(Workload(self.phase, self.tokens, self.concurrency))
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "error": round(self.error, 4)}
@@ -283,9 +293,15 @@ def estimate_for(config: ChatGLM2Config, variant: Variant, workload: Workload,
     overhead: the measurement subtracts the baseline taken after the imports. On CUDA the
     default per-process overhead (CUDA context + allocator reserve), which the measurement holds.
     """
-    return estimate_breakdown(config, variant.bits, workload.tokens, workload.phase,
-                              group_size=variant.group_size, dtype_bytes=2, device=device,
-                              process_overhead=0 if device == "cpu" else None, all_logits=False)
+    estimate = estimate_breakdown(config, variant.bits, workload.tokens, workload.phase,
+                                  group_size=variant.group_size, dtype_bytes=2, device=device,
+                                  process_overhead=0 if device == "cpu" else None, all_logits=False,
+                                  concurrency=workload.concurrency)
+    if workload.concurrency == 1:
+        return estimate
+    # N requests at once run through the continuous batcher: its attention mask over the pool
+    pool = batch_pool(workload.tokens, workload.concurrency)
+    return dataclasses.replace(estimate, activations=estimate.activations + batcher_mask_bytes(*pool))
 
 
 def published_for(target: Target, variant: Variant, workload: Workload) -> Optional[int]:
@@ -332,12 +348,13 @@ def run_profile(options: ProfileOptions, progress: bool = True) -> list[ProfileR
                       group_size=variant.group_size,
                       dtype=variant_dtype(variant, options.device), phase=workload.phase,
                       tokens=workload.tokens, vocab=target.config.padded_vocab_size,
-                      threads=options.threads)
+                      threads=options.threads, concurrency=workload.concurrency)
             result = measure_in_fresh_process(run, stage)
             estimate = estimate_for(target.config, variant, workload, options.device)
             records.append(ProfileRecord(
                 variant=variant.name, precision=variant.precision, bits=variant.bits,
-                phase=workload.phase, tokens=workload.tokens, device=options.device,
+                phase=workload.phase, tokens=workload.tokens, concurrency=workload.concurrency,
+                device=options.device,
                 measured_bytes=result.pop("measured_bytes"), estimated_bytes=estimate.total,
                 published_bytes=published_for(target, variant, workload), dtype=run.dtype,
                 layers=target.config.num_layers, model=target.label,

@@ -5,8 +5,8 @@ repository's top-level ``profiles/`` links there). A name may carry a count: ``p
 P40s. ``cpu`` means CPU instances with this host's memory as the budget.
 
 >>> p = load_profile("P40x2")
->>> p.name, p.count, p.compute_capability, p.supports_bf16, p.fast_fp16
-('p40', 2, (6, 1), False, False)
+>>> p.name, p.count, p.compute_capability, p.supports_bf16
+('p40', 2, (6, 1), False)
 >>> list_profiles()[0]
 'p40'
 """
@@ -50,7 +50,6 @@ class GpuProfile:
     memory_bytes: int  # per device; the host's total for "cpu"
     compute_capability: tuple[int, int] | None  # (6, 1) for the P40; None for "cpu"
     supports_bf16: bool  # bfloat16 arithmetic (compute capability >= 8.0 on NVIDIA GPUs)
-    fast_fp16: bool  # False where fp16 arithmetic is much slower than fp32 (Pascal GP102: 1/64)
     bandwidth_bytes_per_s: int | None  # memory bandwidth; None where unknown (CPU hosts)
     process_overhead_bytes: int  # per process: CUDA context + allocator reserve, or base RSS
     kind: str = "gpu"  # "gpu" or "cpu"
@@ -65,9 +64,8 @@ class GpuProfile:
             self._fail("kind", f"must be one of {', '.join(_KINDS)}")
         if not _positive_int(self.memory_bytes):
             self._fail("memory_bytes", "must be a positive integer")
-        for field in ("supports_bf16", "fast_fp16"):
-            if not isinstance(getattr(self, field), bool):
-                self._fail(field, "must be true or false")
+        if not isinstance(self.supports_bf16, bool):
+            self._fail("supports_bf16", "must be true or false")
         cc = self.compute_capability
         if self.kind == "cpu":
             if cc is not None:
@@ -121,7 +119,7 @@ def _positive_int(value: Any) -> bool:
 
 # -- files --------------------------------------------------------------------------------------
 _TOML_KEYS = {"name", "description", "kind", "memory_gib", "compute_capability", "supports_bf16",
-              "fast_fp16", "bandwidth_gb_per_s", "process_overhead_mib"}
+              "bandwidth_gb_per_s", "process_overhead_mib"}
 _TOML_REQUIRED = _TOML_KEYS - {"compute_capability", "bandwidth_gb_per_s"}
 
 
@@ -161,7 +159,6 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> GpuProfile
         memory_bytes=memory_bytes,
         compute_capability=cc,
         supports_bf16=raw["supports_bf16"],
-        fast_fp16=raw["fast_fp16"],
         bandwidth_bytes_per_s=_scaled(raw, "bandwidth_gb_per_s", _GB, source),
         process_overhead_bytes=_scaled(raw, "process_overhead_mib", _MIB, source),
         kind=raw["kind"],
@@ -220,3 +217,28 @@ def load_profile(name: str, directory: str | Path | None = None) -> GpuProfile:
         base, count = match.group(1), int(match.group(2))
     profile = profile_from_toml(directory / f"{base}.toml")
     return profile if count == 1 else profile.with_count(count)
+
+
+def match_device(device_name: str, compute_capability: tuple[int, int], memory_bytes: int,
+                 directory: str | Path | None = None) -> GpuProfile | None:
+    """The GPU profile of a device CUDA reports, or None when no profile fits it.
+
+    A profile fits when its compute capability is the device's and its memory is within 10% of
+    what CUDA reports (a board's total is a little below its nominal size); among several, the
+    one whose name (less its memory suffix) appears in the device's name wins, e.g. "a10" in
+    "NVIDIA A10" over the RTX 3090, which has the same capability and memory.
+
+    >>> match_device("Tesla P40", (6, 1), 24 * 2**30 - 500 * 2**20).name
+    'p40'
+    >>> match_device("NVIDIA H200", (9, 0), 141 * 10**9) is None
+    True
+    """
+    fits = []
+    for name in list_profiles(directory):
+        profile = load_profile(name, directory)
+        if (profile.kind == "gpu" and profile.compute_capability == tuple(compute_capability)
+                and abs(profile.memory_bytes - memory_bytes) <= 0.1 * profile.memory_bytes):
+            fits.append(profile)
+    device = re.sub(r"[^a-z0-9]", "", device_name.lower())
+    named = [p for p in fits if re.sub(r"-?\d+gb$|[^a-z0-9]", "", p.name.replace("rtx", "")) in device]
+    return (named or fits or [None])[0]

@@ -7,8 +7,11 @@ load as they are). The four projections of every decoder layer are replaced (GLM
 int4 (``group_size`` 32/64/128: one scale per row per group) is offered beside it.
 
 Kernels: on CPU torch's fused weight-only kernels (``_weight_int8pack_mm`` with bfloat16 activations,
-``_weight_int4pack_mm_for_cpu``); on CUDA THUDM's own way, extract the weight to fp16 then one fp16
-matmul; anywhere else (or for shapes the CPU kernels refuse) dequantize, then matmul.
+``_weight_int4pack_mm_for_cpu``); on CUDA :mod:`builder.cuda_quant` (a fused weight-only GEMV for
+decode steps where CuPy is installed, else fp16 extraction by row blocks then cuBLAS); anywhere else
+(or for shapes the CPU kernels refuse) dequantize, then matmul. Quantizing runs where the float
+weight is, a block of rows at a time: at load that is the CPU, and only finished codes, scales and
+bias move to a GPU.
 
 >>> model = quantize(model, 4)                  # in place, and returned
 >>> hook = make_load_hook(model, 8)            # or quantize while a checkpoint streams in
@@ -312,13 +315,21 @@ class QuantizedLinear(torch.nn.Module):
     # -- constructors ---------------------------------------------------------------------------
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int,
-                   group_size: int | None = None) -> "QuantizedLinear":
-        """Quantize a float weight [out, in] with ChatGLM2's per-row scheme (or group-wise int4)."""
+                   group_size: int | None = None, *,
+                   device: str | torch.device | None = None) -> "QuantizedLinear":
+        """Quantize a float weight [out, in] with ChatGLM2's per-row scheme (or group-wise int4).
+
+        ``device``: where the layer runs (default: the weight's). The weight is quantized where it
+        is, a block of rows at a time; only the finished codes, scales and bias move.
+        """
         check_bits(bits, group_size)
         weight = weight.detach()
         if group_size is not None and weight.shape[1] % group_size:
             raise ValueError(f"group_size={group_size} does not divide in_features={weight.shape[1]}")
         codes, scale = quantize_weight(weight, bits, group_size)
+        if device is not None:
+            codes, scale = codes.to(device), scale.to(device)
+            bias = None if bias is None else bias.to(device)
         return cls(codes, scale, bias, bits)
 
     @classmethod
@@ -371,23 +382,16 @@ class QuantizedLinear(torch.nn.Module):
                 x2.to(torch.bfloat16).contiguous(), self.weight_int4pack, self.kernel_group_size,
                 self.scales_and_zeros.to(torch.bfloat16))
         elif self.kernel == "cuda_extract":
-            y = F.linear(x2.to(torch.float16), self._extract_half())
+            from . import cuda_quant
+
+            y = cuda_quant.linear(x2.to(torch.float16).contiguous(), self.weight, self.weight_scale,
+                                  self.bits, self.group_size)
         else:
             y = F.linear(x2, dequantize(self.codes(), self.weight_scale).to(x2.dtype))
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _extract_half(self) -> torch.Tensor:
-        """THUDM's ``int{4,8}WeightExtractionHalf``: codes times scale, straight to fp16 [out, in].
-
-        THUDM ships these as a compiled blob inside its ``quantization.py`` (run through
-        ``cpm_kernels``' loader; ``cpm_kernels`` itself has no such kernel), so the same elementwise
-        work is written here in torch ops, which run on the GPU just the same.
-        """
-        q = unpack_int4(self.weight) if self.bits == 4 else self.weight  # [out, in] int8
-        return q.to(torch.float16) * _per_column(self.weight_scale, self.in_features)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
@@ -442,13 +446,14 @@ class ProjectionLoader:
     """
 
     def __init__(self, model: torch.nn.Module, bits: int, *, group_size: int | None = None,
-                 device: str | torch.device = "cpu", prequantized: bool = False,
-                 filter_fn: FilterFn | None = None):
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 prequantized: bool = False, filter_fn: FilterFn | None = None):
         check_bits(bits, group_size)
         if prequantized and group_size is not None:
             raise ValueError("group_size does not apply to a pre-quantized checkpoint (its scales say it)")
         self.model, self.bits, self.group_size = model, bits, group_size
         self.device = torch.device(device)
+        self.dtype = dtype  # the bias's; None: the float layer's (float32 on a meta-built model)
         self.prequantized = prequantized
         self.filter_fn = filter_fn or is_projection
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -479,7 +484,7 @@ class ProjectionLoader:
         old = self.model.get_submodule(module_name)
         bias = parts.get("bias")
         if bias is not None:
-            bias = bias.to(self.device, old.bias.dtype)  # the model's compute dtype
+            bias = bias.to(self.device, self.dtype or old.bias.dtype)  # the load dtype: no cast per call
         if self.prequantized:
             layer = QuantizedLinear.from_thudm(parts["weight"].to(self.device),
                                                parts["weight_scale"].to(self.device), bias, self.bits)
@@ -488,8 +493,9 @@ class ProjectionLoader:
             if tuple(weight.shape) != (old.out_features, old.in_features):
                 raise ValueError(f"{module_name}.weight has shape {tuple(weight.shape)}, but the model "
                                  f"expects {(old.out_features, old.in_features)}")
-            try:
-                layer = QuantizedLinear.from_float(weight.to(self.device), bias, self.bits, self.group_size)
+            try:  # on the CPU, where the checkpoint's tensor is; finished tensors move to the device
+                layer = QuantizedLinear.from_float(weight.cpu(), bias, self.bits, self.group_size,
+                                                   device=self.device)
             except ValueError as err:
                 raise ValueError(f"cannot quantize {module_name}: {err}") from err
         if (layer.out_features, layer.in_features) != (old.out_features, old.in_features):
@@ -508,16 +514,18 @@ class ProjectionLoader:
 
 
 def make_load_hook(model: torch.nn.Module, bits: int, group_size: int | None = None, *,
-                   device: str | torch.device = "cpu") -> ProjectionLoader:
-    """Quantize each projection as its float weight is read (peak memory: one float layer at a time).
+                   device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> ProjectionLoader:
+    """Quantize each projection as its float weight is read (peak memory: one float layer at a time),
+    on the CPU whatever ``device`` the layers go to; biases in ``dtype``, the model's.
 
-    >>> hook = make_load_hook(model, 4, device="cpu")
+    >>> hook = make_load_hook(model, 4, device="cpu", dtype=torch.bfloat16)
     >>> load_weights(model, path, config, device=..., dtype=..., hook=hook); hook.check_complete()
     """
-    return ProjectionLoader(model, bits, group_size=group_size, device=device)
+    return ProjectionLoader(model, bits, group_size=group_size, device=device, dtype=dtype)
 
 
-def make_prequantized_hook(model: torch.nn.Module, bits: int, *,
-                           device: str | torch.device = "cpu") -> ProjectionLoader:
+def make_prequantized_hook(model: torch.nn.Module, bits: int, *, device: str | torch.device = "cpu",
+                           dtype: torch.dtype | None = None) -> ProjectionLoader:
     """Place THUDM's pre-quantized ``weight`` (int8) + ``weight_scale`` tensors as they are read."""
-    return ProjectionLoader(model, bits, device=device, prequantized=True)
+    return ProjectionLoader(model, bits, device=device, dtype=dtype, prequantized=True)

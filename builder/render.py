@@ -2,8 +2,19 @@
 
 The Jinja2 templates live in ``builder/assets/variants/`` (``variants/`` at the top of the
 repository links there). A missing value fails the build (``StrictUndefined``), and every value
-that reaches a ``config.pbtxt`` goes through a filter that validates it (names, absolute paths,
-integers) or escapes it, so nothing can break the file's syntax.
+that reaches a ``config.pbtxt`` goes through a filter that validates it (names, paths, integers)
+or escapes it, so nothing can break the file's syntax.
+
+The repository moves: no generated file names a path of the build machine. Each model folder
+holds what it loads, and its parameters name it relative to that folder (Triton's Python backend
+passes the folder as ``args["model_repository"]``): a variant's weights are in
+``<variant>/1/weights/`` (the checkpoint hard-linked or copied there, ``weights="link"|"copy"``, or
+the quantized weights of ``quantize_at="build"``), a router's tokenizer is
+``<router>/1/tokenizer.model``. Triton refuses a repository with any other folder at its top
+(``weights/`` there fails every start with "failed to load all models"), and skips a model's
+non-numeric subfolders, hence ``1/``. Variants that load the same checkpoint share its files as
+hard links inside the repository. ``weights_uri`` instead names a path the deployment mounts (a
+volume holding the checkpoint); nothing is copied then.
 
 Everything is written into a temporary folder beside ``out`` and moved into place only when it all
 succeeded; an existing output is replaced only with ``force``, by renaming it aside first, so a
@@ -18,6 +29,8 @@ PosixPath('generated_repo')
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import re
 import shutil
@@ -33,6 +46,9 @@ from .report import ModelSource, build_record, glm_build_version, write_report
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "assets" / "variants"
 QUANTIZE_AT = ("initialize", "build")
+WEIGHTS = ("link", "copy")  # how the checkpoint gets into the repository (unless weights_uri)
+WEIGHTS_DIR = "1/weights"  # a variant's weights, relative to its model folder
+TOKENIZER_IN_ROUTER = "1/tokenizer.model"  # a router's tokenizer, relative to its model folder
 ROUTERS = ((MODEL_NAME, False), (f"{MODEL_NAME}-stream", True))  # (name, decoupled)
 # Router processes per router model: {decoupled: count}. The one-response router answers from
 # execute(), so each of its instances carries one request at a time; the streaming router
@@ -76,10 +92,13 @@ def pbtxt_name(value) -> str:
 
 
 def pbtxt_path(value) -> str:
-    """An absolute path with no quote, backslash or control character."""
+    """A path relative to the model's folder (no ``..``: it stays inside the repository), or an
+    absolute one the deployment mounts; no quote, backslash or control character."""
     text = str(value)
-    if not isinstance(value, (str, os.PathLike)) or not os.path.isabs(text):
-        raise TemplateValueError(f"path {text!r} must be absolute")
+    if not isinstance(value, (str, os.PathLike)) or not text:
+        raise TemplateValueError(f"path {value!r} must be a path")
+    if not os.path.isabs(text) and ".." in Path(text).parts:
+        raise TemplateValueError(f"path {text!r} must stay inside the model's folder (no '..')")
     if '"' in text or "\\" in text or _CONTROL.search(text):
         raise TemplateValueError(f"path {text!r} must not hold quotes, backslashes or newlines "
                                  f"(it goes into config.pbtxt)")
@@ -173,64 +192,169 @@ def _write(env: jinja2.Environment, template: str, path: Path, context: dict) ->
     path.write_text(text, encoding="utf-8")
 
 
-def _quantize_weights(plan: Plan, checkpoint: Path, staging: Path, out: Path,
-                      progress: bool) -> dict[str, Path]:
-    """Quantize each int variant's weights into ``staging/weights/<precision>``; return where
-    they will be once ``staging`` is ``out``."""
+def _quantize_weights(plan: Plan, checkpoint: Path, staging: Path, progress: bool) -> set[str]:
+    """Quantize each int variant's weights into ``staging/<variant>/1/weights``; return the
+    precisions done."""
     from tqdm import tqdm
 
     from .checkpoint import save_quantized
 
-    final = {}
+    done = set()
     for placement in plan.placements:
         variant = placement.variant
         if variant.bits == 16:
             continue
         # the bar is handed over whole: save_quantized sets its total and updates it per tensor
         with tqdm(desc=f"quantizing {variant.name}", unit="tensor", disable=not progress) as bar:
-            save_quantized(checkpoint, staging / "weights" / variant.precision, variant.bits,
+            save_quantized(checkpoint, staging / variant.name / WEIGHTS_DIR, variant.bits,
                            group_size=variant.group_size, progress=bar)
-        final[variant.precision] = out / "weights" / variant.precision
-    return final
+        done.add(variant.precision)
+    return done
 
 
-def render_models(plan: Plan, staging: Path, *, checkpoint: Path, tokenizer: Path,
-                  quantize_at: str, model_label: str, weights: dict[str, Path] | None = None,
-                  templates_dir: Path | None = None, fallback: str = "lower") -> None:
-    """The variant and router models (config.pbtxt + 1/model.py) into ``staging``."""
+def checkpoint_files(checkpoint: Path) -> list[Path]:
+    """What loading ``checkpoint`` reads: config, tokenizer, index files and weight shards."""
+    from .checkpoint import CONFIG_FILE, weight_files
+
+    names = [CONFIG_FILE, TOKENIZER_FILE] + sorted(p.name for p in checkpoint.glob("*.index.json"))
+    return [checkpoint / n for n in names] + weight_files(checkpoint)
+
+
+def _put(src: Path, dst: Path, mode: str) -> str:
+    """Hard-link (``mode="link"``) or copy ``src`` to ``dst``; "linked" or "copied". A link that
+    the file system refuses (another device, no hard links) is a copy."""
+    if mode == "link":
+        try:
+            os.link(src, dst)  # follows a symlink (the Hugging Face cache's snapshot files)
+            return "linked"
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+    shutil.copyfile(src, dst)
+    return "copied"
+
+
+def _place_checkpoint(plan: Plan, checkpoint: Path, staging: Path, mode: str,
+                      quantized: set[str]) -> dict:
+    """Put the checkpoint into ``<variant>/1/weights`` of every variant that loads it as it is
+    (fp16, or quantized at initialize): linked or copied from ``checkpoint`` once, then hard-linked
+    between the variants. Returns what build.json records."""
+    counts = {"linked": 0, "copied": 0, "shared": 0}
+    first = None
+    for placement in plan.placements:
+        if placement.variant.precision in quantized:
+            continue
+        folder = staging / placement.variant.name / WEIGHTS_DIR
+        folder.mkdir(parents=True)
+        for src in checkpoint_files(checkpoint):
+            if first is None:
+                counts[_put(src, folder / src.name, mode)] += 1
+            else:  # inside the repository: the same files, no more bytes
+                _put(first / src.name, folder / src.name, "link")
+                counts["shared"] += 1
+        first = first or folder
+    return counts
+
+
+def check_weights_uri(uri: str) -> str:
+    """``/mnt/models/chatglm2-6b`` or ``file:///mnt/models/chatglm2-6b`` → the absolute path the
+    variants read; other schemes are refused (mount them, then name the mount)."""
+    text = str(uri).strip()
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if "://" in text or not text.startswith("/"):
+        raise ValueError(f"weights_uri {uri!r}: must be an absolute path (or file:///path) where "
+                         f"the deployment mounts the checkpoint; for object storage (s3://, gs://) "
+                         f"mount it (a CSI driver, KServe's storage initializer) and name the mount")
+    pbtxt_path(text)  # no quotes, backslashes or newlines
+    return text.rstrip("/") or "/"
+
+
+def render_models(plan: Plan, staging: Path, *, checkpoint: Path, quantize_at: str,
+                  model_label: str, quantized: set[str] = frozenset(),
+                  weights_uri: str | None = None, templates_dir: Path | None = None,
+                  fallback: str = "lower") -> None:
+    """The variant and router models (config.pbtxt + 1/model.py, the routers' tokenizer) into
+    ``staging``; ``quantized``: precisions whose weights ``quantize_at="build"`` wrote."""
     env = template_environment(templates_dir)
     common = {"glm_build_version": glm_build_version(), "model_label": model_label,
-              "profile_label": plan.profile.label, "seq_length": plan.config.seq_length,
-              "tokenizer": tokenizer}
-    weights = weights or {}
+              "profile_label": plan.profile.label, "seq_length": plan.config.seq_length}
     for p in plan.placements:
+        quantized_here = p.variant.precision in quantized
+        weights = weights_uri if weights_uri and not quantized_here else WEIGHTS_DIR
         context = dict(common, variant=p.variant, device=p.device, dtype=p.dtype,
                        max_tokens=p.max_tokens, kv_blocks=p.kv_blocks, kv_page_size=KV_PAGE_SIZE,
-                       max_batch_tokens=p.max_batch_tokens,
-                       checkpoint=weights.get(p.variant.precision, checkpoint),
+                       max_batch_tokens=p.max_batch_tokens, checkpoint=weights,
+                       tokenizer=f"{weights}/{TOKENIZER_FILE}",
                        # fp16 has nothing to quantize: it always loads the checkpoint as it is
-                       quantize_at=quantize_at if p.variant.precision in weights else "initialize")
+                       quantize_at=quantize_at if quantized_here else "initialize")
         folder = staging / p.variant.name
         _write(env, "variant.config.pbtxt.j2", folder / "config.pbtxt", context)
         _write(env, "variant.model.py.j2", folder / "1" / "model.py", context)
     for name, decoupled in ROUTERS:
         context = dict(common, name=name, decoupled=decoupled, fallback=fallback,
+                       tokenizer=TOKENIZER_IN_ROUTER,
                        routing=plan.routing_table().to_json(), instances=ROUTER_INSTANCES[decoupled])
         _write(env, "router.config.pbtxt.j2", staging / name / "config.pbtxt", context)
         _write(env, "router.model.py.j2", staging / name / "1" / "model.py", context)
+        shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / name / TOKENIZER_IN_ROUTER)
+
+
+def _portable(text: str | None, out: Path) -> str | None:
+    """A path the user gave, without the build machine's folders: relative ones stay, absolute
+    ones keep their last part."""
+    if not text or not os.path.isabs(text):
+        return text
+    return Path(text).name
+
+
+def _portable_record(record: dict, out: Path) -> dict:
+    """build.json without absolute paths of the build machine (file hashes identify the inputs)."""
+    model = record["inputs"]["model"]
+    for key in ("checkpoint", "source"):
+        model[key] = _portable(model.get(key), out)
+    options = record["inputs"]["options"]
+    for key in ("model", "out"):
+        options[key] = _portable(options.get(key), out)
+    if options.get("profile_dir"):
+        options["profile_dir"] = os.path.relpath(Path(options["profile_dir"]).resolve(),
+                                                 out.resolve())
+    return record
+
+
+def weights_record(plan: Plan, staging: Path, *, mode: str, weights_uri: str | None,
+                   quantized: set[str], counts: dict) -> dict:
+    """build.json's ``weights``: where each variant's weights are, and their bytes (what a
+    deployment reads at start)."""
+    variants = {}
+    for p in plan.placements:
+        inside = weights_uri is None or p.variant.precision in quantized
+        folder = staging / p.variant.name / WEIGHTS_DIR
+        files = sorted(f for f in folder.iterdir() if f.is_file()) if inside else []
+        variants[p.variant.name] = {
+            "location": WEIGHTS_DIR if inside else weights_uri,
+            "inside_repository": inside, "quantized_at_build": p.variant.precision in quantized,
+            "bytes": sum(f.stat().st_size for f in files) if inside else None,
+            "largest_file_bytes": max((f.stat().st_size for f in files), default=0) if inside
+            else None}
+    return {"mode": "uri" if weights_uri else mode, "uri": weights_uri, "files": counts,
+            "variants": variants}
 
 
 def render_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, force: bool = False,
                       quantize_at: str = "initialize", source: ModelSource | None = None,
                       options: dict | None = None, profile_dir: str | Path | None = None,
                       templates_dir: str | Path | None = None, progress: bool = True,
-                      fallback: str = "lower") -> Path:
+                      fallback: str = "lower", weights: str = "link",
+                      weights_uri: str | None = None) -> Path:
     """Write the Triton repository for ``plan`` to ``out``, all or nothing; returns ``out``.
 
     ``checkpoint``: the checkpoint folder the variants load (its ``tokenizer.model`` serves the
     routers too). ``quantize_at="build"`` quantizes the int8/int4 weights now, into
-    ``out/weights/<precision>/``; ``"initialize"`` leaves it to each variant as it loads.
-    ``source`` names the model in the reports; ``options`` are recorded in build.json;
+    ``out/<variant>/1/weights/``; ``"initialize"`` leaves it to each variant as it loads.
+    ``weights``: ``"link"`` (hard links where the file system allows, else copies) or ``"copy"``
+    puts the checkpoint into the repository; ``weights_uri`` instead names where the deployment
+    mounts it. ``source`` names the model in the reports; ``options`` are recorded in build.json;
     ``profile_dir`` holding profile.md/profile.json is linked from report.md.
     """
     out = Path(out)
@@ -238,25 +362,38 @@ def render_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, fo
     if quantize_at not in QUANTIZE_AT:
         raise ValueError(f"quantize_at must be one of {', '.join(QUANTIZE_AT)}, "
                          f"got {quantize_at!r}")
-    tokenizer = checkpoint / TOKENIZER_FILE
-    if not tokenizer.is_file():
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights_uri is not None:
+        weights_uri = check_weights_uri(weights_uri)
+    if not (checkpoint / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} has no {TOKENIZER_FILE}")
     check_output(out, force)
     source = source or ModelSource(plan.config, f"the checkpoint {checkpoint.name}",
                                    str(checkpoint), checkpoint)
+    # the reports name what the user gave, not where it lies on this machine
+    label = source.label
+    for path in (source.source, str(checkpoint)):
+        if path and os.path.isabs(path):
+            label = label.replace(path, Path(path).name)
+    reported = dataclasses.replace(source, source=_portable(source.source, out) or "", label=label)
     templates_dir = Path(templates_dir or TEMPLATES_DIR)
     out.parent.mkdir(parents=True, exist_ok=True)
     final = out.resolve()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        weights = (_quantize_weights(plan, checkpoint, staging, final, progress)
-                   if quantize_at == "build" else {})
-        render_models(plan, staging, checkpoint=checkpoint, tokenizer=tokenizer,
-                      quantize_at=quantize_at, model_label=source.label, weights=weights,
+        quantized = (_quantize_weights(plan, checkpoint, staging, progress)
+                     if quantize_at == "build" else set())
+        counts = ({"linked": 0, "copied": 0, "shared": 0} if weights_uri else
+                  _place_checkpoint(plan, checkpoint, staging, weights, quantized))
+        render_models(plan, staging, checkpoint=checkpoint, quantize_at=quantize_at,
+                      model_label=reported.label, quantized=quantized, weights_uri=weights_uri,
                       templates_dir=templates_dir, fallback=fallback)
-        record = build_record(plan, source, quantize_at=quantize_at, options=options,
+        record = build_record(plan, reported, quantize_at=quantize_at, options=options,
                               templates_dir=templates_dir)
-        write_report(staging, plan, source, record, out=final,
+        record["weights"] = weights_record(plan, staging, mode=weights, weights_uri=weights_uri,
+                                           quantized=quantized, counts=counts)
+        write_report(staging, plan, reported, _portable_record(record, final), out=final,
                      profile_dir=Path(profile_dir) if profile_dir else None)
         _swap_into_place(staging, out)
     except BaseException:

@@ -46,6 +46,18 @@ def layer_tensors(config: ChatGLM2Config, layer: int, g: torch.Generator,
     return out
 
 
+def _output_layer(vocab: int, hidden: int, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, 0.02²) rows for the ids the embedded tokenizer has pieces for, zero rows past them:
+    greedy decoding then picks ids it can decode, so answers (noise) stream as text, as a real
+    model's would, while every matmul keeps the 6B's shape."""
+    from . import TINY_CHECKPOINT
+    from .tokenizer import ChatGLM2Tokenizer
+
+    weight = _normal((vocab, hidden), 0.02, g, dtype)
+    weight[ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model").n_sp:] = 0
+    return weight
+
+
 def _normal(shape: tuple[int, ...], std: float, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(shape, generator=g) * std).to(dtype)
 
@@ -105,7 +117,7 @@ def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
         write(number, shard)
         del shard
     write(count, {"transformer.encoder.final_layernorm.weight": 1 + _normal((H,), 0.05, g, dtype),
-                  "transformer.output_layer.weight": _normal((V, H), 0.02, g, dtype)})
+                  "transformer.output_layer.weight": _output_layer(V, H, g, dtype)})
     if layout == "single":
         save_file(single, str(path / "model.safetensors"), metadata={"format": "pt"})
         del single

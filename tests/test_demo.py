@@ -27,10 +27,13 @@ def test_make_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         "chatglm2-6b", "chatglm2-6b-fp16", "chatglm2-6b-int4", "chatglm2-6b-int8",
         "chatglm2-6b-stream"]
-    # 3. served: one question through the router, one streamed
+    # 3. the deploy folder beside it
+    assert f"Wrote {out.parent / 'deploy'}/: Dockerfile, README.md, kubernetes/deployment.yaml" in text
+    assert (out.parent / "deploy" / "kserve" / "inferenceservice.yaml").is_file()
+    # 4. served: one question through the router, one streamed
     assert re.search(r"^ready in [\d.]+ s: HTTP 127\.0\.0\.1:\d+, gRPC 127\.0\.0\.1:\d+", text, re.M)
     assert re.search(rf"^answer:  {ANSWER}\d+条腿。\nvariant: fp16\nlatency: \d+ ms$", text, re.M)
     assert re.search(r"^streamed: \.+ \S.*  \(variant fp16\)$", text, re.M)
-    # 4. the report, and nothing left running
+    # 5. the report, and nothing left running
     assert f"== memory report: {out / 'report.md'}\n# glm-build report" in text
     assert text.rstrip().endswith("== stopping the server\nstopped: no server or stub process left")

@@ -30,6 +30,16 @@ def run(capsys, *argv):
 
 
 # -- workloads and options ------------------------------------------------------------------------
+def test_concurrent_workloads_parse_and_count_every_request():
+    (w,) = parse_workloads("generate:512x8")
+    assert (w.phase, w.tokens, w.concurrency, str(w)) == ("generate", 512, 8, "generate:512x8")
+    one = estimate_for(CHATGLM2_6B, Variant("int4"), Workload("generate", 512), "cpu")
+    eight = estimate_for(CHATGLM2_6B, Variant("int4"), w, "cpu")
+    assert eight.weights == one.weights
+    assert eight.kv_cache == 8 * one.kv_cache
+    assert eight.activations > one.activations  # decode rows and the batcher's attention mask
+
+
 def test_workloads_parse_in_order():
     assert parse_workloads(DEFAULT_WORKLOADS) == (Workload("encode", 2048),
                                                   Workload("generate", 8192))
@@ -42,6 +52,8 @@ def test_workloads_parse_in_order():
     ("encode", "'encode' must look like PHASE:TOKENS"),
     ("decode:5", "phase must be one of encode, generate, got 'decode'"),
     ("encode:0", "tokens must be a positive integer, got 0"),
+    ("generate:512x", "'generate:512x' must look like PHASE:TOKENS or PHASE:TOKENSxREQUESTS"),
+    ("generate:512x0", "concurrency must be a positive integer, got 0"),
     ("generate:16", "generate:16 must exceed the 16-token prompt"),
     ("encode:64,encode:64", "encode:64 given more than once"),
     (",", "none given"),
@@ -173,6 +185,7 @@ def _record(precision, phase, tokens, measured, **extra):
     variant = Variant(precision)
     return ProfileRecord(
         variant=variant.name, precision=precision, bits=variant.bits, phase=phase, tokens=tokens,
+        concurrency=extra.pop("concurrency", 1),
         device=extra.pop("device", "cpu"), measured_bytes=measured,
         estimated_bytes=extra.pop("estimated", measured), published_bytes=extra.pop("published",
                                                                                      None),

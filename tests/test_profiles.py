@@ -35,7 +35,7 @@ def test_p40_facts():
     p40 = load_profile("p40")
     assert p40.memory_bytes == 24 * GIB
     assert p40.compute_capability == (6, 1)
-    assert p40.supports_bf16 is False and p40.fast_fp16 is False
+    assert p40.supports_bf16 is False
     assert p40.bandwidth_bytes_per_s == 346 * 10**9
     assert p40.kind == "gpu" and p40.count == 1
     assert 300 * 2**20 <= p40.process_overhead_bytes <= 1 * GIB
@@ -84,7 +84,7 @@ def test_top_level_profiles_is_the_package_data():
 
 
 GOOD = dict(name="x", description="a test GPU", memory_bytes=8 * GIB, compute_capability=(7, 5),
-            supports_bf16=False, fast_fp16=True, bandwidth_bytes_per_s=300 * 10**9,
+            supports_bf16=False, bandwidth_bytes_per_s=300 * 10**9,
             process_overhead_bytes=2**29)
 
 
@@ -97,7 +97,7 @@ GOOD = dict(name="x", description="a test GPU", memory_bytes=8 * GIB, compute_ca
     ("compute_capability", (6,)),
     ("compute_capability", None),
     ("supports_bf16", True),  # with compute capability 7.5
-    ("fast_fp16", "yes"),
+    ("supports_bf16", "yes"),
     ("bandwidth_bytes_per_s", 0),
     ("process_overhead_bytes", -5),
     ("process_overhead_bytes", 9 * GIB),

@@ -91,8 +91,8 @@ def test_variant_configs_on_cpu(cpu_repo, checkpoint):
         assert list(group.gpus) == []
         v = placement.variant
         assert params(config) == {
-            "checkpoint": str(checkpoint.resolve()),
-            "tokenizer": str(checkpoint.resolve() / "tokenizer.model"),
+            "checkpoint": "1/weights",  # relative to the model's folder: the repository moves
+            "tokenizer": "1/weights/tokenizer.model",
             "precision": v.precision, "bits": str(v.bits), "group_size": "0",
             "quantize_at": "initialize",
             "dtype": "float16" if v.bits == 16 else "bfloat16",
@@ -115,7 +115,9 @@ def test_router_configs(cpu_repo, checkpoint):
         assert p["fallback"] == "lower"
         assert RoutingTable.from_json(p["routing"]) == plan.routing_table()
         assert [r["precision"] for r in json.loads(p["routing"])] == ALL3
-        assert p["tokenizer"] == str(checkpoint.resolve() / "tokenizer.model")
+        assert p["tokenizer"] == "1/tokenizer.model"
+        assert (out / name / "1" / "tokenizer.model").read_bytes() == (
+            checkpoint / "tokenizer.model").read_bytes()
 
 
 def test_gpu_placement_reaches_instance_group(tmp_path, checkpoint):
@@ -155,18 +157,20 @@ def test_filters_escape_or_refuse():
             pbtxt_string(bad)
     with pytest.raises(TemplateValueError, match=r"must match \[A-Za-z0-9_.-\]\+"):
         pbtxt_name('x" }')
-    with pytest.raises(TemplateValueError, match="must be absolute"):
-        pbtxt_path("relative/ckpt")
+    assert pbtxt_path("1/weights") == "1/weights"  # relative to the model's folder
+    with pytest.raises(TemplateValueError, match="inside the model's folder"):
+        pbtxt_path("../chatglm2-6b-fp16/1/weights")
     with pytest.raises(TemplateValueError, match="quotes, backslashes or newlines"):
         pbtxt_path('/tmp/a"b')
     assert pbtxt_path("/tmp/模型 dir") == "/tmp/模型 dir"
 
 
-def test_a_checkpoint_path_that_would_break_the_syntax_is_refused(tmp_path):
-    checkpoint = fake_checkpoint(tmp_path / 'bad"name')
+def test_a_weights_uri_that_would_break_the_syntax_is_refused(tmp_path):
+    checkpoint = fake_checkpoint(tmp_path / "ckpt")
     plan = make_plan(SMALL, ["int4"], load_profile("cpu"))
     with pytest.raises(TemplateValueError, match="quotes"):
-        render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False)
+        render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False,
+                          weights_uri='/mnt/bad"name')
     assert not (tmp_path / "repo").exists() and leftovers(tmp_path) == []
 
 
@@ -273,7 +277,8 @@ def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkp
     calls = []
 
     def save_quantized(src, dst, bits, group_size=None, progress=None):
-        calls.append((Path(src), Path(dst).name, bits, group_size))
+        calls.append((Path(src), Path(dst).relative_to(Path(dst).parents[2]).as_posix(), bits,
+                      group_size))
         Path(dst).mkdir(parents=True)
         (Path(dst) / "model.safetensors").write_bytes(b"quantized")
 
@@ -281,13 +286,15 @@ def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkp
     plan = make_plan(SMALL, ALL3, load_profile("cpu"))
     out = render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo",
                             quantize_at="build", progress=False)
-    assert calls == [(checkpoint.resolve(), "int8", 8, None), (checkpoint.resolve(), "int4", 4, None)]
+    assert calls == [(checkpoint.resolve(), "chatglm2-6b-int8/1/weights", 8, None),
+                     (checkpoint.resolve(), "chatglm2-6b-int4/1/weights", 4, None)]
     int4 = params(parse(out / "chatglm2-6b-int4" / "config.pbtxt"))
-    assert int4["checkpoint"] == str(out.resolve() / "weights" / "int4")
-    assert int4["quantize_at"] == "build"
-    assert (out / "weights" / "int4" / "model.safetensors").is_file()
+    assert int4["checkpoint"] == "1/weights" and int4["quantize_at"] == "build"
+    assert (out / "chatglm2-6b-int4" / "1" / "weights" / "model.safetensors").is_file()
     fp16 = params(parse(out / "chatglm2-6b-fp16" / "config.pbtxt"))
-    assert fp16["checkpoint"] == str(checkpoint.resolve()) and fp16["quantize_at"] == "initialize"
+    assert fp16["checkpoint"] == "1/weights" and fp16["quantize_at"] == "initialize"
+    assert snapshot(out / "chatglm2-6b-fp16" / "1" / "weights") == snapshot(checkpoint)
+    assert not (out / "weights").exists()  # Triton refuses a top-level folder that is no model
 
 
 def test_quantize_at_build_writes_loadable_thudm_weights(tmp_path):
@@ -301,8 +308,8 @@ def test_quantize_at_build_writes_loadable_thudm_weights(tmp_path):
     plan = make_plan(config, ["int4"], load_profile("cpu"))
     out = render_repository(plan, checkpoint=TINY_CHECKPOINT, out=tmp_path / "repo",
                             quantize_at="build", progress=False)
-    weights = Path(params(parse(out / "chatglm2-6b-int4" / "config.pbtxt"))["checkpoint"])
-    assert weights == out.resolve() / "weights" / "int4"
+    weights = out / "chatglm2-6b-int4" / params(parse(out / "chatglm2-6b-int4" / "config.pbtxt"))["checkpoint"]
+    assert weights == out / "chatglm2-6b-int4" / "1" / "weights"
     assert json.loads((weights / "config.json").read_text())["quantization_bit"] == 4
     model, _ = load_chatglm2(weights)
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"

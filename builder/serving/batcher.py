@@ -283,6 +283,23 @@ class Batcher:
             sampling = {"greedy": False, "temperature": float(temperature), "top_p": float(top_p)}
         else:  # the warpers leave the single kept logit alone
             sampling = {"greedy": True, "temperature": 1.0, "top_p": 1.0}
+        return self._add(prompt, history, prompt_ids, max_length, sampling, on_update,
+                         list(self._stop_ids))
+
+    def submit_ids(self, prompt_ids: Sequence[int], *, max_length: int,
+                   ignore_stop: bool = False) -> BatchRequest:
+        """A greedy request from token ids (benchmarks and memory profiles: a fixed amount of
+        work); ``ignore_stop`` decodes to ``max_length`` whatever comes out. Wait on the handle."""
+        if not isinstance(max_length, int) or max_length <= len(prompt_ids):
+            raise ValueError(f"max_length must exceed the prompt's {len(prompt_ids)} tokens, got {max_length!r}")
+        if max_length > self.config.max_tokens:
+            raise ValueError(f"max_length={max_length} is more than the KV pool holds for one request: "
+                             f"{self.config.max_tokens} tokens")
+        sampling = {"greedy": True, "temperature": 1.0, "top_p": 1.0}
+        return self._add("", (), list(prompt_ids), max_length, sampling, lambda *update: None,
+                         [] if ignore_stop else list(self._stop_ids))
+
+    def _add(self, prompt, history, prompt_ids, max_length, sampling, on_update, stop_ids) -> BatchRequest:
         with self._lock:
             if not self._accepting or not self._manager.is_running():
                 raise BatcherStoppedError(f"the batcher is not running: {self._fatal_error()}")
@@ -297,7 +314,7 @@ class Batcher:
             self._requests[request_id] = handle
         added = self._manager.add_request(prompt_ids, request_id=request_id, streaming=True,
                                           max_new_tokens=max_length - len(prompt_ids),
-                                          eos_token_id=list(self._stop_ids), **sampling)
+                                          eos_token_id=stop_ids, **sampling)
         if added is None:  # the manager refused it: it is stopping
             with self._lock:
                 self._requests.pop(request_id, None)

@@ -1,6 +1,13 @@
 """Read a generated model's ``parameters`` from its Triton model config into a typed dataclass.
 
 >>> VariantParameters.from_model_config(json.loads(args["model_config"]))
+
+Paths in a generated repository are relative to the model's own folder (what Triton's Python backend
+passes as ``args["model_repository"]``), so the repository can move; an absolute path is a location
+the deployment mounts (``glm-build --weights-uri``), used as it is.
+
+>>> resolve_path(Path("1/weights"), Path("/models/repo/chatglm2-6b-int4"))
+PosixPath('/models/repo/chatglm2-6b-int4/1/weights')
 """
 from __future__ import annotations
 
@@ -13,6 +20,13 @@ from typing import Any, get_type_hints
 
 class ParameterError(ValueError):
     """A generated config.pbtxt lacks a parameter or holds a bad value (a build bug or a hand edit)."""
+
+
+def resolve_path(path: Path, model_dir: Path) -> Path:
+    """``path`` from a model's parameters, resolved against ``model_dir`` (the model's folder)
+    unless it is absolute."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(model_dir) / path
 
 
 def read_parameters(cls, model_config: dict[str, Any]):
@@ -45,7 +59,8 @@ def read_parameters(cls, model_config: dict[str, Any]):
 
 @dataclass(frozen=True)
 class VariantParameters:
-    checkpoint: Path  # a THUDM-layout checkpoint (pre-quantized when quantize_at == "build")
+    checkpoint: Path  # a THUDM-layout checkpoint (pre-quantized when quantize_at == "build"),
+    # relative to the model's folder ("1/weights"), or absolute where the deployment mounts it
     bits: int  # 16, 8 or 4
     group_size: int  # 0: ChatGLM2's per-row scales
     quantize_at: str  # "initialize" | "build"
@@ -64,7 +79,7 @@ class VariantParameters:
 @dataclass(frozen=True)
 class RouterParameters:
     routing: str  # JSON [{"name", "precision", "bits", "max_tokens"}], highest precision first
-    tokenizer: Path  # tokenizer.model, to count a request's tokens
+    tokenizer: Path  # tokenizer.model, to count a request's tokens (relative to the model's folder)
     seq_length: int
     fallback: str = "lower"  # builder.routing.FALLBACKS
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
 from ..routing import RoutingTable, check_fallback
 from ..tokenizer import ChatGLM2Tokenizer
-from .params import RouterParameters
+from .params import RouterParameters, resolve_path
 from .request import OUTPUTS, RequestError, parse_request, request_length
 from .variant import BUSY, FINAL, error_response, request_inputs
 
@@ -60,7 +61,7 @@ class TritonPythonModel:
         self.fallback = params.fallback
         self.table = RoutingTable.from_json(params.routing)
         self.seq_length = params.seq_length
-        self.tokenizer = ChatGLM2Tokenizer(params.tokenizer)
+        self.tokenizer = ChatGLM2Tokenizer(resolve_path(params.tokenizer, Path(args["model_repository"])))
         self.fallbacks = pb_utils.MetricFamily(
             name="glm_router_fallbacks_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Requests sent to another variant than the one routing picked")
@@ -104,13 +105,21 @@ class TritonPythonModel:
 
     def serve(self, request, send) -> None:
         """Route ``request``, falling back as the policy allows; ``send(response)`` each answer.
-        Returns the last response; raises for a request no variant served."""
+        Returns the last response (None once the client cancelled); raises for a request no
+        variant served.
+
+        A client that cancels a stream stops the relay at once; the variant's own request runs
+        on to its ``max_token`` (Triton 2.51's BLS cannot cancel a request it sent). A client
+        streaming from a variant directly frees its place in the batch at once.
+        """
         variants, inputs = self.route(request)
         errors = []
         for variant in variants:
             try:
                 last = None
                 for last in self.forward(variant, inputs):
+                    if request.is_cancelled():
+                        return None
                     send(last)
                 if last is None:
                     raise RuntimeError(f"variant {variant} sent no answer")
@@ -141,7 +150,8 @@ class TritonPythonModel:
         for request in requests:
             answers = []
             try:
-                responses.append(self.serve(request, answers.append))
+                responses.append(self.serve(request, answers.append)
+                                 or error_response(f"{self.name}: cancelled"))
             except Exception as err:  # bad input or no variant: this request only
                 if not isinstance(err, RequestError):
                     log.error("%s: %s", self.name, err)
@@ -151,8 +161,10 @@ class TritonPythonModel:
     def _stream(self, request) -> None:
         sender = request.get_response_sender()
         try:
-            self.serve(request, sender.send)
-            sender.send(flags=FINAL)
+            if self.serve(request, sender.send) is None:
+                sender.send(error_response(f"{self.name}: cancelled"), flags=FINAL)
+            else:
+                sender.send(flags=FINAL)
         except Exception as err:  # bad input, a failed or unavailable variant: this request only
             if not isinstance(err, RequestError):
                 log.error("%s: %s", self.name, err)

@@ -17,10 +17,11 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
-from .params import VariantParameters
+from .params import VariantParameters, resolve_path
 from .request import OPTIONAL_INPUTS, REQUIRED_INPUTS, RequestError, output_arrays, parse_request
 
 log = logging.getLogger("glm-build.variant")
@@ -104,8 +105,10 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
         start = time.perf_counter()
+        # relative to this model's folder, wherever the repository was moved
+        self.checkpoint = resolve_path(self.params.checkpoint, Path(args["model_repository"]))
         self.model, self.tokenizer = load_chatglm2(
-            self.params.checkpoint, device=device, dtype=getattr(torch, self.params.dtype),
+            self.checkpoint, device=device, dtype=getattr(torch, self.params.dtype),
             bits=self.params.bits, group_size=self.params.group_size or None)
         # A repository built before the plan sized pools: one request at seq_length.
         blocks = self.params.kv_blocks or -(-self.params.seq_length // self.params.kv_page_size)
@@ -117,7 +120,7 @@ class TritonPythonModel:
         self._closing = threading.Event()
         threading.Thread(target=self._publish_metrics, name="glm-metrics", daemon=True).start()
         log.warning("%s: loaded %s (%d-bit, %s) on %s in %.1f s; KV pool %d × %d tokens",
-                    self.name, self.params.checkpoint, self.params.bits, self.params.dtype, device,
+                    self.name, self.checkpoint, self.params.bits, self.params.dtype, device,
                     time.perf_counter() - start, blocks, self.params.kv_page_size)
 
     def execute(self, requests):
