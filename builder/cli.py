@@ -194,14 +194,21 @@ def profile_options_from_args(args: argparse.Namespace):
                           cache_dir=args.cache_dir, threads=args.threads)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """A subcommand's arguments, or the exit code argparse chose (2 for bad usage, 0 for --help)."""
+    try:
+        return parser.parse_args(list(argv))
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+
+
 def profile_main(argv: Sequence[str]) -> int:
     """``glm-build profile ...``: 0 done, 2 bad input, 1 a run failed."""
     from . import profile
 
-    try:
-        args = build_profile_parser().parse_args(list(argv))
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = _parse(build_profile_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         records = profile.run_profile(profile_options_from_args(args))
     except (ValueError, FileNotFoundError) as err:  # ProfilingError, a missing checkpoint
@@ -295,10 +302,9 @@ def deploy_main(argv: Sequence[str]) -> int:
     """``glm-build deploy ...``: 0 written, 2 bad input (nothing written), 1 anything else."""
     from .deploy import deploy
 
-    try:
-        args = build_deploy_parser().parse_args(list(argv))
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = _parse(build_deploy_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         result = deploy(deploy_options_from_args(args))
     except ValueError as err:
@@ -369,10 +375,9 @@ def capacity_main(argv: Sequence[str]) -> int:
     from .deploy.capacity import plan_capacity
     from .deploy.curves import ServiceCurve
 
-    try:
-        args = build_capacity_parser().parse_args(list(argv))
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+    args = _parse(build_capacity_parser(), argv)
+    if isinstance(args, int):
+        return args
     try:
         curve = ServiceCurve.read(args.curves)
         plan = plan_capacity(curve, rate=args.rate, prompt_tokens=args.prompt_tokens,

@@ -417,10 +417,12 @@ def batch_pool(tokens: int, concurrency: int) -> tuple[int, int]:
     return concurrency * -(-tokens // KV_PAGE_SIZE), min(tokens, MAX_BATCH_TOKENS)
 
 
-def batcher_mask_bytes(blocks: int, step: int) -> int:
-    """transformers' continuous batching keeps an attention mask of ``step × (pool + step)``
-    float32s beside the pool (``step``: tokens per batch step)."""
-    return step * (blocks * KV_PAGE_SIZE + step) * 4
+def batcher_buffer_bytes(config: ChatGLM2Config, blocks: int, step: int) -> int:
+    """What transformers' continuous batching holds beside the KV pool: an attention mask of
+    ``step × (pool + step)`` float32s and, measured (``glm-build profile --workloads
+    generate:512x8`` was 9-10% above the estimate without it), about one batch step's float32
+    logits, ``step × vocab``. ``step``: tokens per batch step."""
+    return (step * (blocks * KV_PAGE_SIZE + step) + step * config.padded_vocab_size) * 4
 
 
 def kv_pools(plan: Plan) -> list[Placement]:
@@ -447,7 +449,7 @@ def kv_pools(plan: Plan) -> list[Placement]:
 
         def fits(blocks: int) -> bool:
             # transformers' batcher also keeps an attention mask of step × (pool + step) floats
-            mask = batcher_mask_bytes(blocks, step)
+            mask = batcher_buffer_bytes(plan.config, blocks, step)
             for tokens in lengths:
                 n = blocks // -(-tokens // KV_PAGE_SIZE)
                 need = phase_need(plan.config, p.variant, tokens, plan.profile, max(n, 1))

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Optional
 from .config import CHATGLM2_6B, ChatGLM2Config
 from .memory import PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
 from .measure import PROMPT_TOKENS, RunFailedError
-from .plan import Variant, batch_pool, batcher_mask_bytes, variants_of
+from .plan import Variant, batch_pool, batcher_buffer_bytes, variants_of
 
 DEFAULT_WORKLOADS = "encode:2048,generate:8192"  # the published table's
 DEFAULT_OUT = Path("profile")
@@ -299,9 +299,14 @@ def estimate_for(config: ChatGLM2Config, variant: Variant, workload: Workload,
                                   concurrency=workload.concurrency)
     if workload.concurrency == 1:
         return estimate
-    # N requests at once run through the continuous batcher: its attention mask over the pool
-    pool = batch_pool(workload.tokens, workload.concurrency)
-    return dataclasses.replace(estimate, activations=estimate.activations + batcher_mask_bytes(*pool))
+    # N requests at once run through the continuous batcher: prompts are prefilled in chunks of
+    # its step, and it keeps buffers beside the pool
+    blocks, step = batch_pool(workload.tokens, workload.concurrency)
+    activations = estimate.activations
+    if workload.phase == "encode" and workload.tokens > step:
+        activations = estimate_breakdown(config, variant.bits, step, "encode", group_size=variant.group_size,
+                                         dtype_bytes=2, device=device, all_logits=False).activations
+    return dataclasses.replace(estimate, activations=activations + batcher_buffer_bytes(config, blocks, step))
 
 
 def published_for(target: Target, variant: Variant, workload: Workload) -> Optional[int]:

@@ -80,3 +80,24 @@ def tiny():
     from builder import load_chatglm2
 
     return load_chatglm2(TINY_CHECKPOINT)
+
+
+LIVE_LIMITS = {"fp16": 100, "int8": 400, "int4": 1500}  # tokens: low enough that each variant gets picked
+
+
+def serve_tiny_repository(out: Path, **build_options):
+    """Build the tiny repository (fp16/int8/int4, `cpu` profile, :data:`LIVE_LIMITS`) into ``out``
+    and start a real tritonserver on free loopback ports; the caller stops it. ``server.repo`` is
+    ``out``."""
+    from builder.build import BuildOptions, build
+    from builder.serving.server import ServerOptions, TritonServer, free_port
+
+    build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=out, limits=LIVE_LIMITS,
+                       **build_options), progress=False)
+    options = ServerOptions(out, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), address="127.0.0.1",
+                            log_file=out.parent / "server.log")
+    server = TritonServer(options, ready_timeout=240)
+    server.start().wait_ready()
+    server.repo = out
+    return server

@@ -22,13 +22,12 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
-from builder.build import BuildOptions, build
 from builder.client import ChatGLMClient
-from builder.serving.server import ServerOptions, TritonServer, free_port
+
+from conftest import serve_tiny_repository
 
 pytestmark = pytest.mark.server
 
-LIMITS = {"fp16": 100, "int8": 400, "int4": 1500}
 QUESTIONS = ["3只鸡和2只兔子一共有几条腿？", "5只鸡有几条腿？", "How many legs do 4 rabbits have?",
              "2只兔子有几条腿？", "How many legs do 7 chickens have?", "6只鸡和1只兔子一共有几条腿？",
              "How many legs do 3 chickens and 3 rabbits have?", "9只兔子有几条腿？"]
@@ -36,15 +35,7 @@ QUESTIONS = ["3只鸡和2只兔子一共有几条腿？", "5只鸡有几条腿�
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    out = tmp_path_factory.mktemp("batching") / "repo"
-    build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=out, limits=LIMITS,
-                       fallback="none"), progress=False)
-    options = ServerOptions(out, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), address="127.0.0.1",
-                            log_file=out.parent / "server.log")
-    server = TritonServer(options, ready_timeout=240)
-    server.start().wait_ready()
-    server.repo = out
+    server = serve_tiny_repository(tmp_path_factory.mktemp("batching") / "repo", fallback="none")
     yield server
     server.stop()
 

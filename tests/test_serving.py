@@ -24,28 +24,20 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from builder.build import BuildOptions, build
 from builder.client import ChatError, ChatGLMClient
 from builder.client import main as glm_chat_main
-from builder.serving.server import ServerOptions, TritonServer, free_port
+
+from conftest import LIVE_LIMITS, serve_tiny_repository
 
 pytestmark = pytest.mark.server
 
-LIMITS = {"fp16": 100, "int8": 400, "int4": 1500}  # tokens: prompt + max_token
+LIMITS = LIVE_LIMITS  # tokens: prompt + max_token
 QUESTION = "3只鸡和2只兔子一共有几条腿？"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serving") / "repo"
-    build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=out, limits=LIMITS),
-          progress=False)
-    options = ServerOptions(out, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), address="127.0.0.1",
-                            log_file=out.parent / "server.log")
-    server = TritonServer(options, ready_timeout=240)
-    server.start().wait_ready()
-    server.repo = out
+    server = serve_tiny_repository(tmp_path_factory.mktemp("serving") / "repo")
     yield server
     server.stop()
 
