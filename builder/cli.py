@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .build import DEFAULT_OUT, SPECS, BuildError, BuildOptions, build, parse_limits
-from .plan import PRECISIONS, PlacementError
+from .plan import MODEL_NAME, PRECISIONS, PlacementError
 from .render import QUANTIZE_AT, WEIGHTS, OutputExistsError
 from .routing import FALLBACKS
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "each must still fit its GPU")
     parser.add_argument("--quantize-at", choices=QUANTIZE_AT, default="initialize",
                         help="quantize int8/int4 weights when each variant loads (initialize, "
-                        "default) or now, into OUT/weights/ (build)")
+                        "default) or now, into each variant's 1/weights/ (build)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", choices=WEIGHTS, default="link",
                          help="how the checkpoint goes into the repository, so that it moves as one "
@@ -270,7 +270,7 @@ def build_deploy_parser() -> argparse.ArgumentParser:
                         "plan's KV pool; `glm-build capacity` measures one)")
     parser.add_argument("--namespace", default="default", help="Kubernetes namespace (default: "
                         "%(default)s)")
-    parser.add_argument("--name", default="chatglm2-6b",
+    parser.add_argument("--name", default=MODEL_NAME,
                         help="name of every resource (default: %(default)s)")
     parser.add_argument("--storage-uri", metavar="URI",
                         help="where KServe's storage initializer fetches the repository from, e.g. "

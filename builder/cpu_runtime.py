@@ -14,7 +14,7 @@ supported"). A one-off probe finds that case, and the process then runs with one
 process-wide switch: transformers' continuous batching runs its own paged attention, so a
 per-call wrapper would not reach it). A real AVX2 host never needs it.
 
->>> model = prepare_for_cpu(model)
+>>> model = prepare_for_cpu(model, torch.bfloat16)
 """
 from __future__ import annotations
 

@@ -399,7 +399,7 @@ def estimate_breakdown(config: ChatGLM2Config, bits: int, tokens: int, phase: st
         raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
     activations = activation_bytes(config, bits, tokens, phase, dtype_bytes=dtype_bytes,
                                    device=device, sdpa=sdpa, all_logits=all_logits,
-                                   batch=concurrency if phase == "generate" else 1)
+                                   batch=concurrency)  # decode rows (encode: one prefill)
     return MemoryEstimate(
         weights=weight_bytes(config, bits, group_size=group_size, dtype_bytes=dtype_bytes,
                              device=device),

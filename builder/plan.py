@@ -44,6 +44,9 @@ PRECISIONS: dict[str, tuple[int, int | None]] = {
 """precision → (bits, group_size), highest precision first: the order the router tries them in."""
 
 ALL_LOGITS = False
+"""Whether the serving runtime computes logits for every prompt position. ``builder.chat`` passes
+``logits_to_keep=1``, so it does not; THUDM's code (the published table's) did, which is why the
+report compares against the table with ``all_logits=True`` but plans with this."""
 
 # -- the KV pool each variant's continuous batcher gets (builder.serving.batcher) ---------------------
 KV_PAGE_SIZE = 256
@@ -59,9 +62,12 @@ MAX_BATCH_TOKENS = 512
 """Tokens one batcher step processes at most (longer prompts are prefilled in chunks of this)."""
 CONCURRENCY_LENGTHS = (512, 2048)
 """Request lengths at which reports print how many requests a pool holds (and at the limit)."""
-"""Whether the serving runtime computes logits for every prompt position. ``builder.chat`` passes
-``logits_to_keep=1``, so it does not; THUDM's code (the published table's) did, which is why the
-report compares against the table with ``all_logits=True`` but plans with this."""
+
+
+def kv_blocks_for(tokens: int) -> int:
+    """KV blocks one request of ``tokens`` in total holds (``KV_PAGE_SIZE`` tokens each)."""
+    return -(-tokens // KV_PAGE_SIZE)
+
 
 MAX_SUGGESTED_COUNT = 16  # the largest NAMExN a PlacementError suggests
 
@@ -132,20 +138,21 @@ def variants_of(precisions: Iterable[str] | str) -> tuple[Variant, ...]:
 
 
 def phase_breakdown(config: ChatGLM2Config, variant: Variant, tokens: int, phase: str,
-                    profile: GpuProfile) -> MemoryEstimate:
-    """One phase's estimate for ``variant`` on ``profile``'s device kind, in this runtime."""
+                    profile: GpuProfile, concurrency: int = 1) -> MemoryEstimate:
+    """One phase's estimate for ``variant`` on ``profile``'s device kind, in this runtime
+    (``concurrency`` such requests at once)."""
     return estimate_breakdown(config, variant.bits, tokens, phase, group_size=variant.group_size,
                               dtype_bytes=2, device="cuda" if profile.kind == "gpu" else "cpu",
                               process_overhead=profile.process_overhead_bytes,
-                              all_logits=ALL_LOGITS)
+                              all_logits=ALL_LOGITS, concurrency=concurrency)
 
 
 def need_breakdown(config: ChatGLM2Config, variant: Variant, tokens: int,
-                   profile: GpuProfile) -> MemoryEstimate:
+                   profile: GpuProfile, concurrency: int = 1) -> MemoryEstimate:
     """The estimate of the phase that needs more at ``tokens``: a request of ``tokens`` may be
     one long prefill (encode) or a short prompt decoded that far (generate)."""
-    return max((phase_breakdown(config, variant, tokens, phase, profile) for phase in PHASES),
-               key=lambda e: e.total)
+    return max((phase_breakdown(config, variant, tokens, phase, profile, concurrency)
+                for phase in PHASES), key=lambda e: e.total)
 
 
 def need_bytes(config: ChatGLM2Config, variant: Variant, tokens: int, profile: GpuProfile) -> int:
@@ -190,7 +197,7 @@ class Placement:
 
     def concurrency(self, tokens: int) -> int:
         """How many requests of ``tokens`` in total its KV pool holds at once."""
-        return self.kv_blocks // -(-tokens // KV_PAGE_SIZE)
+        return self.kv_blocks // kv_blocks_for(tokens)
 
     @property
     def device_label(self) -> str:
@@ -414,7 +421,7 @@ def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: 
 def batch_pool(tokens: int, concurrency: int) -> tuple[int, int]:
     """``(blocks, max_batch_tokens)`` of a batcher sized for ``concurrency`` requests of ``tokens``
     (what ``glm-build profile`` runs ``generate:512x8`` with)."""
-    return concurrency * -(-tokens // KV_PAGE_SIZE), min(tokens, MAX_BATCH_TOKENS)
+    return concurrency * kv_blocks_for(tokens), min(tokens, MAX_BATCH_TOKENS)
 
 
 def batcher_buffer_bytes(config: ChatGLM2Config, blocks: int, step: int) -> int:
@@ -444,20 +451,14 @@ def kv_pools(plan: Plan) -> list[Placement]:
     pools = []
     for p in plan.placements:
         available = p.need_bytes + KV_POOL_SHARE * headroom[p.device] / sharing[p.device]
-        lengths = sorted({min(t, p.max_tokens) for t in CONCURRENCY_LENGTHS} | {p.max_tokens})
         step = min(p.max_tokens, MAX_BATCH_TOKENS)
 
         def fits(blocks: int) -> bool:
-            # transformers' batcher also keeps an attention mask of step × (pool + step) floats
-            mask = batcher_buffer_bytes(plan.config, blocks, step)
-            for tokens in lengths:
-                n = blocks // -(-tokens // KV_PAGE_SIZE)
-                need = phase_need(plan.config, p.variant, tokens, plan.profile, max(n, 1))
-                if need + mask > available and n > 1:
-                    return False
-            return True
+            return all(blocks // kv_blocks_for(tokens) <= 1
+                       or batch_bytes(plan.config, p.variant, plan.profile, tokens, blocks, step) <= available
+                       for tokens in pool_lengths(p.max_tokens))
 
-        per_request = -(-p.max_tokens // KV_PAGE_SIZE)  # blocks of one request at the limit
+        per_request = kv_blocks_for(p.max_tokens)  # blocks of one request at the limit
         lo, hi = per_request, MAX_RUNNING * per_request
         while lo < hi:  # the largest pool that fits: the need grows with the blocks
             mid = (lo + hi + 1) // 2
@@ -466,15 +467,25 @@ def kv_pools(plan: Plan) -> list[Placement]:
     return pools
 
 
+def pool_lengths(max_tokens: int) -> list[int]:
+    """The request lengths a pool is checked at: :data:`CONCURRENCY_LENGTHS` and the limit."""
+    return sorted({min(t, max_tokens) for t in CONCURRENCY_LENGTHS} | {max_tokens})
+
+
+def batch_bytes(config: ChatGLM2Config, variant: Variant, profile: GpuProfile, tokens: int,
+                blocks: int, step: int) -> int:
+    """Bytes of ``variant`` with a pool of ``blocks`` full of requests of ``tokens``: their
+    :func:`phase_need` plus the batcher's buffers (:func:`batcher_buffer_bytes`)."""
+    requests = max(1, blocks // kv_blocks_for(tokens))
+    return (phase_need(config, variant, tokens, profile, requests)
+            + batcher_buffer_bytes(config, blocks, step))
+
+
 def phase_need(config: ChatGLM2Config, variant: Variant, tokens: int, profile: GpuProfile,
                concurrency: int) -> int:
     """Bytes for ``concurrency`` requests of ``tokens`` running together (generate: every KV cache
     and decode row; encode: one prefill beside the others' KV caches)."""
-    return max(estimate_breakdown(
-        config, variant.bits, tokens, phase, group_size=variant.group_size, dtype_bytes=2,
-        device="cuda" if profile.kind == "gpu" else "cpu",
-        process_overhead=profile.process_overhead_bytes, all_logits=ALL_LOGITS,
-        concurrency=concurrency).total for phase in PHASES)
+    return need_breakdown(config, variant, tokens, profile, concurrency).total
 
 
 def _device_limits(config, group: list[Variant], device: int, profile, floor: int,

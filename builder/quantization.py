@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import cuda_quant
+
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 # The decoder-layer projections ChatGLM2 quantizes (query_key_value, dense, dense_h_to_4h,
@@ -382,8 +384,6 @@ class QuantizedLinear(torch.nn.Module):
                 x2.to(torch.bfloat16).contiguous(), self.weight_int4pack, self.kernel_group_size,
                 self.scales_and_zeros.to(torch.bfloat16))
         elif self.kernel == "cuda_extract":
-            from . import cuda_quant
-
             y = cuda_quant.linear(x2.to(torch.float16).contiguous(), self.weight, self.weight_scale,
                                   self.bits, self.group_size)
         else:

@@ -37,6 +37,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 import jinja2
 
@@ -119,14 +120,17 @@ def one_line(value) -> str:
     return text
 
 
-def template_environment(templates_dir: Path | None = None) -> jinja2.Environment:
-    """Jinja2 over ``templates_dir`` (default :data:`TEMPLATES_DIR`), strict about undefined."""
+def template_environment(templates_dir: Path | None = None,
+                         filters: dict | None = None) -> jinja2.Environment:
+    """Jinja2 over ``templates_dir`` (default :data:`TEMPLATES_DIR`), strict about undefined, with
+    ``filters`` (default: the pbtxt ones the model templates use)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir or TEMPLATES_DIR)),
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pbtxt_string=pbtxt_string, pbtxt_name=pbtxt_name, pbtxt_path=pbtxt_path,
-                       pbtxt_int=pbtxt_int, pbtxt_comment=one_line)
+    env.filters.update(filters if filters is not None else dict(
+        pbtxt_string=pbtxt_string, pbtxt_name=pbtxt_name, pbtxt_path=pbtxt_path,
+        pbtxt_int=pbtxt_int, pbtxt_comment=one_line))
     return env
 
 
@@ -165,9 +169,11 @@ def check_output(out: Path, force: bool) -> None:
                                 f"glm-build output; refusing to replace it even with --force")
 
 
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out``; an old ``out`` is renamed aside first and deleted last."""
-    for name in _PLACEHOLDERS:  # keep the README that git tracks in the default output
+def swap_into_place(staging: Path, out: Path, keep: Iterable[str] = _PLACEHOLDERS) -> None:
+    """Move ``staging`` to ``out``; an old ``out`` is renamed aside first (and put back if the
+    move fails) and deleted last. Files named in ``keep`` that only the old ``out`` has are
+    carried over (the README git tracks in the default output)."""
+    for name in keep:
         if (out / name).is_file() and not (staging / name).exists():
             shutil.copy2(out / name, staging / name)
     if not out.exists():
@@ -240,13 +246,14 @@ def _place_checkpoint(plan: Plan, checkpoint: Path, staging: Path, mode: str,
     (fp16, or quantized at initialize): linked or copied from ``checkpoint`` once, then hard-linked
     between the variants. Returns what build.json records."""
     counts = {"linked": 0, "copied": 0, "shared": 0}
+    files = checkpoint_files(checkpoint)  # listed once (it reads the index)
     first = None
     for placement in plan.placements:
         if placement.variant.precision in quantized:
             continue
         folder = staging / placement.variant.name / WEIGHTS_DIR
         folder.mkdir(parents=True)
-        for src in checkpoint_files(checkpoint):
+        for src in files:
             if first is None:
                 counts[_put(src, folder / src.name, mode)] += 1
             else:  # inside the repository: the same files, no more bytes
@@ -395,7 +402,7 @@ def render_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, fo
                                            quantized=quantized, counts=counts)
         write_report(staging, plan, reported, _portable_record(record, final), out=final,
                      profile_dir=Path(profile_dir) if profile_dir else None)
-        _swap_into_place(staging, out)
+        swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

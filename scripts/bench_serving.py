@@ -39,15 +39,11 @@ from benchdoc import command_line, machine, write_section  # noqa: E402
 
 from builder.build import BuildOptions, build  # noqa: E402
 from builder.client import ChatGLMClient  # noqa: E402
+from builder.loadtest import percentile  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
 
 PROMPT = "你好"  # the tiny model answers it word for word: every request does the same work
 TARGETS = ("chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4", "chatglm2-6b")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_level(url: str, target: str, concurrency: int, requests: int, seconds: float) -> dict:
@@ -144,11 +140,10 @@ def batched(args) -> None:
                     after = generated_tokens(metrics_url)
                     tokens = sum(after.values()) - sum(before.values())
                     per_request = tokens / max(1, len(result.timings))
-                    tpot = sorted((t.latency_s - t.ttft_s) / max(1.0, per_request - 1) for t in result.timings)
+                    tpot = [(t.latency_s - t.ttft_s) / max(1.0, per_request - 1) for t in result.timings]
                     point = {**result.as_dict(), "tokens_per_s": tokens / result.elapsed_s,
-                             "mean_tokens": per_request,
-                             "tpot_p50_s": tpot[len(tpot) // 2] if tpot else 0.0,
-                             "tpot_p95_s": tpot[min(len(tpot) - 1, round(0.95 * (len(tpot) - 1)))] if tpot else 0.0}
+                             "mean_tokens": per_request, "tpot_p50_s": percentile(tpot, 0.5),
+                             "tpot_p95_s": percentile(tpot, 0.95)}
                     rows.append((target, point))
                     if target == "chatglm2-6b-stream":
                         curves.append(point)

@@ -155,7 +155,6 @@ def main(argv=None) -> int:
     options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), address="127.0.0.1",
                             log_file=tmp / "server.log")
-    tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")
     load_before = os.getloadavg()
     with TritonServer(options, ready_timeout=240) as server:
         asker = Asker(server.urls["grpc"])
@@ -170,7 +169,7 @@ def main(argv=None) -> int:
             lv["requests"] for lv in levels)
         record = curve_record(
             levels, target="chatglm2-6b-stream", profile="cpu",
-            prompt_tokens=len(tokenizer.build_chat_input(QUESTION)), output_tokens=round(output_tokens, 2),
+            prompt_tokens=len(asker.tokenizer.build_chat_input(QUESTION)), output_tokens=round(output_tokens, 2),
             measured=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
                     f"average before {', '.join(f'{x:.2f}' for x in load_before)}",

@@ -137,7 +137,7 @@ def simulate_fleet(curve: ServiceCurve, *, replicas: int, rate: float, prompt_to
         latency[key] = max(env.now - arrived[key], ttft[key])
 
     fleet = [_Replica(env, curve, done) for _ in range(replicas)]
-    scale = max(1.0, prompt_tokens / curve.prompt_tokens)
+    scale = curve.prompt_scale(prompt_tokens)
 
     def arrivals():
         for key in range(requests):
@@ -213,7 +213,7 @@ def target_in_flight(curve: ServiceCurve, ttft_p95_s: float, scale: float = 1.0)
 def smallest_fleet(curve: ServiceCurve, *, rate: float, prompt_tokens: float, output_tokens: float,
                    ttft_p95_s: float, **simulation) -> tuple[FleetResult, Optional[FleetResult]]:
     """The smallest replica count whose simulated TTFT p95 meets ``ttft_p95_s``, and the one below."""
-    scale = max(1.0, prompt_tokens / curve.prompt_tokens)
+    scale = curve.prompt_scale(prompt_tokens)
     if curve.ttft(1)[1] * scale > ttft_p95_s:
         raise CapacityError(f"an idle replica's TTFT p95 is {curve.ttft(1)[1] * scale * 1000:.0f} ms "
                             f"already: no number of replicas meets {ttft_p95_s * 1000:.0f} ms")
@@ -255,7 +255,7 @@ def plan_capacity(curve: ServiceCurve, *, rate: float, prompt_tokens: float, out
         minimum = smallest_fleet(curve, rate=min_rate, prompt_tokens=prompt_tokens,
                                  output_tokens=output_tokens, ttft_p95_s=ttft_p95_s,
                                  **simulation)[0].replicas
-    scale = max(1.0, prompt_tokens / curve.prompt_tokens)
+    scale = curve.prompt_scale(prompt_tokens)
     notes = []
     for what, asked, measured in (("prompt", prompt_tokens, curve.prompt_tokens),
                                   ("output", output_tokens, curve.output_tokens)):

@@ -74,6 +74,11 @@ class ServiceCurve:
     target: str = ""
     profile: str = ""
 
+    def prompt_scale(self, prompt_tokens: float) -> float:
+        """How much longer than the measured prompts ``prompt_tokens`` is (1 when not longer): the
+        factor the simulator stretches time to first token by."""
+        return max(1.0, prompt_tokens / self.prompt_tokens)
+
     def __post_init__(self):
         if not self.levels:
             raise CurveError("levels: at least one measured concurrency level is needed")

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -34,6 +32,8 @@ import jinja2
 import yaml
 
 from ..plan import CONCURRENCY_LENGTHS, MODEL_NAME
+from ..render import swap_into_place
+from ..render import template_environment as strict_environment
 from ..report import glm_build_version
 from . import image as img
 from .pod import GPU_PRODUCT_LABEL, PROBE_PERIOD_S, PodPlan, pod_plan, quantity
@@ -98,7 +98,7 @@ class DeployOptions:
                 isinstance(self.target_in_flight, (int, float)) and self.target_in_flight > 0):
             raise DeployError(f"target_in_flight: must be a positive number, got "
                               f"{self.target_in_flight!r}")
-        for key in ("storage_uri", "weights_claim", *()):
+        for key in ("storage_uri", "weights_claim"):
             value = getattr(self, key)
             if value is not None and (not value or any(c.isspace() or c in "\"'\\" for c in value)):
                 raise DeployError(f"{key}: {value!r} must be one word without quotes")
@@ -137,17 +137,9 @@ def yaml_quoted(value) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
-def _mib(n_bytes: int) -> str:
-    return quantity(n_bytes)
-
-
 def template_environment(templates_dir: Path | None = None) -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir or TEMPLATES_DIR)),
-        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
-        trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(q=yaml_quoted, mib=_mib)
-    return env
+    """The model templates' strict environment (``builder.render``) with the YAML filters."""
+    return strict_environment(templates_dir or TEMPLATES_DIR, filters={"q": yaml_quoted, "mib": quantity})
 
 
 # -- what the templates get -------------------------------------------------------------------------
@@ -199,9 +191,8 @@ def context(built: BuiltRepository, options: DeployOptions) -> dict:
         "triton_user": img.TRITON_USER, "triton_uid": img.TRITON_UID,
         "repository_in_image": img.REPOSITORY_IN_IMAGE, "ports": img.PORTS,
         "entrypoint": [img.NVIDIA_ENTRYPOINT, "glm-serve"],
-        "cmd": img.serve_args(img.REPOSITORY_IN_IMAGE),
         "cmd_runtime": img.serve_args(KSERVE_REPOSITORY),
-        "serve_args": img.serve_args(img.REPOSITORY_IN_IMAGE),
+        "serve_args": img.serve_args(img.REPOSITORY_IN_IMAGE),  # the image's CMD and the pod's args
         "kserve_args": img.serve_args(KSERVE_REPOSITORY, http_port=KSERVE_HTTP_PORT),
         "kserve_http_port": KSERVE_HTTP_PORT, "pod": pod, "memory": quantity(pod.memory_bytes),
         "shm": quantity(pod.shm_bytes), "probe_period": PROBE_PERIOD_S,
@@ -300,13 +291,7 @@ def deploy(options: DeployOptions, *, templates_dir: Path | None = None) -> Depl
             if isinstance(err, DeployError):
                 raise
             raise DeployError(str(err)) from err
-        if options.out.exists():
-            aside = options.out.with_name(f".{options.out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(options.out, aside)
-            os.rename(staging, options.out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(staging, options.out)
+        swap_into_place(staging, options.out, keep=())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

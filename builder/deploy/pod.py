@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 from ..memory import plain_parameters, weight_bytes
-from ..plan import CONCURRENCY_LENGTHS, KV_PAGE_SIZE, Placement, phase_need
+from ..plan import MAX_BATCH_TOKENS, Placement, batch_bytes, pool_lengths
 from ..render import ROUTER_INSTANCES
 from .repository import BuiltRepository
 
@@ -96,11 +96,9 @@ def variant_host_bytes(built: BuiltRepository, p: Placement) -> int:
     if plan.profile.kind == "gpu":
         return GPU_VARIANT_HOST_BYTES + built.largest_file_bytes(p)
     # CPU: the variant with its KV pool full, at every length the plan checked it at
-    step = p.max_batch_tokens or min(p.max_tokens, 512)
-    mask = step * (p.kv_blocks * KV_PAGE_SIZE + step) * 4  # the batcher's attention mask (fp32)
-    lengths = sorted({min(t, p.max_tokens) for t in CONCURRENCY_LENGTHS} | {p.max_tokens})
-    return max(phase_need(plan.config, p.variant, t, plan.profile, max(1, p.concurrency(t)))
-               for t in lengths) + mask
+    step = p.max_batch_tokens or min(p.max_tokens, MAX_BATCH_TOKENS)
+    return max(batch_bytes(plan.config, p.variant, plan.profile, tokens, p.kv_blocks, step)
+               for tokens in pool_lengths(p.max_tokens))
 
 
 def load_seconds(built: BuiltRepository, p: Placement) -> float:

@@ -103,7 +103,7 @@ class TritonPythonModel:
                 raise
             raise VariantUnavailable(f"variant {variant}: {err}") from None
 
-    def serve(self, request, send) -> None:
+    def serve(self, request, send):
         """Route ``request``, falling back as the policy allows; ``send(response)`` each answer.
         Returns the last response (None once the client cancelled); raises for a request no
         variant served.
@@ -148,9 +148,8 @@ class TritonPythonModel:
             return None
         responses = []
         for request in requests:
-            answers = []
-            try:
-                responses.append(self.serve(request, answers.append)
+            try:  # one response: only the last is returned, nothing is sent on the way
+                responses.append(self.serve(request, lambda response: None)
                                  or error_response(f"{self.name}: cancelled"))
             except Exception as err:  # bad input or no variant: this request only
                 if not isinstance(err, RequestError):

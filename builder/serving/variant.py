@@ -186,9 +186,7 @@ class TritonPythonModel:
 
 
 def _cancelled(request, sender) -> bool:
-    """Whether the client cancelled this request (or its stream closed)."""
-    for owner in (sender, request):
-        check = getattr(owner, "is_cancelled", None)
-        if check is not None and check():
-            return True
-    return False
+    """Whether the client cancelled this request (or its stream closed). One query to the server
+    (this runs for every streamed update): the sender's where the backend has it, else the request's."""
+    owner = sender if hasattr(sender, "is_cancelled") else request
+    return bool(getattr(owner, "is_cancelled", lambda: False)())
