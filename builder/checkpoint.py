@@ -270,7 +270,7 @@ def finish_model(model, device: torch.device, dtype: torch.dtype):
 
 def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, bits: int = 16, group_size: int | None = None,
-                  progress=None):
+                  output_bits: int = 16, progress=None):
     """Load a ChatGLM2 checkpoint (THUDM layout) as ``(GlmForCausalLM, ChatGLM2Tokenizer)``.
 
     With ``bits`` 8 or 4 each projection is quantized as its shard is read, so peak host memory
@@ -279,6 +279,10 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
 
     >>> model, tokenizer = load_chatglm2("THUDM-chatglm2-6b/", device="cuda")  # float16
     >>> model, tokenizer = load_chatglm2("THUDM-chatglm2-6b/", bits=4)  # int4 on the CPU
+
+    ``output_bits`` 8 also quantizes the output layer (``lm_head``, 65024 rows on the 6B) to int8 per
+    row: half its bytes, which are most of a shallow decode step's fixed cost on the CPU. Opt-in:
+    ChatGLM2's own int4/int8 keep it in float; ``docs/benchmarks.md`` has what it costs in fidelity.
     """
     from .quantization import check_bits, make_load_hook, make_prequantized_hook
     from .tokenizer import ChatGLM2Tokenizer
@@ -287,6 +291,8 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
     config = check_checkpoint(path)
     if bits != 16:
         check_bits(bits, group_size)
+    if output_bits not in (16, 8):
+        raise ValueError(f"output_bits must be 16 (float output layer) or 8, got {output_bits!r}")
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     check_dtype(dtype, device)
@@ -303,6 +309,10 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
         hook = make_load_hook(model, bits, group_size, device=device, dtype=dtype)
     load_weights(model, path, config, device=device, dtype=dtype, hook=hook, progress=progress)
     model = finish_model(model, device, dtype)
+    if output_bits == 8:
+        from .quantization import quantize_output_layer
+
+        quantize_output_layer(model)
     release_free_memory(device)
     return model, tokenizer
 

@@ -436,6 +436,11 @@ def _swap_children(parent: torch.nn.Module, prefix: str, bits: int, group_size: 
             _swap_children(child, name, bits, group_size, filter_fn)
 
 
+def quantize_output_layer(model: torch.nn.Module, bits: int = 8) -> torch.nn.Module:
+    """Quantize ``lm_head`` alone, per row, in place (opt-in: ChatGLM2 keeps it in float)."""
+    return quantize(model, bits, filter_fn=lambda module, name: name == "lm_head")
+
+
 # -- quantizing while a checkpoint streams in ---------------------------------------------------------
 class ProjectionLoader:
     """A ``load_weights`` hook: gathers each projection's tensors, then puts a QuantizedLinear in place.

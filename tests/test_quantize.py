@@ -331,3 +331,33 @@ def test_cuda_layer_matches_formula(bits):
     moved = QuantizedLinear.from_float(weight, bias, bits).to("cuda")  # re-laid out for CUDA
     assert moved.kernel == "cuda_extract"
     assert relative_error(moved(x.cuda()).cpu(), expected) < 2e-3
+
+
+# -- the opt-in int8 output layer -----------------------------------------------------------------------
+def test_output_layer_int8_is_opt_in_and_close_to_float():
+    """``output_bits=8`` swaps only ``lm_head`` for per-row int8 (the formula), and the logits stay
+    close: every next-token choice over a prompt agrees with the float output layer's."""
+    from builder import TINY_CHECKPOINT
+    from builder.checkpoint import load_chatglm2
+
+    base, tokenizer = load_chatglm2(TINY_CHECKPOINT, bits=8)
+    quant, _ = load_chatglm2(TINY_CHECKPOINT, bits=8, output_bits=8)
+    assert not isinstance(base.lm_head, QuantizedLinear)
+    assert isinstance(quant.lm_head, QuantizedLinear) and quant.lm_head.bits == 8
+    q, scale = formula(base.lm_head.weight.detach(), 8)
+    assert torch.equal(quant.lm_head.codes().float(), q)
+    assert torch.equal(quant.lm_head.weight_scale.float(), scale[:, 0])
+    assert type(quant.model.embed_tokens) is torch.nn.Embedding  # the input embedding stays float
+    ids = torch.tensor([tokenizer.build_chat_input("3只鸡和2只兔子一共有几条腿？")])
+    with torch.inference_mode():
+        a, b = base(input_ids=ids).logits, quant(input_ids=ids).logits
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_output_bits_other_than_8_or_16_name_the_value():
+    from builder import TINY_CHECKPOINT
+    from builder.checkpoint import load_chatglm2
+
+    with pytest.raises(ValueError, match="output_bits must be 16 .* got 4"):
+        load_chatglm2(TINY_CHECKPOINT, output_bits=4)
