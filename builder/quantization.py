@@ -163,13 +163,24 @@ _PACK_ROWS = 64  # the kernel packs blocks of 32 (AVX2) or 64 (AVX-512) rows int
 def _cpu_int4pack_thudm(packed: torch.Tensor) -> torch.Tensor:
     """THUDM's packed int4 [out, in/2] -> the kernel's prepacked uint8 [out, in/2], by row blocks.
 
-    Whole-layer temporaries (int8 codes, then the int32 the packer takes: 5 bytes per weight) would
-    stay in the C heap; blocks of whole 64-row groups pack to the same contiguous bytes.
+    THUDM's nibble is q in two's complement and the kernel's is q + 8, so the kernel's code is the
+    nibble with its top bit flipped: written straight into one reused int32 block (what the packer
+    takes), with no signed unpacking and no fresh block-sized temporaries (each would be new pages
+    to fault in: that, not the arithmetic, was most of a pre-quantized int4 start-up). Blocks of
+    whole 64-row groups pack to the same contiguous bytes as the whole matrix.
     """
     out_features, half = packed.shape
     result = torch.empty(out_features, half, dtype=torch.uint8, device=packed.device)
-    for start, stop in row_blocks(out_features, half * 2 * 4, multiple=_PACK_ROWS):
-        result[start:stop] = _cpu_int4pack(unpack_int4(packed[start:stop])).view(stop - start, half)
+    nibbles = packed.view(torch.uint8)
+    blocks = list(row_blocks(out_features, half * 2 * 4, multiple=_PACK_ROWS))
+    rows = max(stop - start for start, stop in blocks)
+    codes = torch.empty(rows, half, 2, dtype=torch.int32, device=packed.device)  # [rows, in/2, 2]
+    for start, stop in blocks:
+        block, n = nibbles[start:stop], stop - start
+        torch.bitwise_xor(block >> 4, 8, out=codes[:n, :, 0])  # element 2j: the high nibble
+        torch.bitwise_xor(block & 0xF, 8, out=codes[:n, :, 1])
+        result[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes[:n].view(n, half * 2), 1).view(n, half)
     return result
 
 

@@ -111,6 +111,30 @@ def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, thread
     return {"decode_s": decode, "prefill_s": prefill, "isa": torch.backends.cpu.get_cpu_capability()}
 
 
+def load(path: Path, precision: str, threads: int) -> dict:
+    """Seconds to read a pre-quantized checkpoint's weight bytes from a warm page cache (the best
+    of two passes after one to warm it), and seconds for ``load_chatglm2`` to make it ready."""
+    import torch
+
+    from builder.checkpoint import load_chatglm2, weight_files
+
+    torch.set_num_threads(threads)
+    files = weight_files(path)
+    best, size = float("inf"), 0
+    for _ in range(3):
+        start, size = time.perf_counter(), 0
+        for file in files:
+            with open(file, "rb", buffering=0) as f:
+                while chunk := f.read(64 << 20):
+                    size += len(chunk)
+        best = min(best, time.perf_counter() - start)
+    bits, dtype, _, _ = PRECISIONS[precision]
+    start = time.perf_counter()
+    load_chatglm2(path, bits=bits, dtype=getattr(torch, dtype))
+    return {"read_s": best, "load_s": time.perf_counter() - start, "bytes": size,
+            "isa": torch.backends.cpu.get_cpu_capability()}
+
+
 def peer(path: Path, prompts: list[int], new_tokens: int) -> dict:
     import chatglm_cpp
 
@@ -161,6 +185,8 @@ def worker(args) -> None:
     others = OtherCpu()
     if args.worker == "ours":
         result = ours(Path(args.path), args.precision, prompts, args.new_tokens, args.threads)
+    elif args.worker == "load":
+        result = load(Path(args.path), args.precision, args.threads)
     else:
         result = peer(Path(args.path), prompts, args.new_tokens)
     result["other_cores"] = others.cores()  # what other processes used meanwhile
@@ -238,6 +264,15 @@ def report(results: dict, args, isa: dict) -> str:
     lines += ["", "Decode per layer, ours: " + ", ".join(
         f"{p} {t * ms:.1f} ms" for p, t in per_layer.items()) + " (goal: int4 ≤ int8). `-o8`: our "
         "opt-in int8 output layer (`load_chatglm2(output_bits=8)`), beside the same chatglm.cpp file."]
+    if getattr(args, "loads", None):
+        lines += ["", f"Start-up from pre-quantized weights (`--quantize-at build`, {high} layers): "
+                  "seconds to read the weight files from a warm page cache vs seconds until "
+                  f"`load_chatglm2` returns the model ready (best of {args.rounds}; goal ≤ 1.2×):", "",
+                  "| precision | weight bytes | read s | ready s | ratio |", "|---|---:|---:|---:|---:|"]
+        for precision, runs in args.loads.items():
+            read, ready = min(r["read_s"] for r in runs), min(r["load_s"] for r in runs)
+            lines.append(f"| {precision} | {runs[0]['bytes'] / 1e6:,.0f} MB | {read:.2f} | {ready:.2f} "
+                         f"| {ready / read:.1f}× |")
     return "\n".join(lines)
 
 
@@ -267,7 +302,9 @@ def main(argv=None) -> None:
     parser.add_argument("--peer-path", help="a folder holding another chatglm_cpp build (first on its path)")
     parser.add_argument("--out", type=Path, help="also write the table into this markdown file")
     parser.add_argument("--section", default=None, help="section name in --out (default peer-<isa>)")
-    parser.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-load", dest="load", action="store_false",
+                        help="skip the start-up check of pre-quantized (--quantize-at build) weights")
+    parser.add_argument("--worker", choices=("ours", "peer", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -310,6 +347,20 @@ def main(argv=None) -> None:
                     print(f"round {round_ + 1}: {engine:4s} {k[1]} {layers} layers: decode "
                           f"{r['decode_s'] * 1e3:.1f} ms/token, prefill "
                           + ", ".join(f"{n}: {s:.2f} s" for n, s in r["prefill_s"].items()), flush=True)
+    if args.load:
+        loads = {}
+        for precision in ("int4", "int8"):
+            bits = PRECISIONS[precision][0]
+            pre = args.cache / f"glm-{args.layer_counts[1]}l-{precision}"
+            if not (pre / "config.json").is_file():
+                from builder.checkpoint import save_quantized
+
+                print(f"writing {pre} (quantized once, as --quantize-at build does)", flush=True)
+                save_quantized(checkpoint(args.cache, args.layer_counts[1]), pre, bits)
+            loads[precision] = [run_worker("load", pre, precision, args, None) for _ in range(args.rounds)]
+            print(f"{precision} start-up: " + ", ".join(f"read {r['read_s']:.2f} s, ready {r['load_s']:.2f} s"
+                                                        for r in loads[precision]), flush=True)
+        args.loads = loads
     table = report(results, args, isa)
     from benchdoc import publish
 

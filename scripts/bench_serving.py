@@ -19,8 +19,10 @@ Builds the embedded tiny model's repository (fp16, int8, int4 on the `cpu` profi
 temporary folder, starts Triton on free loopback ports, and for each target — every variant called
 directly, and the router `chatglm2-6b` — at concurrency 1, 4 and 8 sends at most `--requests`
 requests (or stops after `--seconds`), greedy, with a fixed short answer. Prints throughput and
-p50/p95 latency per target and concurrency, and the router's added latency: its p50 at concurrency
-1 minus that of the variant it routes to, called directly.
+p50/p95 latency per target and concurrency, and the router's added latency: the streaming router's
+p50 at concurrency 1 minus that of the variant it routes to, called directly over the same gRPC
+stream API (Triton's per-model statistics cannot say it: a decoupled variant's ``execute()`` returns
+as soon as the batcher has the request, so its compute time is not the answer's).
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ from builder.loadtest import percentile  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
 
 PROMPT = "你好"  # the tiny model answers it word for word: every request does the same work
-TARGETS = ("chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4", "chatglm2-6b")
+TARGETS = ("chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4", "chatglm2-6b",
+           "chatglm2-6b-stream")
 
 
 def run_level(url: str, target: str, concurrency: int, requests: int, seconds: float) -> dict:
@@ -71,15 +74,6 @@ def run_level(url: str, target: str, concurrency: int, requests: int, seconds: f
     return {"target": target, "concurrency": concurrency, "requests": len(latencies),
             "throughput": len(latencies) / elapsed, "p50": percentile(latencies, 0.5),
             "p95": percentile(latencies, 0.95), "mean": statistics.mean(latencies)}
-
-
-def success_totals(url: str, model: str) -> tuple[int, int]:
-    """Triton's cumulative (count, nanoseconds) of successful requests to ``model``."""
-    import tritonclient.grpc as grpcclient
-
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(model).model_stats[0].inference_stats.success
-    return stats.count, stats.ns
 
 
 def generated_tokens(metrics_url: str) -> dict[str, float]:
@@ -207,42 +201,33 @@ def main(argv=None) -> None:
                     warm.chat(PROMPT, model=target)
             routed_to = "chatglm2-6b-" + warm.chat(PROMPT).variant
             warm.close()
-            rows, server_side = [], {}
-            for target in TARGETS:
-                for c in (1, 4, 8):
-                    before = {m: success_totals(url, m) for m in ("chatglm2-6b", routed_to)}
-                    rows.append(run_level(url, target, c, args.requests, args.seconds))
-                    if target == "chatglm2-6b" and c == 1:  # only the router calls the variant now
-                        for m in before:
-                            count, ns = success_totals(url, m)
-                            server_side[m] = (ns - before[m][1]) / max(1, count - before[m][0]) / 1e6
+            rows = [run_level(url, target, c, args.requests, args.seconds)
+                    for target in TARGETS for c in (1, 4, 8)]
 
     lines = ["| target | concurrency | requests | throughput (req/s) | p50 ms | p95 ms |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['target']} | {r['concurrency']} | {r['requests']} | {r['throughput']:.2f} | "
               f"{r['p50']:.1f} | {r['p95']:.1f} |" for r in rows]
     p50 = {(r["target"], r["concurrency"]): r["p50"] for r in rows}
-    added = p50[("chatglm2-6b", 1)] - p50[(routed_to, 1)]
-    inside = server_side["chatglm2-6b"] - server_side[routed_to]
-    verdict = "meets" if inside <= 5 else "misses"
+    plain = p50[("chatglm2-6b", 1)] - p50[(routed_to, 1)]
+    added = p50[("chatglm2-6b-stream", 1)] - p50[(routed_to, 1)]
+    verdict = "meets" if added <= 5 else "misses"
     body = "\n".join([
         "## Serving load (tiny model, live Triton on loopback)", "",
         f"Command: `{command_line()}`", "", f"Machine: {machine()}", "",
         f"Each request: prompt {PROMPT!r}, greedy, the same {len(PROMPT)}-character question "
-        "answered word for word, so every request does the same work. Variants run one instance each "
-        "(requests to one variant queue); the routers run two. Direct calls to a variant use the "
-        "gRPC stream API (variants are decoupled); the router is a plain gRPC call.", "",
+        "answered word for word, so every request does the same work. Each variant runs one "
+        "continuous batch; `chatglm2-6b` is the one-response router (a plain gRPC call), "
+        "`chatglm2-6b-stream` the streaming router; variants and the streaming router are called "
+        "over the gRPC stream API (they are decoupled).", "",
         *lines, "",
-        f"Router's added latency at concurrency 1, seen by the client: p50 "
-        f"{p50[('chatglm2-6b', 1)]:.1f} ms through `chatglm2-6b` vs {p50[(routed_to, 1)]:.1f} ms "
-        f"calling `{routed_to}` directly = {added:+.1f} ms. The two calls take different gRPC "
-        f"paths (the variant is decoupled, so it is called over the stream API; the router is a "
-        f"plain call), so this difference mixes protocol costs with the router's.",
-        "",
-        f"Seen by the server (Triton's per-model statistics over the same requests): a request "
-        f"spends {server_side['chatglm2-6b']:.1f} ms in the router, of which "
-        f"{server_side[routed_to]:.1f} ms in `{routed_to}`: the router adds **{inside:+.1f} ms** "
-        f"(tokenizing, the BLS call, copying the outputs) — it {verdict} the 5 ms goal.",
+        f"Router's added latency at concurrency 1, same protocol: p50 "
+        f"{p50[('chatglm2-6b-stream', 1)]:.1f} ms through `chatglm2-6b-stream` vs "
+        f"{p50[(routed_to, 1)]:.1f} ms calling `{routed_to}` directly = **{added:+.1f} ms** "
+        f"(tokenizing, the BLS call, relaying the stream) — it {verdict} the 5 ms goal. Through "
+        f"the one-response router `chatglm2-6b`: {p50[('chatglm2-6b', 1)]:.1f} ms ({plain:+.1f} ms; "
+        "a plain call and a stream are different gRPC paths, so that difference mixes protocol "
+        "costs with the router's).",
     ])
     print(body)
     if args.out:

@@ -25,7 +25,9 @@ def command_line() -> str:
     """This process's command, with the interpreter as a path relative to the working directory."""
     python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") \
         else sys.executable
-    return shlex.join([python, *sys.argv])
+    env = [f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}"] \
+        if os.environ.get("ATEN_CPU_CAPABILITY") else []  # it changes every CPU figure
+    return " ".join(env + [shlex.join([python, *sys.argv])])
 
 
 def machine() -> str:

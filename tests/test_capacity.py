@@ -26,7 +26,7 @@ def test_the_example_curve_is_a_real_measurement_in_the_format():
     raw = json.loads(EXAMPLE.read_text())
     assert raw["format"] == FORMAT and raw["command"].startswith("scripts/capacity_check.py")
     c = ServiceCurve.read(EXAMPLE)
-    assert [lv.concurrency for lv in c.levels] == [1, 2, 4, 8]
+    assert [lv.concurrency for lv in c.levels] == [1, 2, 4, 8, 16]  # capacity_check's default levels
     assert all(lv.in_flight is not None for lv in c.levels)  # placed by Little's law
 
 
