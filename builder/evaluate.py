@@ -61,8 +61,10 @@ def answer_accuracy(model, tokenizer, dialogues: Sequence[Dialogue]) -> float:
     return right / len(dialogues)
 
 
-# (label, bits, group_size) of every scheme the fidelity report compares with fp32.
-SCHEMES = (("fp32", 16, None), ("int8", 8, None), ("int4", 4, None), ("int4-g32", 4, 32))
+# (label, bits, group_size, output-layer bits) of every scheme the fidelity report compares with
+# fp32; "+out8": the opt-in int8 output layer (load_chatglm2(output_bits=8)).
+SCHEMES = (("fp32", 16, None, 16), ("int8", 8, None, 16), ("int4", 4, None, 16),
+           ("int4-g32", 4, 32, 16), ("int8+out8", 8, None, 8), ("int4+out8", 4, None, 8))
 
 
 def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count: int = 100,
@@ -76,11 +78,12 @@ def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count:
 
     reference, tokenizer = load_chatglm2(checkpoint)
     rows, base_ppl = [], None
-    for label, bits, group_size in schemes:
-        model = reference if bits == 16 else load_chatglm2(checkpoint, bits=bits, group_size=group_size)[0]
+    for label, bits, group_size, output_bits in schemes:
+        model = reference if (bits, output_bits) == (16, 16) else load_chatglm2(
+            checkpoint, bits=bits, group_size=group_size, output_bits=output_bits)[0]
         ppl = heldout_perplexity(model, tokenizer, dialogues)
         base_ppl = base_ppl or ppl
-        rows.append({"scheme": label, "bits": bits, "group_size": group_size,
+        rows.append({"scheme": label, "bits": bits, "group_size": group_size, "output_bits": output_bits,
                      "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1,
                      "top1_agreement": top1_agreement(model, reference, tokenizer, dialogues),
                      "accuracy": answer_accuracy(model, tokenizer, dialogues[:accuracy_count])})
