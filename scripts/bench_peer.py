@@ -92,6 +92,18 @@ def prompt_ids(tokens: int) -> list[int]:
     return [3 + (i * 7919) % 797 for i in range(tokens)]
 
 
+def timings(run, prompts: list[int], new_tokens: int) -> dict:
+    """The same sequence for both engines; ``run(ids, new_tokens)`` -> (prefill s, median step s)."""
+    short = prompt_ids(16)
+    run(short, 4)  # warm-up
+    decode = run(short, new_tokens)[1]
+    prefill = {}
+    for n in prompts:
+        run(prompt_ids(n)[:8], 1)
+        prefill[n] = run(prompt_ids(n), 1)[0]
+    return {"decode_s": decode, "prefill_s": prefill}
+
+
 def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, threads: int) -> dict:
     import torch
 
@@ -101,14 +113,9 @@ def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, thread
     torch.set_num_threads(threads)
     bits, dtype, output_bits, _ = PRECISIONS[precision]
     model, _ = load_chatglm2(path, bits=bits, dtype=getattr(torch, dtype), output_bits=output_bits)
-    short = prompt_ids(16)
-    decode_seconds(model, short, 4)  # warm-up
-    decode = decode_seconds(model, short, new_tokens)[1]
-    prefill = {}
-    for n in prompts:
-        decode_seconds(model, prompt_ids(n)[:8], 2)
-        prefill[n] = decode_seconds(model, prompt_ids(n), 2)[0]  # (2: one decode step for its median)
-    return {"decode_s": decode, "prefill_s": prefill, "isa": torch.backends.cpu.get_cpu_capability()}
+    # decode_seconds counts the prefill's token: one more for ``steps`` decode steps
+    return {**timings(lambda ids, steps: decode_seconds(model, ids, steps + 1), prompts, new_tokens),
+            "isa": torch.backends.cpu.get_cpu_capability()}
 
 
 def load(path: Path, precision: str, threads: int) -> dict:
@@ -120,13 +127,18 @@ def load(path: Path, precision: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     files = weight_files(path)
-    best, size = float("inf"), 0
-    for _ in range(3):
-        start, size = time.perf_counter(), 0
+    def read() -> int:
+        size = 0
         for file in files:
             with open(file, "rb", buffering=0) as f:
                 while chunk := f.read(64 << 20):
                     size += len(chunk)
+        return size
+
+    size, best = read(), float("inf")  # the first pass warms the page cache
+    for _ in range(2):
+        start = time.perf_counter()
+        read()
         best = min(best, time.perf_counter() - start)
     bits, dtype, _, _ = PRECISIONS[precision]
     start = time.perf_counter()
@@ -152,16 +164,9 @@ def peer(path: Path, prompts: list[int], new_tokens: int) -> dict:
             n_past = len(ids) - 1
             stamps.append(time.perf_counter())
         per_step = [b - a for a, b in zip(stamps[1:], stamps[2:])]
-        return stamps[1] - stamps[0], statistics.median(per_step) if per_step else 0.0
+        return stamps[1] - stamps[0], statistics.median(per_step)
 
-    short = prompt_ids(16)
-    run(short, 4)  # warm-up
-    decode = run(short, new_tokens)[1]
-    prefill = {}
-    for n in prompts:
-        run(prompt_ids(n)[:8], 0)
-        prefill[n] = run(prompt_ids(n), 0)[0]
-    return {"decode_s": decode, "prefill_s": prefill, "isa": peer_isa(chatglm_cpp)}
+    return timings(run, prompts, new_tokens)
 
 
 def peer_isa(module) -> str:
@@ -217,8 +222,16 @@ def extrapolate(shallow: float, deep: float, low: int, high: int) -> tuple[float
     return per_layer, fixed, fixed + FULL_LAYERS * per_layer
 
 
+def depth_fit(results: dict, engine: str, precision: str, figure, layers: tuple[int, int]
+              ) -> tuple[float, float, float, float]:
+    """(per layer, fixed, 28 layers, shallow measured) of ``figure(result)``, best of the rounds."""
+    shallow, deep = (min(figure(r) for r in results[key(engine, precision, n)]) for n in layers)
+    return (*extrapolate(shallow, deep, *layers), shallow)
+
+
 def report(results: dict, args, isa: dict) -> str:
-    low, high = args.layer_counts
+    low, high = layers = tuple(args.layer_counts)
+    decode = lambda r: r["decode_s"]  # noqa: E731
     prompts = [int(n) for n in args.prompts.split(",") if n]
     ms = 1e3
     others = [r["other_cores"] for rs in results.values() for r in rs]
@@ -237,8 +250,7 @@ def report(results: dict, args, isa: dict) -> str:
     ]
     for precision in args.precision_list:
         ggml_type = PRECISIONS[precision][3]
-        o, p = (extrapolate(*(min(r["decode_s"] for r in results[key(engine, precision, n)])
-                              for n in (low, high)), low, high) for engine in ("ours", "peer"))
+        o, p = (depth_fit(results, engine, precision, decode, layers) for engine in ("ours", "peer"))
         ratio, goal = o[2] / p[2], GOALS[precision.split("-")[0]]
         lines.append(f"| {precision} vs {ggml_type} | {o[0] * ms:.1f} / {o[1] * ms:.1f} / {o[2] * ms:.0f} "
                      f"| {p[0] * ms:.1f} / {p[1] * ms:.1f} / {p[2] * ms:.0f} "
@@ -251,16 +263,11 @@ def report(results: dict, args, isa: dict) -> str:
         if precision.endswith("-o8"):
             continue  # the output layer is one row of a prefill: no change worth a line
         for n in prompts:
-            cells = {}
-            for engine in ("ours", "peer"):
-                a = min(r["prefill_s"][str(n)] for r in results[key(engine, precision, low)])
-                b = min(r["prefill_s"][str(n)] for r in results[key(engine, precision, high)])
-                cells[engine] = (extrapolate(a, b, low, high)[2], a)
-            o, p = cells["ours"], cells["peer"]
-            lines.append(f"| {precision} | {n} | {o[0]:.2f} ({o[1]:.2f}) | {p[0]:.2f} ({p[1]:.2f}) "
-                         f"| {o[0] / p[0]:.2f}× |")
-    per_layer = {p: extrapolate(*(min(r["decode_s"] for r in results[key("ours", p, n)])
-                                  for n in (low, high)), low, high)[0] for p in args.precision_list}
+            o, p = (depth_fit(results, engine, precision, lambda r: r["prefill_s"][str(n)], layers)
+                    for engine in ("ours", "peer"))
+            lines.append(f"| {precision} | {n} | {o[2]:.2f} ({o[3]:.2f}) | {p[2]:.2f} ({p[3]:.2f}) "
+                         f"| {o[2] / p[2]:.2f}× |")
+    per_layer = {p: depth_fit(results, "ours", p, decode, layers)[0] for p in args.precision_list}
     lines += ["", "Decode per layer, ours: " + ", ".join(
         f"{p} {t * ms:.1f} ms" for p, t in per_layer.items()) + " (goal: int4 ≤ int8). `-o8`: our "
         "opt-in int8 output layer (`load_chatglm2(output_bits=8)`), beside the same chatglm.cpp file."]
@@ -320,7 +327,7 @@ def main(argv=None) -> None:
     if args.peer_path:
         sys.path.insert(0, args.peer_path)
     try:
-        import chatglm_cpp  # noqa: F401
+        import chatglm_cpp
     except ImportError:
         raise SystemExit("bench_peer needs chatglm.cpp: CMAKE_POLICY_VERSION_MINIMUM=3.5 "
                          ".venv/bin/pip install '.[peer]' (or --peer-path to a build)")
@@ -333,7 +340,7 @@ def main(argv=None) -> None:
             files[key("peer", precision, layers)] = ggml_file(ckpt, PRECISIONS[precision][3])
 
     results: dict = {k: [] for k in files}
-    isa = {}
+    isa = {"peer": peer_isa(chatglm_cpp)}  # the same build the workers import (--peer-path first)
     for round_ in range(args.rounds):
         for precision in args.precision_list:
             for layers in args.layer_counts:
@@ -342,7 +349,8 @@ def main(argv=None) -> None:
                     if len(results[k]) > round_:
                         continue  # chatglm.cpp's file already measured this round
                     r = run_worker(engine, files[k], precision, args, args.peer_path)
-                    isa[engine] = r["isa"]
+                    if engine == "ours":
+                        isa["ours"] = r["isa"]
                     results[k].append(r)
                     print(f"round {round_ + 1}: {engine:4s} {k[1]} {layers} layers: decode "
                           f"{r['decode_s'] * 1e3:.1f} ms/token, prefill "
