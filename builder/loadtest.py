@@ -81,22 +81,30 @@ def percentile(values: Sequence[float], q: float) -> float:
 def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency: int, requests: int,
              max_token: int = 256, temperature: float = 0.0, model: str = STREAM_ROUTER,
              count_tokens: Optional[Callable[[str], int]] = None,
-             timeout_s: float = 600.0) -> LoadResult:
+             timeout_s: float = 600.0, ramp_s: float = 0.0) -> LoadResult:
     """``requests`` streamed chats (prompts taken in turn) from ``concurrency`` clients at once.
 
     A prompt may come with its own ``max_token`` as a ``(prompt, max_token)`` pair.
+
+    ``ramp_s`` staggers the clients' starts evenly over that many seconds (client i waits
+    ``i * ramp_s / concurrency``), as a load generator ramps up: with a ramp about one request's
+    length the clients' requests are out of phase, as in steady traffic, instead of all arriving
+    in one burst. 0 (the default) starts them together.
 
     ``count_tokens`` counts an answer's tokens (e.g. the model's tokenizer); without it answers are
     measured in characters. A request that fails is counted as lost, with its error.
     """
     if concurrency < 1 or requests < 1:
         raise ValueError(f"concurrency and requests must be >= 1, got {concurrency} and {requests}")
+    if ramp_s < 0:
+        raise ValueError(f"ramp_s must be >= 0, got {ramp_s}")
     counter = iter(range(requests))
     lock = threading.Lock()
     result = LoadResult(concurrency, 0.0, unit="tokens" if count_tokens else "chars")
 
-    def worker() -> None:
+    def worker(delay_s: float) -> None:
         client = ChatGLMClient(url, "grpc", temperature, max_token, timeout_s=timeout_s)
+        time.sleep(delay_s)
         try:
             while True:
                 with lock:
@@ -119,7 +127,7 @@ def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency:
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
+        for future in [pool.submit(worker, i * ramp_s / concurrency) for i in range(concurrency)]:
             future.result()
     result.elapsed_s = time.perf_counter() - start
     return result

@@ -3,7 +3,8 @@
 
     .venv/bin/python scripts/bench_serving.py [--requests 24] [--seconds 60] [--out docs/benchmarks.md]
     .venv/bin/python scripts/bench_serving.py --batched [--checkpoint /tmp/glm-2l-per-layer]
-        [--levels 1,4,8,16] [--new-tokens 24] [--curves docs/serving-curves.json] [--out docs/benchmarks.md]
+        [--levels 1,4,8,16] [--new-tokens 24] [--targets A,B] [--per-client 2] [--ramp]
+        [--curves docs/serving-curves.json] [--out docs/benchmarks.md]
 
 ``--batched`` measures the continuous batchers: at each concurrency level, clients stream chats
 with mixed prompt lengths (about 16, 64 and 200 tokens, each asking ``--new-tokens`` more) to each
@@ -45,6 +46,7 @@ from builder.loadtest import percentile  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
 
 PROMPT = "你好"  # the tiny model answers it word for word: every request does the same work
+BATCHED_TARGETS = ("chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4", "chatglm2-6b-stream")
 TARGETS = ("chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4", "chatglm2-6b",
            "chatglm2-6b-stream")
 
@@ -112,7 +114,7 @@ def batched(args) -> None:
     levels = [int(x) for x in args.levels.split(",")]
     tokenizer = ChatGLM2Tokenizer(checkpoint / "tokenizer.model")
     prompts = mixed_prompts(tokenizer, args.new_tokens)
-    targets = ("chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4", "chatglm2-6b-stream")
+    targets = args.targets.split(",")
     rows, curves = [], []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
@@ -125,11 +127,13 @@ def batched(args) -> None:
             url, metrics_url = server.urls["grpc"], server.urls["metrics"]
             for target in targets:  # warm up: first calls pay for lazy initialisation
                 run_load(url, prompts, concurrency=len(prompts), requests=len(prompts), model=target)
+            ramp = {}  # per target: its p50 latency at concurrency 1 (with --ramp)
             for target in targets:
                 for level in levels:
                     time.sleep(1.2)  # the variants publish their counters every second
                     before = generated_tokens(metrics_url)
-                    result = run_load(url, prompts, concurrency=level, requests=2 * level, model=target)
+                    result = run_load(url, prompts, concurrency=level, requests=args.per_client * level,
+                                      model=target, ramp_s=ramp.get(target, 0.0) if level > 1 else 0.0)
                     time.sleep(1.2)
                     after = generated_tokens(metrics_url)
                     tokens = sum(after.values()) - sum(before.values())
@@ -139,6 +143,8 @@ def batched(args) -> None:
                              "mean_tokens": per_request, "tpot_p50_s": percentile(tpot, 0.5),
                              "tpot_p95_s": percentile(tpot, 0.95)}
                     rows.append((target, point))
+                    if args.ramp and level == 1:
+                        ramp[target] = point["latency_p50_s"]
                     if target == "chatglm2-6b-stream":
                         curves.append(point)
                     print(f"{target} c={level}: {point['tokens_per_s']:.1f} tokens/s, TTFT p50 "
@@ -154,15 +160,20 @@ def batched(args) -> None:
                      f"| {p['tpot_p50_s'] * 1000:.0f} | {p['tpot_p95_s'] * 1000:.0f} |")
     label = "tiny model" if checkpoint == TINY_CHECKPOINT else f"{checkpoint.name}, ChatGLM2-6B's layer shapes"
     body = "\n".join([
-        f"## Serving many requests at once ({label})", "",
+        f"## Serving many requests at once ({label}{', steady traffic' if args.ramp else ''})", "",
         f"Command: `{command_line()}`", "", f"Machine: {machine()}", "",
-        f"Each level sends 2 × concurrency streamed chats, greedy, prompts of "
+        f"Each level sends {args.per_client} × concurrency streamed chats, greedy, prompts of "
         f"{', '.join(str(m - args.new_tokens) for _, m in prompts)} tokens in turn, each asking for "
         f"{args.new_tokens} new tokens (random weights rarely stop early). tokens/s: answer tokens "
         "the variants generated (their `glm_generated_tokens_total`) over the level's wall time; "
         "TTFT: until the first streamed piece; TPOT: the rest of the answer over its tokens, per "
         "request. `chatglm2-6b-stream` is the streaming router (it routes every request here to "
-        "fp16: the cpu profile's limits cover them).", "", *lines])
+        "fp16: the cpu profile's limits cover them).",
+        *([] if not args.ramp else [
+            "", "Steady traffic (`--ramp`): the clients of a level start one after another, spread "
+            "over the target's p50 latency at concurrency 1, so their requests arrive out of phase "
+            "as in steady traffic; without it they all start at once, a burst."]),
+        "", *lines])
     print(body)
     if args.curves:
         args.curves.write_text(json.dumps({"checkpoint": label, "new_tokens": args.new_tokens,
@@ -170,7 +181,8 @@ def batched(args) -> None:
                                            "points": curves}, indent=2) + "\n")
         print(f"wrote {args.curves}")
     if args.out:
-        write_section(args.out, "serving-batched" + ("" if checkpoint == TINY_CHECKPOINT else "-6b-shapes"), body)
+        write_section(args.out, "serving-batched" + ("" if checkpoint == TINY_CHECKPOINT else "-6b-shapes")
+                      + ("-steady" if args.ramp else ""), body)
 
 
 def main(argv=None) -> None:
@@ -183,6 +195,12 @@ def main(argv=None) -> None:
     parser.add_argument("--levels", default="1,4,8,16", help="with --batched: concurrency levels")
     parser.add_argument("--new-tokens", type=int, default=24, help="with --batched: new tokens per chat")
     parser.add_argument("--curves", type=Path, help="with --batched: save the router's service curve (JSON)")
+    parser.add_argument("--targets", default=",".join(BATCHED_TARGETS),
+                        help="with --batched: models to load (default: every variant and the streaming router)")
+    parser.add_argument("--per-client", type=int, default=2, help="with --batched: requests per client")
+    parser.add_argument("--ramp", action="store_true",
+                        help="with --batched: steady traffic, the clients' starts spread over one "
+                             "request's latency at concurrency 1 (default: a burst, all at once)")
     args = parser.parse_args(argv)
     if args.batched:
         return batched(args)

@@ -163,3 +163,16 @@ def test_glm_chat_concurrency_needs_grpc_and_a_prompt(capsys):
         glm_chat_main(["hi", "--protocol", "http", "-j", "2"])
     assert exit_info.value.code == 2
     assert "--concurrency needs --protocol grpc and a prompt" in capsys.readouterr().err
+
+
+def test_run_load_ramp_staggers_the_clients_starts(server):
+    from builder.loadtest import run_load
+
+    # Three clients, one request each, spread over 1.5 s: the last starts 1 s after the first, so
+    # the run cannot end sooner; every request is still answered.
+    result = run_load(server.urls["grpc"], [QUESTIONS[0]], concurrency=3, requests=3, max_token=64,
+                      ramp_s=1.5)
+    assert result.lost == 0 and len(result.timings) == 3
+    assert result.elapsed_s >= 1.0
+    with pytest.raises(ValueError, match="ramp_s must be >= 0, got -1"):
+        run_load(server.urls["grpc"], [QUESTIONS[0]], concurrency=1, requests=1, ramp_s=-1)
