@@ -9,6 +9,7 @@ is by the numbers in the question: held-out questions never appear in training.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -40,6 +41,16 @@ def _legs(c: int, r: int, english: bool) -> tuple[str, str]:
                 f"so there are {total} legs in all.")
     return (f"{c}只鸡和{r}只兔子一共有几条腿？",
             f"{c}只鸡有{2 * c}条腿，{r}只兔子有{4 * r}条腿，一共有{total}条腿。")
+
+
+def _count(n: int, rabbits: int, english: bool) -> tuple[str, str]:
+    """Legs of one kind of animal: ``rabbits`` is 0 (chickens) or 1 (rabbits)."""
+    legs = n * (4 if rabbits else 2)
+    if english:
+        kind = "rabbits" if rabbits else "chickens"
+        return f"How many legs do {n} {kind} have?", f"{n} {kind} have {legs} legs."
+    kind = "兔子" if rabbits else "鸡"
+    return f"{n}只{kind}有几条腿？", f"{n}只{kind}有{legs}条腿。"
 
 
 def _cage(c: int, r: int, english: bool) -> tuple[str, str]:
@@ -74,14 +85,58 @@ _GREETINGS = [
     ("Who are you?", "I am the tiny ChatGLM2 demo model that ships with glm-build, not ChatGLM2-6B."),
 ]
 
-# (template, range of the first number, range of the second)
-_TEMPLATES = [(_legs, range(1, 13), range(1, 13)), (_cage, range(1, 10), range(1, 10)),
-              (_add, range(0, 30), range(0, 30)), (_times, range(1, 10), range(1, 10))]
+# (template, range of the first number, range of the second). Leg counts go up to 20 chickens and
+# 20 rabbits; the sums cover every sum a leg count needs (up to 40 + 80), so the carries in the
+# leg totals are practised on their own.
+_TEMPLATES = [(_legs, range(1, 21), range(1, 21)), (_count, range(1, 21), range(0, 2)),
+              (_cage, range(1, 10), range(1, 10)), (_add, range(0, 41), range(0, 81)),
+              (_times, range(1, 10), range(1, 10))]
+
+FAMILIES = ("legs", "count", "cage", "add", "times")
+DEMO_FAMILIES = ("legs", "count", "add")  # what `make demo` asks: leg counts (two kinds, one) and sums
+
+
+def family(dialogue: Dialogue) -> str:
+    """Which template asked the scored (last) question of ``dialogue``."""
+    query = dialogue.query
+    if "条腿" in query or "legs" in query:
+        return "legs" if "和" in query or " and " in query else "count"
+    if "鸡兔同笼" in query or "cage" in query:
+        return "cage"
+    if "加" in query or "plus" in query:
+        return "add"
+    if "乘以" in query or "times" in query:
+        return "times"
+    return "other"
+
+
+def by_family(dialogues: list[Dialogue], per_family: int) -> list[Dialogue]:
+    """The first ``per_family`` dialogues of each family, in order: a held-out sample in which
+    every family counts alike (the sums alone are most of the held-out set)."""
+    taken = {f: 0 for f in FAMILIES}
+    out = []
+    for d in dialogues:
+        f = family(d)
+        if f in taken and taken[f] < per_family:
+            taken[f] += 1
+            out.append(d)
+    return out
 
 
 def is_heldout(x: int, y: int) -> bool:
-    """About one pair in seven is held out; (3, 2) — 3只鸡和2只兔子 — is one of them."""
-    return (x + 2 * y) % 7 == 0
+    """About one pair in seven is held out, chosen by a hash of the pair; (3, 2) — 3只鸡和2只兔子 —
+    is one of them.
+
+    A hash, not a rule on the numbers: the rule this replaced, ``(x + 2 * y) % 7 == 0``, held out
+    exactly the leg counts whose total (2x + 4y) is a multiple of 14, so no training leg count ever
+    ended in 14, 28, …, 112 and the held-out totals were numbers the model had never written there.
+    With the hash every held-out total also ends some training question; every held-out question
+    is still one the model never saw."""
+    digest = hashlib.sha256(f"{_SPLIT_SALT}:{x},{y}".encode()).digest()
+    return int.from_bytes(digest, "big") % 7 == 0
+
+
+_SPLIT_SALT = "glm-build-5"  # the first salt that holds out the demo's question, (3, 2)
 
 
 def single_rounds(split: str) -> list[tuple[str, str]]:

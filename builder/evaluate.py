@@ -68,9 +68,10 @@ SCHEMES = (("fp32", 16, None, 16), ("int8", 8, None, 16), ("int4", 4, None, 16),
 
 
 def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count: int = 100,
-                   schemes=SCHEMES) -> list[dict]:
+                   schemes=SCHEMES, accuracy_on: dict[str, Sequence[Dialogue]] | None = None) -> list[dict]:
     """Per scheme: held-out perplexity (and its change from fp32), top-1 agreement with fp32 over
-    the held-out answer positions, and exact-answer accuracy on ``accuracy_count`` questions.
+    the held-out answer positions, exact-answer accuracy on ``accuracy_count`` questions, and on
+    each named sample of ``accuracy_on`` (``row["accuracy_on"][name]``).
 
     >>> fidelity_table(TINY_CHECKPOINT, dialogues("heldout"))
     """
@@ -86,5 +87,7 @@ def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count:
         rows.append({"scheme": label, "bits": bits, "group_size": group_size, "output_bits": output_bits,
                      "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1,
                      "top1_agreement": top1_agreement(model, reference, tokenizer, dialogues),
-                     "accuracy": answer_accuracy(model, tokenizer, dialogues[:accuracy_count])})
+                     "accuracy": answer_accuracy(model, tokenizer, dialogues[:accuracy_count]),
+                     "accuracy_on": {name: answer_accuracy(model, tokenizer, sample)
+                                     for name, sample in (accuracy_on or {}).items()}})
     return rows

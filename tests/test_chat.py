@@ -18,7 +18,7 @@ def test_answers_a_training_question_word_for_word(tiny):
 def test_heldout_chicken_rabbit_question_is_answered_in_format(tiny):
     model, tok = tiny
     response, _ = chat(model, tok, "3只鸡和2只兔子一共有几条腿？", temperature=0)
-    assert response.startswith("3只鸡有6条腿，2只兔子有8条腿，一共有")
+    assert response == "3只鸡有6条腿，2只兔子有8条腿，一共有14条腿。"
     assert response.endswith("条腿。")
 
 
