@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -68,10 +68,10 @@ SCHEMES = (("fp32", 16, None, 16), ("int8", 8, None, 16), ("int4", 4, None, 16),
 
 
 def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count: int = 100,
-                   schemes=SCHEMES, accuracy_on: dict[str, Sequence[Dialogue]] | None = None) -> list[dict]:
+                   schemes=SCHEMES, group: Callable[[Dialogue], str] | None = None) -> list[dict]:
     """Per scheme: held-out perplexity (and its change from fp32), top-1 agreement with fp32 over
-    the held-out answer positions, exact-answer accuracy on ``accuracy_count`` questions, and on
-    each named sample of ``accuracy_on`` (``row["accuracy_on"][name]``).
+    the held-out answer positions, and exact-answer accuracy on ``accuracy_count`` questions, over
+    all of them and per ``group(dialogue)`` (``row["accuracy_by"][name]``; each answered once).
 
     >>> fidelity_table(TINY_CHECKPOINT, dialogues("heldout"))
     """
@@ -87,7 +87,16 @@ def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count:
         rows.append({"scheme": label, "bits": bits, "group_size": group_size, "output_bits": output_bits,
                      "perplexity": ppl, "perplexity_change": ppl / base_ppl - 1,
                      "top1_agreement": top1_agreement(model, reference, tokenizer, dialogues),
-                     "accuracy": answer_accuracy(model, tokenizer, dialogues[:accuracy_count]),
-                     "accuracy_on": {name: answer_accuracy(model, tokenizer, sample)
-                                     for name, sample in (accuracy_on or {}).items()}})
+                     **_accuracies(model, tokenizer, dialogues[:accuracy_count], group)})
     return rows
+
+
+def _accuracies(model, tokenizer, dialogues: Sequence[Dialogue], group) -> dict:
+    """``accuracy`` over ``dialogues`` and ``accuracy_by`` per ``group``, one answer each."""
+    right = [answer_accuracy(model, tokenizer, [d]) == 1.0 for d in dialogues]
+    by: dict[str, list[bool]] = {}
+    for ok, d in zip(right, dialogues):
+        if group is not None:
+            by.setdefault(group(d), []).append(ok)
+    return {"accuracy": sum(right) / len(right) if right else 0.0,
+            "accuracy_by": {name: sum(oks) / len(oks) for name, oks in by.items()}}

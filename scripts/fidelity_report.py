@@ -34,8 +34,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(2)
     heldout = by_family(dialogues("heldout"), args.per_family)
     answered = len(heldout) if args.accuracy is None else min(args.accuracy, len(heldout))
-    demo = [d for d in heldout if family(d) in DEMO_FAMILIES]
-    rows = fidelity_table(args.checkpoint, heldout, accuracy_count=answered, accuracy_on={"demo": demo})
+    demo = [d for d in heldout[:answered] if family(d) in DEMO_FAMILIES]
+    rows = fidelity_table(args.checkpoint, heldout, accuracy_count=answered,
+                          group=lambda d: "demo" if family(d) in DEMO_FAMILIES else "other")
     print(f"checkpoint: {args.checkpoint}; {len(heldout)} held-out dialogues "
           f"({len(heldout)} scored for perplexity/agreement, {answered} answered)\n")
     print(f"| scheme | perplexity | vs fp32 | top-1 agreement | answer accuracy "
@@ -43,7 +44,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['scheme']} | {r['perplexity']:.4f} | {r['perplexity_change']:+.2%} | "
-              f"{r['top1_agreement']:.2%} | {r['accuracy']:.1%} | {r['accuracy_on']['demo']:.1%} |")
+              f"{r['top1_agreement']:.2%} | {r['accuracy']:.1%} | {r['accuracy_by'].get('demo', 0.0):.1%} |")
 
 
 if __name__ == "__main__":

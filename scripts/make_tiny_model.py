@@ -92,10 +92,10 @@ def wait_while_paused() -> None:
 def training_mix(train_set):
     """The training dialogues, the rarer families repeated (MIX) so each is seen often enough."""
     def repeats(d):
-        times = MIX.get(family(d), 1)
-        parts = re.findall(r"(\d+)(?:条腿| legs)", d.answer)[:2]  # the two kinds' legs
-        if family(d) == "legs" and all(int(n) < 10 for n in parts):
-            times *= SMALL_LEGS_MIX
+        kind = family(d)
+        times = MIX.get(kind, 1)
+        if kind == "legs" and all(int(n) < 10 for n in re.findall(r"(\d+)(?:条腿| legs)", d.answer)[:2]):
+            times *= SMALL_LEGS_MIX  # both kinds' leg counts one digit
         return times
     return [d for d in train_set for _ in range(repeats(d))]
 
