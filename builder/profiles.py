@@ -27,7 +27,7 @@ PROFILES_DIR = Path(__file__).resolve().parent / "assets" / "profiles"
 
 # Listing order: the P40 this project is aimed at first, then roughly by generation.
 _ORDER = ("p40", "t4", "v100-16gb", "v100-32gb", "a10", "a100-40gb", "a100-80gb", "l4",
-          "rtx3090", "rtx4090", "h100-80gb", "cpu")
+          "rtx3090", "rtx4090", "h100-80gb", "h200-141gb", "cpu")
 _KINDS = ("gpu", "cpu")
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]*")  # also safe inside config.pbtxt and file names
 _GIB, _MIB, _GB = 2**30, 2**20, 10**9
@@ -230,7 +230,7 @@ def match_device(device_name: str, compute_capability: tuple[int, int], memory_b
 
     >>> match_device("Tesla P40", (6, 1), 24 * 2**30 - 500 * 2**20).name
     'p40'
-    >>> match_device("NVIDIA H200", (9, 0), 141 * 10**9) is None
+    >>> match_device("NVIDIA B200", (10, 0), 180 * 10**9) is None
     True
     """
     fits = []

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--precision", required=True)
     serve = sub.add_parser("serve", help="start glm-serve on a repository, ask once, stop it")
     serve.add_argument("--repo", type=Path, required=True, help="repository glm-build wrote")
-    serve.add_argument("--prompt", default="1+1=?", help="the question (default: %(default)s)")
+    serve.add_argument("--prompt", default="3只鸡和2只兔子一共有几条腿？",
+                       help="the question; the default is one the tiny model was trained to answer "
+                       "(default: %(default)s)")
     serve.add_argument("--timeout", type=float, default=240,
                        help="seconds to wait for the server to be ready (default: %(default)s)")
     serve.add_argument("--out", type=Path, help="write the result here as JSON")

@@ -88,7 +88,10 @@ def test_steps_run_in_order_and_end_with_the_table(fake_python, tmp_path):
     result, calls = run_fake(fake_python, tmp_path)
     assert result.returncode == 0, result.stderr
     steps = [c for c in calls if not c.startswith("-c ")]
-    assert steps[0] == "-m pytest -m gpu -q -p no:cacheprovider tests"
+    gpu_files = " ".join(f"tests/{p.name}" for p in sorted((REPO / "tests").glob("test_*.py"))
+                         if "@pytest.mark." + "gpu" in p.read_text())
+    assert steps[0] == f"-m pytest -m gpu -q -p no:cacheprovider {gpu_files}"
+    assert "tests/test_cuda_quant.py" in gpu_files and "tests/test_deploy.py" not in gpu_files
     assert steps[1].startswith("scripts/gpu_bench.py checkpoint --cache")
     assert "profile --spec chatglm2-6b" in steps[2] and "--device cuda --quant fp16,int8,int4 " \
         "--workloads encode:2048" in steps[2]

@@ -167,7 +167,7 @@ def test_overhead_is_compared_with_the_measured_cards_profile():
     assert found["overhead_error_bytes"] == 64 * MIB
     named = measure.overhead_against_profile(0, 0, 0, "t4", p40)
     assert named["gpu_profile"] == "t4" and named["profile_match"] == "named"
-    unknown = measure.overhead_against_profile(0, 0, 0, None, ("NVIDIA H200", (9, 0), 141 * 10**9))
+    unknown = measure.overhead_against_profile(0, 0, 0, None, ("NVIDIA B200", (10, 0), 180 * 10**9))
     assert unknown["gpu_profile"] is None and unknown["profile_overhead_bytes"] == 896 * MIB
 
 
@@ -178,7 +178,8 @@ def test_overhead_is_compared_with_the_measured_cards_profile():
     (("NVIDIA A100-SXM4-40GB", (8, 0), int(39.5 * GIB)), "a100-40gb"),
     (("NVIDIA H100 80GB HBM3", (9, 0), int(79.2 * GIB)), "h100-80gb"),
     (("Tesla V100-SXM2-32GB", (7, 0), int(31.7 * GIB)), "v100-32gb"),
-    (("NVIDIA H200", (9, 0), 141 * 10**9), None),
+    (("NVIDIA H200", (9, 0), 143771 * MIB), "h200-141gb"),
+    (("NVIDIA B200", (10, 0), 180 * 10**9), None),
 ])
 def test_match_device(device, expected):
     found = match_device(*device)

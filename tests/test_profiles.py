@@ -11,7 +11,7 @@ from builder.profiles import (PROFILES_DIR, GpuProfile, ProfileError, list_profi
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ["p40", "t4", "v100-16gb", "v100-32gb", "a10", "a100-40gb", "a100-80gb", "l4",
-            "rtx3090", "rtx4090", "h100-80gb", "cpu"]
+            "rtx3090", "rtx4090", "h100-80gb", "h200-141gb", "cpu"]
 GIB = 2**30
 
 

@@ -45,6 +45,7 @@ GPU_PRODUCTS: dict[str, tuple[str, ...]] = {
     "rtx3090": ("NVIDIA-GeForce-RTX-3090",),
     "rtx4090": ("NVIDIA-GeForce-RTX-4090",),
     "h100-80gb": ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"),
+    "h200-141gb": ("NVIDIA-H200", "NVIDIA-H200-NVL"),
 }
 """Profile → values of :data:`GPU_PRODUCT_LABEL` (GPU Feature Discovery writes the ``nvidia-smi``
 product name with spaces as dashes; SXM and PCIe boards of one profile are both accepted)."""
