@@ -113,10 +113,15 @@ class Variant:
         return list(PRECISIONS).index(self.precision)
 
     def dtype(self, profile: GpuProfile) -> str:
-        """The activations' dtype: float16 for fp16 everywhere; bfloat16 for int8/int4 on a CPU
-        (torch's fused int8 kernel is 11× slower with other activations), float16 on a GPU, the
-        P40 too: torch's fp16 matmuls accumulate in fp32 there (profiles/p40.toml says why)."""
-        if self.bits == 16 or profile.kind == "gpu":
+        """The dtype weights and activations compute in: float16 on a GPU (the P40 too: torch's
+        fp16 matmuls accumulate in fp32 there, profiles/p40.toml says why); bfloat16 on a CPU, for
+        every precision. Both are 2 bytes, but on CPUs with AMX or AVX-512 BF16 torch's bfloat16
+        matmuls are 3-5× faster than its float16 ones (a 98-token prefill of the 2-layer checkpoint
+        with the 6B's shapes: 177 against 567 ms; a decode step of 8 sequences: 60 against 122 ms,
+        docs/benchmarks.md), and on AVX2-only CPUs the two cost the same. torch's fused int8/int4
+        CPU kernels are 11× slower with other activations. The fp16 variant's weights are rounded
+        from float16's 11-bit significand to bfloat16's 8 bits as they load."""
+        if profile.kind == "gpu":
             return "float16"
         return "bfloat16"
 

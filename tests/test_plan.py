@@ -43,7 +43,7 @@ def test_variants_ordered_highest_precision_first():
 
 def test_dtype_per_device_kind():
     cpu = load_profile("cpu")
-    assert Variant("fp16").dtype(cpu) == "float16" and Variant("fp16").dtype(P40) == "float16"
+    assert Variant("fp16").dtype(cpu) == "bfloat16" and Variant("fp16").dtype(P40) == "float16"
     assert Variant("int4").dtype(cpu) == "bfloat16" and Variant("int4").dtype(P40) == "float16"
 
 
@@ -93,7 +93,7 @@ def test_cpu_profile_places_on_the_host():
     plan = make_plan(SMALL, ALL3, load_profile("cpu"))
     assert [p.device for p in plan.placements] == [None, None, None]
     assert [d.label for d in plan.devices] == ["CPU"]
-    assert [p.dtype for p in plan.placements] == ["float16", "bfloat16", "bfloat16"]
+    assert [p.dtype for p in plan.placements] == ["bfloat16", "bfloat16", "bfloat16"]
 
 
 def test_packing_spreads_then_falls_back_to_first_fit():

@@ -95,7 +95,7 @@ def test_variant_configs_on_cpu(cpu_repo, checkpoint):
             "tokenizer": "1/weights/tokenizer.model",
             "precision": v.precision, "bits": str(v.bits), "group_size": "0",
             "quantize_at": "initialize",
-            "dtype": "float16" if v.bits == 16 else "bfloat16",
+            "dtype": "bfloat16",  # every precision on a CPU
             "seq_length": str(SMALL.seq_length), "max_tokens": str(placement.max_tokens),
             "kv_blocks": str(placement.kv_blocks), "kv_page_size": "256",
             "max_batch_tokens": str(min(placement.max_tokens, 512))}
