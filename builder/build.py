@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from .config import CHATGLM2_6B
-from .plan import PRECISIONS, Plan, make_plan
+from .plan import CPU_DTYPES, PRECISIONS, Plan, make_plan
 from .profiles import load_profile
 from .render import QUANTIZE_AT, WEIGHTS, check_weights_uri, render_repository
 from .routing import FALLBACKS
@@ -65,6 +65,7 @@ class BuildOptions:
     fallback: str = "lower"  # where the router sends a request its variant cannot take now
     weights: str = "link"  # the checkpoint into the repository: hard links where possible, or "copy"
     weights_uri: Optional[str] = None  # or: the path where the deployment mounts the checkpoint
+    cpu_dtype: str = "bfloat16"  # what the fp16 variant computes in on a CPU (plan.Variant.dtype)
 
     def __post_init__(self):
         quant = self.quant.split(",") if isinstance(self.quant, str) else list(self.quant)
@@ -108,6 +109,8 @@ class BuildOptions:
                 raise BuildError(str(err)) from None
         if self.fallback not in FALLBACKS:
             raise BuildError(f"fallback: must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
+        if self.cpu_dtype not in CPU_DTYPES:
+            raise BuildError(f"cpu_dtype: must be one of {', '.join(CPU_DTYPES)}, got {self.cpu_dtype!r}")
 
     def as_dict(self) -> dict:
         """For build.json."""
@@ -115,7 +118,7 @@ class BuildOptions:
                 "spec": self.spec, "out": str(self.out), "max_tokens": self.max_tokens,
                 "min_tokens": self.min_tokens, "quantize_at": self.quantize_at,
                 "limits": dict(self.limits), "force": self.force, "fallback": self.fallback,
-                "weights": self.weights, "weights_uri": self.weights_uri,
+                "weights": self.weights, "weights_uri": self.weights_uri, "cpu_dtype": self.cpu_dtype,
                 "profile_dir": None if self.profile_dir is None else str(self.profile_dir)}
 
 
@@ -214,7 +217,7 @@ def build(options: BuildOptions, *, progress: bool = True) -> BuildResult:
     _check_prequantized(source, options)
     plan = make_plan(source.config, options.quant, profile, max_tokens=options.max_tokens,
                      min_tokens=options.min_tokens, limits_override=options.limits,
-                     model_label=source.label)
+                     model_label=source.label, cpu_dtype=options.cpu_dtype)
     if options.dry_run:
         return BuildResult(plan, source, None)
     out = render_repository(plan, checkpoint=source.checkpoint, out=options.out,

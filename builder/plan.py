@@ -43,6 +43,9 @@ PRECISIONS: dict[str, tuple[int, int | None]] = {
 }
 """precision → (bits, group_size), highest precision first: the order the router tries them in."""
 
+CPU_DTYPES = ("bfloat16", "float16")
+"""What the fp16 variant may compute in on a CPU (:meth:`Variant.dtype`), the default first."""
+
 ALL_LOGITS = False
 """Whether the serving runtime computes logits for every prompt position. ``builder.chat`` passes
 ``logits_to_keep=1``, so it does not; THUDM's code (the published table's) did, which is why the
@@ -112,18 +115,21 @@ class Variant:
         """0 for the highest precision; larger is lower."""
         return list(PRECISIONS).index(self.precision)
 
-    def dtype(self, profile: GpuProfile) -> str:
-        """The dtype weights and activations compute in: float16 on a GPU (the P40 too: torch's
-        fp16 matmuls accumulate in fp32 there, profiles/p40.toml says why); bfloat16 on a CPU, for
-        every precision. Both are 2 bytes, but on CPUs with AMX or AVX-512 BF16 torch's bfloat16
-        matmuls are 3-5× faster than its float16 ones (a 98-token prefill of the 2-layer checkpoint
-        with the 6B's shapes: 177 against 567 ms; a decode step of 8 sequences: 60 against 122 ms,
-        docs/benchmarks.md), and on AVX2-only CPUs the two cost the same. torch's fused int8/int4
-        CPU kernels are 11× slower with other activations. The fp16 variant's weights are rounded
-        from float16's 11-bit significand to bfloat16's 8 bits as they load."""
+    def dtype(self, profile: GpuProfile, cpu_dtype: str = "bfloat16") -> str:
+        """The dtype weights and activations compute in. On a GPU, float16 (the P40 too: torch's
+        fp16 matmuls accumulate in fp32 there, profiles/p40.toml says why). On a CPU, bfloat16 for
+        int8/int4 (torch's fused int8/int4 CPU kernels are 11× slower with other activations) and
+        ``cpu_dtype`` for fp16: bfloat16 by default, because both are 2 bytes but on CPUs with AMX
+        or AVX-512 BF16 torch's bfloat16 matmuls are 3-5× faster than its float16 ones (a 98-token
+        prefill of the 2-layer checkpoint with the 6B's shapes: 177 against 567 ms; a decode step
+        of 8 sequences: 60 against 122 ms), and on AVX2-only CPUs the two cost the same. The price:
+        the weights are rounded from float16's 11-bit significand to bfloat16's 8 bits as they
+        load; ``cpu_dtype="float16"`` keeps them exact."""
+        if cpu_dtype not in CPU_DTYPES:
+            raise ValueError(f"cpu_dtype must be one of {', '.join(CPU_DTYPES)}, got {cpu_dtype!r}")
         if profile.kind == "gpu":
             return "float16"
-        return "bfloat16"
+        return cpu_dtype if self.bits == 16 else "bfloat16"
 
 
 def variants_of(precisions: Iterable[str] | str) -> tuple[Variant, ...]:
@@ -373,13 +379,14 @@ def placement_error(config: ChatGLM2Config, variants: Sequence[Variant], profile
 def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: GpuProfile, *,
               max_tokens: int | None = None, min_tokens: int = 2048,
               limits_override: Mapping[str, int] | None = None,
-              model_label: str | None = None) -> Plan:
+              model_label: str | None = None, cpu_dtype: str = "bfloat16") -> Plan:
     """Place the variants of ``precisions`` on ``profile`` and give each a routing limit.
 
     ``max_tokens``: no limit above it (default ``config.seq_length``). ``min_tokens``: every
     variant must take requests this long (capped at ``max_tokens``). ``limits_override``:
     {precision or model name: tokens} replacing computed limits; each must fit with the others
-    at their floor. ``model_label`` names the model in errors.
+    at their floor. ``model_label`` names the model in errors. ``cpu_dtype``: what the fp16 variant
+    computes in on a CPU (:meth:`Variant.dtype`).
 
     >>> from builder import CHATGLM2_6B, load_profile
     >>> make_plan(CHATGLM2_6B, "int4", load_profile("p40")).devices[0].headroom_bytes > 10 * GIB
@@ -416,7 +423,7 @@ def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: 
         variant=v, device=None if profile.kind == "cpu" else devices[v],
         max_tokens=limits[v], need_bytes=need_bytes(config, v, limits[v], profile),
         min_need_bytes=floor_needs[v], weights_bytes=need_breakdown(
-            config, v, 1, profile).weights, dtype=v.dtype(profile))
+            config, v, 1, profile).weights, dtype=v.dtype(profile, cpu_dtype))
         for v in variants)
     plan = Plan(config=config, profile=profile, max_tokens=max_tokens, min_tokens=floor,
                 placements=placements)

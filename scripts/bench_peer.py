@@ -41,9 +41,11 @@ sys.path.insert(0, str(HERE))
 FULL_LAYERS = 28  # ChatGLM2-6B
 # ours: (bits, model dtype as the variant serves it on CPU, output-layer bits) and chatglm.cpp's
 # type for the same bits (which quantizes its output layer too); "-o8": our opt-in int8 output layer
+# (fp16 computes in bfloat16 by default, "fp16-float16" as `glm-build --cpu-dtype float16` serves it)
 PRECISIONS = {"int4": (4, "bfloat16", 16, "q4_0"), "int8": (8, "bfloat16", 16, "q8_0"),
-              "fp16": (16, "float16", 16, "f16"), "int4-o8": (4, "bfloat16", 8, "q4_0"),
-              "int8-o8": (8, "bfloat16", 8, "q8_0"), "fp16-o8": (16, "float16", 8, "f16")}
+              "fp16": (16, "bfloat16", 16, "f16"), "fp16-float16": (16, "float16", 16, "f16"),
+              "int4-o8": (4, "bfloat16", 8, "q4_0"), "int8-o8": (8, "bfloat16", 8, "q8_0"),
+              "fp16-o8": (16, "bfloat16", 8, "f16")}
 GOALS = {"int4": 0.8, "int8": 0.8, "fp16": 1.0}  # decode, ours / chatglm.cpp, 28 layers
 PEER_MAX_LENGTH = 4096  # chatglm.cpp sizes its KV cache for this many tokens
 

@@ -102,8 +102,21 @@ def test_options_validate_in_post_init():
     with pytest.raises(BuildError, match="max_tokens: must be a positive integer"):
         BuildOptions(quant="int4", gpu="p40", max_tokens=-1)
     assert BuildOptions(quant="int4", gpu="p40", limits="int4=100").limits == {"int4": 100}
+    with pytest.raises(BuildError, match="cpu_dtype: must be one of bfloat16, float16, got 'float32'"):
+        BuildOptions(quant="fp16", gpu="cpu", cpu_dtype="float32")
     args = build_parser().parse_args(["--quant", "fp16", "--gpu", "cpu", "--dry-run"])
-    assert options_from_args(args).dry_run is True
+    assert options_from_args(args).dry_run is True and options_from_args(args).cpu_dtype == "bfloat16"
+    args = build_parser().parse_args(["--quant", "fp16", "--gpu", "cpu", "--cpu-dtype", "float16"])
+    assert options_from_args(args).cpu_dtype == "float16"
+
+
+def test_cpu_dtype_float16_keeps_the_fp16_variant_exact_and_says_so(capsys):
+    status, out, _ = run(capsys, "--quant", "fp16,int4", "--gpu", "cpu", "--spec", "chatglm2-6b",
+                         "--dry-run", "--cpu-dtype", "float16")
+    assert status == 0
+    dtype = {line.split()[0]: line.split()[2] for line in out.splitlines()
+             if line.startswith("chatglm2-6b-")}  # the plan's table: variant, device, dtype, ...
+    assert dtype == {"chatglm2-6b-fp16": "float16", "chatglm2-6b-int4": "bfloat16"}
 
 
 # -- the real thing ----------------------------------------------------------------------------

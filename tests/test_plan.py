@@ -45,6 +45,13 @@ def test_dtype_per_device_kind():
     cpu = load_profile("cpu")
     assert Variant("fp16").dtype(cpu) == "bfloat16" and Variant("fp16").dtype(P40) == "float16"
     assert Variant("int4").dtype(cpu) == "bfloat16" and Variant("int4").dtype(P40) == "float16"
+    assert Variant("fp16").dtype(cpu, "float16") == "float16"  # glm-build --cpu-dtype float16
+    assert Variant("int8").dtype(cpu, "float16") == "bfloat16"  # the int kernels need bfloat16
+    assert Variant("fp16").dtype(P40, "bfloat16") == "float16"  # a GPU is not a CPU
+    with pytest.raises(ValueError, match="cpu_dtype must be one of bfloat16, float16, got 'fp32'"):
+        Variant("fp16").dtype(cpu, "fp32")
+    plan = make_plan(CHATGLM2_6B, "fp16,int4", cpu, cpu_dtype="float16")
+    assert [p.dtype for p in plan.placements] == ["float16", "bfloat16"]
 
 
 # -- fit and placement ----------------------------------------------------------------------------
