@@ -26,7 +26,9 @@ from benchdoc import machine, publish  # noqa: E402
 from builder.checkpoint import load_chatglm2  # noqa: E402
 from builder.cpu_runtime import RowsLinear  # noqa: E402
 
-VARIANTS = {"fp16": (16, torch.float16), "int8": (8, torch.bfloat16), "int4": (4, torch.bfloat16)}
+# (bits, dtype) as each variant serves on the `cpu` profile (builder.plan.Variant.dtype: bfloat16
+# for every precision by default; `glm-build --cpu-dtype float16` would run fp16 in float16)
+VARIANTS = {"fp16": (16, torch.bfloat16), "int8": (8, torch.bfloat16), "int4": (4, torch.bfloat16)}
 
 
 def prefill_s(model, tokens: int, repeats: int) -> float:
