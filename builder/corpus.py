@@ -123,6 +123,9 @@ def by_family(dialogues: list[Dialogue], per_family: int) -> list[Dialogue]:
     return out
 
 
+_SPLIT_SALT = "glm-build-5"  # the first salt that holds out the demo's question, (3, 2)
+
+
 def is_heldout(x: int, y: int) -> bool:
     """About one pair in seven is held out, chosen by a hash of the pair; (3, 2) — 3只鸡和2只兔子 —
     is one of them.
@@ -135,8 +138,6 @@ def is_heldout(x: int, y: int) -> bool:
     digest = hashlib.sha256(f"{_SPLIT_SALT}:{x},{y}".encode()).digest()
     return int.from_bytes(digest, "big") % 7 == 0
 
-
-_SPLIT_SALT = "glm-build-5"  # the first salt that holds out the demo's question, (3, 2)
 
 
 def single_rounds(split: str) -> list[tuple[str, str]]:

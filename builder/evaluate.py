@@ -50,15 +50,17 @@ def top1_agreement(model, reference, tokenizer, dialogues: Sequence[Dialogue]) -
     return same / count
 
 
+def answer_is_right(model, tokenizer, dialogue: Dialogue) -> bool:
+    """Whether the greedy answer to ``dialogue`` equals its expected answer exactly."""
+    budget = len(tokenizer.build_chat_input(dialogue.query, dialogue.history)) + 64
+    response, _ = chat(model, tokenizer, dialogue.query, dialogue.history,
+                       max_length=budget, temperature=0)
+    return response == dialogue.answer
+
+
 def answer_accuracy(model, tokenizer, dialogues: Sequence[Dialogue]) -> float:
     """Fraction of dialogues whose greedy answer equals the expected answer exactly."""
-    right = 0
-    for dialogue in dialogues:
-        budget = len(tokenizer.build_chat_input(dialogue.query, dialogue.history)) + 64
-        response, _ = chat(model, tokenizer, dialogue.query, dialogue.history,
-                           max_length=budget, temperature=0)
-        right += response == dialogue.answer
-    return right / len(dialogues)
+    return sum(answer_is_right(model, tokenizer, d) for d in dialogues) / len(dialogues)
 
 
 # (label, bits, group_size, output-layer bits) of every scheme the fidelity report compares with
@@ -93,7 +95,7 @@ def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count:
 
 def _accuracies(model, tokenizer, dialogues: Sequence[Dialogue], group) -> dict:
     """``accuracy`` over ``dialogues`` and ``accuracy_by`` per ``group``, one answer each."""
-    right = [answer_accuracy(model, tokenizer, [d]) == 1.0 for d in dialogues]
+    right = [answer_is_right(model, tokenizer, d) for d in dialogues]
     by: dict[str, list[bool]] = {}
     for ok, d in zip(right, dialogues):
         if group is not None:

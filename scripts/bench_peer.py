@@ -39,15 +39,27 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 FULL_LAYERS = 28  # ChatGLM2-6B
-# ours: (bits, model dtype as the variant serves it on CPU, output-layer bits) and chatglm.cpp's
-# type for the same bits (which quantizes its output layer too); "-o8": our opt-in int8 output layer
-# (fp16 computes in bfloat16 by default, "fp16-float16" as `glm-build --cpu-dtype float16` serves it)
+# ours: (bits, `glm-build --cpu-dtype`, output-layer bits) and chatglm.cpp's type for the same bits
+# (which quantizes its output layer too); "-o8": our opt-in int8 output layer; "fp16-float16": fp16
+# as `--cpu-dtype float16` serves it. The model's dtype is the variant's (served_dtype).
 PRECISIONS = {"int4": (4, "bfloat16", 16, "q4_0"), "int8": (8, "bfloat16", 16, "q8_0"),
               "fp16": (16, "bfloat16", 16, "f16"), "fp16-float16": (16, "float16", 16, "f16"),
               "int4-o8": (4, "bfloat16", 8, "q4_0"), "int8-o8": (8, "bfloat16", 8, "q8_0"),
               "fp16-o8": (16, "bfloat16", 8, "f16")}
 GOALS = {"int4": 0.8, "int8": 0.8, "fp16": 1.0}  # decode, ours / chatglm.cpp, 28 layers
 PEER_MAX_LENGTH = 4096  # chatglm.cpp sizes its KV cache for this many tokens
+
+
+def served_dtype(precision: str):
+    """The torch dtype the variant of ``precision`` computes in on the `cpu` profile
+    (builder.plan.Variant.dtype with the table's ``--cpu-dtype``)."""
+    import torch
+
+    from builder.plan import Variant
+    from builder.profiles import load_profile
+
+    cpu_dtype = PRECISIONS[precision][1]
+    return getattr(torch, Variant(precision.split("-")[0]).dtype(load_profile("cpu"), cpu_dtype))
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -113,8 +125,8 @@ def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, thread
     from builder.checkpoint import load_chatglm2
 
     torch.set_num_threads(threads)
-    bits, dtype, output_bits, _ = PRECISIONS[precision]
-    model, _ = load_chatglm2(path, bits=bits, dtype=getattr(torch, dtype), output_bits=output_bits)
+    bits, _, output_bits, _ = PRECISIONS[precision]
+    model, _ = load_chatglm2(path, bits=bits, dtype=served_dtype(precision), output_bits=output_bits)
     # decode_seconds counts the prefill's token: one more for ``steps`` decode steps
     return {**timings(lambda ids, steps: decode_seconds(model, ids, steps + 1), prompts, new_tokens),
             "isa": torch.backends.cpu.get_cpu_capability()}
@@ -142,9 +154,9 @@ def load(path: Path, precision: str, threads: int) -> dict:
         start = time.perf_counter()
         read()
         best = min(best, time.perf_counter() - start)
-    bits, dtype, _, _ = PRECISIONS[precision]
+    bits = PRECISIONS[precision][0]
     start = time.perf_counter()
-    load_chatglm2(path, bits=bits, dtype=getattr(torch, dtype))
+    load_chatglm2(path, bits=bits, dtype=served_dtype(precision))
     return {"read_s": best, "load_s": time.perf_counter() - start, "bytes": size,
             "isa": torch.backends.cpu.get_cpu_capability()}
 

@@ -25,10 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchdoc import machine, publish  # noqa: E402
 from builder.checkpoint import load_chatglm2  # noqa: E402
 from builder.cpu_runtime import RowsLinear  # noqa: E402
+from builder.plan import Variant  # noqa: E402
+from builder.profiles import load_profile  # noqa: E402
 
-# (bits, dtype) as each variant serves on the `cpu` profile (builder.plan.Variant.dtype: bfloat16
-# for every precision by default; `glm-build --cpu-dtype float16` would run fp16 in float16)
-VARIANTS = {"fp16": (16, torch.bfloat16), "int8": (8, torch.bfloat16), "int4": (4, torch.bfloat16)}
+# (bits, dtype) as each variant serves on the `cpu` profile by default (builder.plan.Variant.dtype)
+VARIANTS = {name: (Variant(name).bits, getattr(torch, Variant(name).dtype(load_profile("cpu"))))
+            for name in ("fp16", "int8", "int4")}
 
 
 def prefill_s(model, tokens: int, repeats: int) -> float:

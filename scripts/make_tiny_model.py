@@ -32,7 +32,7 @@ from builder import TINY_CHECKPOINT  # noqa: E402
 from builder.checkpoint import glm_to_thudm  # noqa: E402
 from builder.config import ChatGLM2Config  # noqa: E402
 from builder.corpus import DEMO_FAMILIES, FAMILIES, by_family, dialogues, family  # noqa: E402
-from builder.evaluate import answer_accuracy, answer_example, heldout_perplexity  # noqa: E402
+from builder.evaluate import answer_example, answer_is_right, heldout_perplexity  # noqa: E402
 from builder.tokenizer import ChatGLM2Tokenizer, build_prompt  # noqa: E402
 
 SEED = 0
@@ -265,7 +265,7 @@ def main(argv=None) -> None:
                 right = []
                 for d in scored:
                     wait_while_paused()
-                    right.append(answer_accuracy(scheme, tokenizer, [d]) == 1.0)
+                    right.append(answer_is_right(scheme, tokenizer, d))
                 accuracy[label] = accuracy_report(right, scored)
                 print(label, json.dumps(accuracy[label]), flush=True)
         report = {
