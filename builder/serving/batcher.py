@@ -15,8 +15,10 @@ other. Nothing here imports Triton.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -30,6 +32,7 @@ from transformers.generation.continuous_batching import RequestStatus
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor)
 
+from ..cuda_quant import FUSED_MAX_TOKENS
 from ..generation import decode_answer, fit_history
 
 log = logging.getLogger("glm-build.batcher")
@@ -58,6 +61,10 @@ class BatcherConfig:
     max_queue: int = 64  # requests waiting for a place in the batch before submit() refuses
     prefix_sharing: bool = True  # reuse the KV blocks of an identical prompt prefix (multi-turn chats)
     seed: int | None = None  # the sampling RNG's seed (shared by every request of the batch)
+    # CUDA graphs for the batch steps on a CUDA device (None: on unless GLM_BUILD_CUDA_GRAPHS=0);
+    # never on a CPU. See continuous_batching_config().
+    cuda_graphs: bool | None = None
+    async_batching: bool = True  # with graphs: prepare the next step while the GPU runs this one
 
     def __post_init__(self):
         for name, low in (("num_blocks", 1), ("block_size", 4), ("max_batch_tokens", 1),
@@ -67,6 +74,8 @@ class BatcherConfig:
                 raise ValueError(f"BatcherConfig.{name} must be an integer >= {low}, got {value!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"BatcherConfig.seed must be None or an integer >= 0, got {self.seed!r}")
+        if self.cuda_graphs not in (None, True, False):
+            raise ValueError(f"BatcherConfig.cuda_graphs must be None, True or False, got {self.cuda_graphs!r}")
 
     @property
     def max_tokens(self) -> int:
@@ -158,17 +167,91 @@ class GreedyRows(ContinuousBatchingLogitsProcessor):
         return torch.where(greedy, only_best, scores)  # [rows, vocab]
 
 
+GRAPHS_ENV = "GLM_BUILD_CUDA_GRAPHS"
+"""``0`` (or ``off``/``false``/``no``) turns CUDA graphs off in every batcher of the process where
+:attr:`BatcherConfig.cuda_graphs` is left at None: one GPU run can compare graphs on and off."""
+
+Q_PADDING_TOKENS = FUSED_MAX_TOKENS
+"""Query rows a graphed step is padded to a multiple of: a decode step of up to 8 requests stays
+at 8 rows, which the fused int8/int4 kernel takes (padded past it, the step would dequantize every
+weight) and which costs fp16's cuBLAS GEMV no more weight reads than one row."""
+
+KV_BUCKETS = 8
+"""Key lengths a graphed step is padded to: the pool's tokens in this many steps (whole blocks).
+A graph is captured per (query rows, key length) pair seen, so this bounds the graphs at
+``max_batch_tokens / Q_PADDING_TOKENS × KV_BUCKETS``; finer buckets pad less but capture more."""
+
+_graphs_said: set[str] = set()
+
+
+def cuda_graphs_decision(config: BatcherConfig, device) -> tuple[bool, str]:
+    """``(on, why)``: whether a batcher on ``device`` captures its steps in CUDA graphs."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"the model is on {device.type}, not CUDA: CUDA graphs do not apply"
+    if config.cuda_graphs is not None:
+        return config.cuda_graphs, f"BatcherConfig(cuda_graphs={config.cuda_graphs})"
+    env = os.environ.get(GRAPHS_ENV, "").strip().lower()
+    if env in ("0", "off", "false", "no"):
+        return False, f"{GRAPHS_ENV}={env}"
+    return True, "a CUDA device (the default)"
+
+
+def kv_padding_tokens(num_blocks: int, block_size: int) -> int:
+    """Key-length padding of a graphed step: the pool in :data:`KV_BUCKETS` steps of whole blocks.
+
+    >>> kv_padding_tokens(256, 256)  # a 65536-token pool: 8 buckets of 8192 tokens
+    8192
+    """
+    return -(-num_blocks // KV_BUCKETS) * block_size
+
+
+def continuous_batching_config(config: BatcherConfig, device) -> dict:
+    """The ``ContinuousBatchingConfig`` keyword arguments of a batcher on ``device``.
+
+    Everywhere: the plan's KV pool, per-request sampling, prefix sharing, the seed. On CUDA with
+    graphs on (:func:`cuda_graphs_decision`), the batch steps are captured in CUDA graphs and
+    replayed: the varlen path (every step under paged SDPA, whose mask would otherwise keep
+    transformers from graphing it) and the decode fast path (flash attention, where installed),
+    padded to :data:`Q_PADDING_TOKENS` query rows and :func:`kv_padding_tokens` keys, with async
+    batching (a second set of input buffers, counted by ``builder.memory.cuda_graph_bytes``). On a
+    CPU nothing is added: transformers' own defaults, which leave graphs off there.
+
+    >>> continuous_batching_config(BatcherConfig(num_blocks=64), "cpu")["page_size"]
+    64
+    """
+    kwargs = dict(num_blocks=config.num_blocks, page_size=config.block_size,
+                  max_batch_tokens=config.max_batch_tokens, per_request_processors=True,
+                  allow_block_sharing=config.prefix_sharing, seed=config.seed)
+    on, _ = cuda_graphs_decision(config, device)
+    if torch.device(device).type == "cuda":
+        kwargs.update(use_cuda_graph=on, use_async_batching=on and config.async_batching)
+        if on:
+            kwargs.update(q_padding_interval_size=Q_PADDING_TOKENS,
+                          kv_padding_interval_size=kv_padding_tokens(config.num_blocks,
+                                                                     config.block_size))
+    return kwargs
+
+
+def _say_graphs_once(config: BatcherConfig, device) -> None:
+    on, why = cuda_graphs_decision(config, device)
+    message = f"CUDA graphs {'on' if on else 'off'} for the batch steps: {why}"
+    if message not in _graphs_said:
+        _graphs_said.add(message)
+        log.warning(message)
+
+
 def _make_manager(model, tokenizer, config: BatcherConfig):
-    """transformers' manager, sized from ``config``, sampling per request, with greedy rows."""
+    """transformers' manager, sized from ``config``, sampling per request, with greedy rows; on
+    CUDA with graphs on, its steps are captured here (warm-up) so the first request does not pay."""
     # Sampling on, with temperature and top-p warpers that each request overrides: the manager
     # builds a warper only for a default that differs from "no-op" (temperature 1, top-p 1).
     generation_config = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.8, top_k=None,
                                          eos_token_id=list(tokenizer.stop_ids),
                                          pad_token_id=tokenizer.pad_id)
-    cb_config = ContinuousBatchingConfig(
-        num_blocks=config.num_blocks, page_size=config.block_size,
-        max_batch_tokens=config.max_batch_tokens, per_request_processors=True,
-        allow_block_sharing=config.prefix_sharing, seed=config.seed)
+    device = model.device
+    _say_graphs_once(config, device)
+    cb_config = ContinuousBatchingConfig(**continuous_batching_config(config, device))
     manager = model.init_continuous_batching(generation_config=generation_config,
                                              continuous_batching_config=cb_config)
     # transformers has no public hook for a custom per-request processor: add ours first, before
@@ -181,6 +264,21 @@ def _make_manager(model, tokenizer, config: BatcherConfig):
     if not {"greedy", "temperature", "top_p"} <= set(processors.supported_keys):
         raise RuntimeError(f"transformers' continuous batching did not take per-request greedy, "
                            f"temperature and top_p (it supports {sorted(processors.supported_keys)})")
+    if any(manager.continuous_batching_config.cuda_graph_booleans):
+        # Captures the largest step (and the decode fast path's sizes) into the graph pool now;
+        # the generation loop reuses this batch processor. Later buckets are captured on first use.
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():  # as the generation thread runs
+                manager.warmup()
+        except Exception:  # a step that cannot be captured: serve without graphs rather than not
+            if config.cuda_graphs:
+                raise
+            log.exception("capturing the batch steps in CUDA graphs failed; serving without graphs")
+            del manager
+            torch.cuda.empty_cache()
+            return _make_manager(model, tokenizer, dataclasses.replace(config, cuda_graphs=False))
+        log.warning("CUDA graphs captured at warm-up in %.1f s", time.perf_counter() - start)
     return manager
 
 

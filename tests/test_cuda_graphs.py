@@ -1,0 +1,129 @@
+"""CUDA graphs in the decode paths (issue 22): what the batcher asks transformers for per device
+kind, what our own loop decides, what the plan counts. The choices are pure functions, tested on
+a CPU; the captures themselves run only where a GPU is (``-m gpu``)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+from builder import TINY_CHECKPOINT, chat, load_chatglm2
+from builder.cuda_quant import FUSED_MAX_TOKENS
+from builder.serving import batcher as batcher_module
+from builder.serving.batcher import (GRAPHS_ENV, KV_BUCKETS, Q_PADDING_TOKENS, Batcher,
+                                     BatcherConfig, continuous_batching_config,
+                                     cuda_graphs_decision, kv_padding_tokens)
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CONFIG = BatcherConfig(num_blocks=64, block_size=16, max_batch_tokens=256, seed=3)
+# What the batcher asked for before graphs (and still asks for on a CPU), key for key.
+BEFORE = dict(num_blocks=64, page_size=16, max_batch_tokens=256, per_request_processors=True,
+              allow_block_sharing=True, seed=3)
+
+
+# -- the batcher's ContinuousBatchingConfig, per device kind ---------------------------------------
+@pytest.mark.parametrize("env", [None, "1", "0"])
+def test_on_a_cpu_nothing_changes_whatever_the_switch(monkeypatch, env):
+    if env is None:
+        monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(GRAPHS_ENV, env)
+    for config in (CONFIG, BatcherConfig(**{**CONFIG.__dict__, "cuda_graphs": True})):
+        assert continuous_batching_config(config, "cpu") == BEFORE
+        on, why = cuda_graphs_decision(config, torch.device("cpu"))
+        assert not on and "cpu" in why
+
+
+def test_on_cuda_graphs_padding_and_async_batching_are_asked_for(monkeypatch):
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    kwargs = continuous_batching_config(CONFIG, "cuda:0")
+    assert kwargs == {**BEFORE, "use_cuda_graph": True, "use_async_batching": True,
+                      "q_padding_interval_size": Q_PADDING_TOKENS,
+                      "kv_padding_interval_size": kv_padding_tokens(64, 16)}
+    # a decode step of up to 8 requests stays on the fused int8/int4 kernel when padded
+    assert Q_PADDING_TOKENS == FUSED_MAX_TOKENS == 8
+    resolved = ContinuousBatchingConfig(**kwargs)
+    assert resolved.cuda_graph_booleans == (True, True)  # varlen (paged SDPA) and decode paths
+    no_async = continuous_batching_config(BatcherConfig(num_blocks=64, async_batching=False), "cuda")
+    assert no_async["use_cuda_graph"] is True and no_async["use_async_batching"] is False
+
+
+@pytest.mark.parametrize("env", ["0", "off", "False", " no "])
+def test_the_switch_turns_graphs_off_on_cuda(monkeypatch, env):
+    monkeypatch.setenv(GRAPHS_ENV, env)
+    kwargs = continuous_batching_config(CONFIG, torch.device("cuda", 1))
+    assert kwargs == {**BEFORE, "use_cuda_graph": False, "use_async_batching": False}
+    assert ContinuousBatchingConfig(**kwargs).cuda_graph_booleans == (False, False)
+    on, why = cuda_graphs_decision(CONFIG, "cuda")
+    assert not on and GRAPHS_ENV in why
+
+
+def test_the_config_field_wins_over_the_switch(monkeypatch):
+    monkeypatch.setenv(GRAPHS_ENV, "0")
+    forced = BatcherConfig(num_blocks=64, cuda_graphs=True)
+    assert continuous_batching_config(forced, "cuda")["use_cuda_graph"] is True
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    off = BatcherConfig(num_blocks=64, cuda_graphs=False)
+    assert continuous_batching_config(off, "cuda")["use_cuda_graph"] is False
+    with pytest.raises(ValueError, match=r"BatcherConfig\.cuda_graphs .*got 'yes'"):
+        BatcherConfig(num_blocks=64, cuda_graphs="yes")
+
+
+def test_key_padding_splits_the_pool_into_whole_block_buckets():
+    assert kv_padding_tokens(256, 256) == 8192  # 65536 tokens in 8 buckets
+    assert kv_padding_tokens(9, 64) == 2 * 64  # rounded up to whole blocks: 9 blocks, 8 buckets
+    assert kv_padding_tokens(1, 16) == 16  # never below one block
+    for blocks, size in ((64, 16), (100, 256), (7, 64)):
+        padding = kv_padding_tokens(blocks, size)
+        assert padding % size == 0 and -(-blocks * size // padding) <= KV_BUCKETS
+
+
+def test_a_cpu_batcher_resolves_graphs_off_and_says_why_once(tiny, monkeypatch, caplog):
+    monkeypatch.setattr(batcher_module, "_graphs_said", set())
+    model, tok = tiny
+    with caplog.at_level(logging.WARNING, logger="glm-build.batcher"):
+        first, second = Batcher(model, tok, CONFIG), Batcher(model, tok, CONFIG)
+    for b in (first, second):
+        resolved = b._manager.continuous_batching_config
+        assert resolved.cuda_graph_booleans == (False, False) and not resolved.use_async_batching
+        assert b._manager.batch_processor is None  # no warm-up on a CPU: nothing to capture
+    said = [r.getMessage() for r in caplog.records if "CUDA graphs" in r.getMessage()]
+    assert said == ["CUDA graphs off for the batch steps: the model is on cpu, not CUDA: "
+                    "CUDA graphs do not apply"]
+
+
+# -- on a GPU: captured at warm-up, the same greedy answers with graphs on and off -----------------
+def _answers(batcher: Batcher, questions) -> list[str]:
+    handles = [batcher.submit(q, [], max_length=96, temperature=0, on_update=lambda *a: None)
+               for q in questions]
+    assert all(h.wait(120) for h in handles)
+    assert all(h.error is None for h in handles), [h.error for h in handles]
+    return [h.response for h in handles]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_graphs_on_and_off_give_the_same_greedy_answers_on_cuda(bits):
+    model, tok = load_chatglm2(TINY_CHECKPOINT, device="cuda", dtype=torch.float16,
+                               bits=bits)
+    questions = ["你好", "3只鸡和2只兔子一共有几条腿？", "What is 2 plus 3?"]
+    out = {}
+    for graphs in (False, True):
+        config = BatcherConfig(num_blocks=64, block_size=16, max_batch_tokens=128,
+                               cuda_graphs=graphs)
+        with Batcher(model, tok, config) as batcher:
+            resolved = batcher._manager.continuous_batching_config
+            assert any(resolved.cuda_graph_booleans) is graphs
+            if graphs:  # captured at warm-up, before the first request
+                processor = batcher._manager.batch_processor
+                io = processor.inputs_and_outputs
+                pairs = getattr(io, "io_pairs", None)
+                stores = [p.device_io.graphs for p in pairs] if pairs else [io.graphs]
+                assert any(store._storage for store in stores)
+            out[graphs] = _answers(batcher, questions)
+    assert out[True] == out[False]
+    expected = [chat(model, tok, q, temperature=0, max_length=96)[0] for q in questions]
+    assert out[False] == expected
