@@ -4,11 +4,25 @@
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Iterator, Sequence
 
 import torch
 
 History = Sequence[tuple[str, str]]
+
+log = logging.getLogger("glm-build.generation")
+
+GRAPHS_ENV = "GLM_BUILD_CUDA_GRAPHS"
+"""``0`` (or ``off``/``false``/``no``) turns CUDA graphs off, in our own loop and in the served
+batchers alike (``builder.serving.batcher``): one GPU run can compare both."""
+
+STATIC_CACHE_STEP = 256
+"""A static cache's length is the request's ``max_length`` rounded up to this many tokens, so a
+captured step is reused by every request of about the same length."""
+
+_said: set[str] = set()
 
 
 class PromptTooLongError(ValueError):
@@ -55,14 +69,166 @@ def decode_answer(tokenizer, new_ids: Sequence[int], *, final: bool = True) -> s
     return text.strip()
 
 
+def graphs_switched_off() -> str | None:
+    """``"GLM_BUILD_CUDA_GRAPHS=0"`` when the switch turns CUDA graphs off, else None."""
+    value = os.environ.get(GRAPHS_ENV, "").strip().lower()
+    return f"{GRAPHS_ENV}={value}" if value in ("0", "off", "false", "no") else None
+
+
+def decode_step_kind(device: torch.device | str) -> tuple[str, str]:
+    """``(kind, why)``: how :func:`generate_ids` decodes on ``device``. ``"graph"``: a static KV
+    cache and one CUDA graph replayed per token (CUDA, unless :data:`GRAPHS_ENV` says 0);
+    ``"eager"``: a dynamic cache, one forward per token (a CPU: launches cost nothing there)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "eager", f"the model is on {device.type}, not CUDA: no graph to capture"
+    off = graphs_switched_off()
+    if off:
+        return "eager", off
+    return "graph", "a CUDA device: static cache, captured decode step"
+
+
+def static_cache_tokens(max_length: int, seq_length: int) -> int:
+    """The static cache's length for a request of ``max_length`` tokens in all: rounded up to
+    :data:`STATIC_CACHE_STEP`, not past the model's ``seq_length`` unless the request is longer.
+
+    >>> static_cache_tokens(300, 32768), static_cache_tokens(3900, 4000)
+    (512, 4000)
+    """
+    rounded = -(-max_length // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+    return max(max_length, min(rounded, seq_length))
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+class StaticDecoder:
+    """One sequence over a static KV cache of ``tokens`` positions: an eager prefill, then decode
+    steps whose every input lives at a fixed address (token id, position, a 4-D mask made from the
+    position inside the step), so the step can be captured once in a CUDA graph and replayed.
+
+    ``capture=False`` runs the same steps eagerly (a CPU, or graphs switched off); a capture that
+    fails is said once in the log and the steps stay eager.
+
+    >>> decoder = StaticDecoder(model, 512, capture=True)
+    >>> logits = decoder.prefill(prompt_ids)  # [vocab]; then decoder.step(next_id) per token
+    """
+
+    def __init__(self, model, tokens: int, *, capture: bool):
+        from transformers import StaticCache
+
+        self.model, self.tokens, self.capture = model, tokens, capture
+        device = model.get_input_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.cache = StaticCache(config=model.config, max_cache_len=tokens)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=device)  # [1, 1]
+        self.slots = torch.arange(tokens, device=device).view(1, 1, 1, tokens)  # [1, 1, 1, kv]
+        self.graph = None
+        self.logits = None  # the graph's output: last-position logits [vocab]
+        self.length = 0  # tokens in the cache
+
+    def prefill(self, input_ids: Sequence[int]) -> torch.Tensor:
+        """Reset the cache and run the prompt: its last-position logits [vocab]."""
+        if not 0 < len(input_ids) < self.tokens:
+            raise ValueError(f"a prompt of {len(input_ids)} tokens does not fit a static cache of "
+                             f"{self.tokens}")
+        self.cache.reset()
+        device = self.ids.device
+        ids = torch.tensor([input_ids], device=device)  # [1, seq]
+        positions = torch.arange(len(input_ids), device=device)[None]  # [1, seq]
+        out = self.model(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        self.length = len(input_ids)
+        return out.logits[0, -1]
+
+    def _step(self) -> torch.Tensor:
+        """The decode step, from the fixed-address inputs only (what a graph captures)."""
+        # additive, in the activations' dtype: eager attention adds it, SDPA takes it as it is
+        keep = self.slots <= self.position.view(1, 1, 1, 1)  # [1, 1, 1, kv]: the cache so far
+        mask = torch.zeros(keep.shape, dtype=self.dtype, device=keep.device).masked_fill_(
+            ~keep, torch.finfo(self.dtype).min)
+        out = self.model(input_ids=self.ids, position_ids=self.position, attention_mask=mask,
+                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]  # [vocab]
+
+    def step(self, token: int) -> torch.Tensor:
+        """Append ``token``: the next position's logits [vocab] (a view the next step overwrites
+        when the step is a graph)."""
+        if self.length >= self.tokens:
+            raise ValueError(f"the static cache of {self.tokens} tokens is full")
+        self.ids.fill_(token)
+        self.position.fill_(self.length)
+        self.length += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        logits = self._step()  # eager; on CUDA also the warm-up a capture needs
+        if self.capture:
+            self._capture()
+        return logits
+
+    def _capture(self) -> None:
+        self.capture = False  # one try per decoder
+        graph = torch.cuda.CUDAGraph()
+        # the step adds one to the cache's length tensor: keep it as the eager step left it
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        try:
+            with torch.cuda.graph(graph):
+                logits = self._step()
+        except Exception as err:  # a kernel that cannot be captured: stay eager, say so once
+            _say_once(f"capturing the decode step in a CUDA graph failed ({type(err).__name__}: "
+                      f"{err}); decoding eagerly")
+            return
+        finally:
+            for layer, length in zip(self.cache.layers, lengths):
+                layer.cumulative_length.copy_(length)
+        self.graph, self.logits = graph, logits
+
+
+def _static_decoder(model, max_length: int) -> StaticDecoder:
+    """The model's captured decoder for requests up to ``max_length`` (made again, and captured
+    again, when the length rounds to another static cache size)."""
+    tokens = static_cache_tokens(max_length, getattr(model.config, "max_position_embeddings",
+                                                     max_length))
+    decoder = getattr(model, "_glm_static_decoder", None)
+    if decoder is None or decoder.tokens != tokens:
+        decoder = StaticDecoder(model, tokens, capture=True)
+        model._glm_static_decoder = decoder
+    return decoder
+
+
 @torch.inference_mode()
 def generate_ids(model, input_ids: list[int], *, max_length: int, temperature: float,
                  top_p: float, stop_ids: Sequence[int],
                  generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield new token ids until a stop id or ``max_length`` tokens in total (prompt included)."""
+    """Yield new token ids until a stop id or ``max_length`` tokens in total (prompt included).
+
+    On CUDA the decode steps replay one captured CUDA graph over a static cache
+    (:class:`StaticDecoder`); on a CPU, or with :data:`GRAPHS_ENV` at 0, each step is a forward
+    over a dynamic cache (:func:`decode_step_kind`).
+    """
+    device = model.get_input_embeddings().weight.device
+    kind, why = decode_step_kind(device)
+    if kind == "graph":
+        _say_once(f"generate_ids: {why}")
+        decoder = _static_decoder(model, max_length)
+        logits = decoder.prefill(input_ids)
+        for _ in range(max_length - len(input_ids)):
+            next_id = sample_next(logits, temperature, top_p, generator)
+            if next_id in stop_ids:
+                return
+            yield next_id
+            if decoder.length + 1 >= max_length:
+                return
+            logits = decoder.step(next_id)
+        return
+
     from transformers import DynamicCache
 
-    device = model.get_input_embeddings().weight.device
     cache = DynamicCache()
     tokens = torch.tensor([input_ids], device=device)  # [1, seq]
     for _ in range(max_length - len(input_ids)):

@@ -12,9 +12,11 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
 from builder.cuda_quant import FUSED_MAX_TOKENS
 from builder.serving import batcher as batcher_module
-from builder.serving.batcher import (GRAPHS_ENV, KV_BUCKETS, Q_PADDING_TOKENS, Batcher,
-                                     BatcherConfig, continuous_batching_config,
-                                     cuda_graphs_decision, kv_padding_tokens)
+from builder.generation import (GRAPHS_ENV, StaticDecoder, decode_step_kind, generate_ids,
+                                sample_next, static_cache_tokens)
+from builder.serving.batcher import (KV_BUCKETS, Q_PADDING_TOKENS, Batcher, BatcherConfig,
+                                     continuous_batching_config, cuda_graphs_decision,
+                                     kv_padding_tokens)
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CONFIG = BatcherConfig(num_blocks=64, block_size=16, max_batch_tokens=256, seed=3)
@@ -94,6 +96,59 @@ def test_a_cpu_batcher_resolves_graphs_off_and_says_why_once(tiny, monkeypatch, 
                     "CUDA graphs do not apply"]
 
 
+# -- our own loop (chat(), glm-build profile, the GPU bench) ------------------------------------------
+def test_our_loop_decodes_eagerly_on_a_cpu_and_through_a_graph_on_cuda(monkeypatch):
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    assert decode_step_kind("cpu")[0] == "eager"
+    assert decode_step_kind(torch.device("cuda", 0))[0] == "graph"
+    monkeypatch.setenv(GRAPHS_ENV, "0")
+    kind, why = decode_step_kind("cuda")
+    assert kind == "eager" and why == f"{GRAPHS_ENV}=0"
+    assert decode_step_kind("cpu")[0] == "eager"
+
+
+def test_static_cache_length_rounds_up_and_stays_within_the_model():
+    assert static_cache_tokens(300, 32768) == 512
+    assert static_cache_tokens(512, 32768) == 512
+    assert static_cache_tokens(3900, 4000) == 4000  # never past seq_length ...
+    assert static_cache_tokens(5000, 4096) == 5000  # ... unless the request itself asks for more
+
+
+def _greedy_static(model, ids, steps, *, capture=False) -> list[int]:
+    with torch.inference_mode():
+        decoder = StaticDecoder(model, static_cache_tokens(len(ids) + steps, 32768), capture=capture)
+        out, logits = [], decoder.prefill(ids)
+        for _ in range(steps):
+            out.append(sample_next(logits, 0, 1))
+            logits = decoder.step(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("bits, attention", [(16, "sdpa"), (4, "sdpa"), (16, "eager")])
+def test_the_static_decoder_gives_the_dynamic_loops_greedy_ids(bits, attention):
+    model, tok = load_chatglm2(TINY_CHECKPOINT, bits=bits,
+                               dtype=torch.float32 if bits == 16 else torch.bfloat16)
+    model.set_attn_implementation(attention)  # eager adds the mask: it must be additive
+    ids = tok.build_chat_input("3只鸡和2只兔子一共有几条腿？", [])
+    dynamic = list(generate_ids(model, ids, max_length=len(ids) + 32, temperature=0, top_p=1,
+                                stop_ids=()))
+    assert len(dynamic) == 32
+    assert _greedy_static(model, ids, 32) == dynamic
+    assert not hasattr(model, "_glm_static_decoder")  # the CPU path made no static cache
+
+
+def test_a_static_decoder_refuses_what_does_not_fit(tiny):
+    model, _ = tiny
+    decoder = StaticDecoder(model, 8, capture=False)
+    with pytest.raises(ValueError, match="does not fit a static cache of 8"):
+        decoder.prefill(list(range(3, 11)))
+    with torch.inference_mode():
+        decoder.prefill([3, 4, 5, 6, 7, 8, 9])
+        decoder.step(10)
+        with pytest.raises(ValueError, match="full"):
+            decoder.step(11)
+
+
 # -- on a GPU: captured at warm-up, the same greedy answers with graphs on and off -----------------
 def _answers(batcher: Batcher, questions) -> list[str]:
     handles = [batcher.submit(q, [], max_length=96, temperature=0, on_update=lambda *a: None)
@@ -127,3 +182,22 @@ def test_graphs_on_and_off_give_the_same_greedy_answers_on_cuda(bits):
     assert out[True] == out[False]
     expected = [chat(model, tok, q, temperature=0, max_length=96)[0] for q in questions]
     assert out[False] == expected
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_our_loop_replays_one_graph_with_the_eager_loops_answers_on_cuda(bits, monkeypatch):
+    model, tok = load_chatglm2(TINY_CHECKPOINT, device="cuda", dtype=torch.float16, bits=bits)
+    ids = tok.build_chat_input("3只鸡和2只兔子一共有几条腿？", [])
+    monkeypatch.setenv(GRAPHS_ENV, "0")
+    eager = list(generate_ids(model, ids, max_length=len(ids) + 48, temperature=0, top_p=1,
+                              stop_ids=()))
+    monkeypatch.delenv(GRAPHS_ENV)
+    graphed = list(generate_ids(model, ids, max_length=len(ids) + 48, temperature=0, top_p=1,
+                                stop_ids=()))
+    assert model._glm_static_decoder.graph is not None  # captured, not fallen back
+    assert graphed == eager
+    again = list(generate_ids(model, ids, max_length=len(ids) + 48, temperature=0, top_p=1,
+                              stop_ids=()))
+    assert again == eager  # the cache reset and the graph replayed for a second request

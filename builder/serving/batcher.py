@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -33,7 +32,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor)
 
 from ..cuda_quant import FUSED_MAX_TOKENS
-from ..generation import decode_answer, fit_history
+from ..generation import decode_answer, fit_history, graphs_switched_off
 
 log = logging.getLogger("glm-build.batcher")
 
@@ -167,10 +166,6 @@ class GreedyRows(ContinuousBatchingLogitsProcessor):
         return torch.where(greedy, only_best, scores)  # [rows, vocab]
 
 
-GRAPHS_ENV = "GLM_BUILD_CUDA_GRAPHS"
-"""``0`` (or ``off``/``false``/``no``) turns CUDA graphs off in every batcher of the process where
-:attr:`BatcherConfig.cuda_graphs` is left at None: one GPU run can compare graphs on and off."""
-
 Q_PADDING_TOKENS = FUSED_MAX_TOKENS
 """Query rows a graphed step is padded to a multiple of: a decode step of up to 8 requests stays
 at 8 rows, which the fused int8/int4 kernel takes (padded past it, the step would dequantize every
@@ -191,9 +186,9 @@ def cuda_graphs_decision(config: BatcherConfig, device) -> tuple[bool, str]:
         return False, f"the model is on {device.type}, not CUDA: CUDA graphs do not apply"
     if config.cuda_graphs is not None:
         return config.cuda_graphs, f"BatcherConfig(cuda_graphs={config.cuda_graphs})"
-    env = os.environ.get(GRAPHS_ENV, "").strip().lower()
-    if env in ("0", "off", "false", "no"):
-        return False, f"{GRAPHS_ENV}={env}"
+    off = graphs_switched_off()  # GLM_BUILD_CUDA_GRAPHS=0, where cuda_graphs is left at None
+    if off:
+        return False, off
     return True, "a CUDA device (the default)"
 
 
