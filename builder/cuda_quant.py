@@ -24,13 +24,15 @@ on any device (the tests run it on the CPU).
 from __future__ import annotations
 
 import functools
+import logging
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .memory import cuda_extract_rows
+
+log = logging.getLogger("glm-build.cuda_quant")
 
 FUSED_MAX_TOKENS = 8
 """Rows of input the fused kernel takes (a decode step of up to 8 requests); longer inputs are
@@ -196,6 +198,19 @@ def fused_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits
 
 
 _fused_failed = False
+_fused_loaded: set[int] = set()  # devices where the kernel has run once (compiled and loaded)
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s device is capturing a CUDA graph on the current stream."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int,
@@ -204,15 +219,30 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int,
 
     ``codes`` / ``scale`` as ``QuantizedLinear`` keeps them (contiguous, on ``x``'s device). If
     the kernel does not compile (no NVRTC, say), that is said once and extraction runs instead.
+
+    Both ways can be captured in a CUDA graph: plain torch ops (allocations come from the graph's
+    pool, no host synchronisation) or one CuPy launch on torch's current stream, the capturing
+    one, with the pointers of tensors the graph keeps. Compiling and loading the kernel cannot
+    happen during a capture, so a capture that meets it first takes the extraction instead (said
+    once); the batcher and ``generate_ids`` run each step eagerly before capturing it, which
+    loads the kernel then.
     """
     global _fused_failed
     if not _fused_failed and fused_applies(x, codes, bits, group_size):
-        try:
-            return fused_linear(x, codes, scale, bits, group_size)
-        except Exception as err:  # compiling (NVRTC) or loading the kernel; then never again
-            _fused_failed = True
-            warnings.warn(f"the fused int{bits} CUDA kernel is unavailable ({type(err).__name__}: "
-                          f"{err}); dequantizing by row blocks instead", RuntimeWarning)
+        if x.device.index not in _fused_loaded and capturing(x):
+            _say_once(f"the fused int{bits} kernel was not loaded before a CUDA graph capture: "
+                      "this graph dequantizes by row blocks instead")
+        else:
+            try:
+                y = fused_linear(x, codes, scale, bits, group_size)
+                _fused_loaded.add(x.device.index)
+                return y
+            except Exception as err:  # compiling (NVRTC) or loading the kernel; then never again
+                if capturing(x):
+                    raise  # the capture is broken either way: its caller falls back to eager
+                _fused_failed = True
+                _say_once(f"the fused int{bits} CUDA kernel is unavailable ({type(err).__name__}: "
+                          f"{err}); dequantizing by row blocks instead")
     return extract_linear(x, codes, scale, bits, group_size)
 
 

@@ -201,3 +201,50 @@ def test_our_loop_replays_one_graph_with_the_eager_loops_answers_on_cuda(bits, m
     again = list(generate_ids(model, ids, max_length=len(ids) + 48, temperature=0, top_p=1,
                               stop_ids=()))
     assert again == eager  # the cache reset and the graph replayed for a second request
+
+
+# -- int8/int4 projections inside a capture ---------------------------------------------------------
+def test_a_capture_that_meets_the_unloaded_kernel_extracts_and_says_so_once(monkeypatch, caplog):
+    from builder import cuda_quant
+    from builder.quantization import QuantizedLinear
+
+    layer = QuantizedLinear.from_float(torch.randn(64, 128), None, 8)
+    x = torch.randn(2, 128, dtype=torch.float16)
+    launched = []
+    monkeypatch.setattr(cuda_quant, "fused_applies", lambda *a: True)
+    monkeypatch.setattr(cuda_quant, "fused_linear", lambda *a: launched.append(1) or "fused")
+    monkeypatch.setattr(cuda_quant, "_fused_loaded", set())
+    monkeypatch.setattr(cuda_quant, "_said", set())
+    monkeypatch.setattr(cuda_quant, "capturing", lambda x: True)
+    with caplog.at_level(logging.WARNING, logger="glm-build.cuda_quant"):
+        first = cuda_quant.linear(x, layer.weight, layer.weight_scale, 8, None)
+        cuda_quant.linear(x, layer.weight, layer.weight_scale, 8, None)
+    assert launched == [] and first.shape == (2, 64)  # extraction ran, not the kernel
+    expected = x.float() @ (layer.weight.float() * layer.weight_scale.float()[:, None]).t()
+    assert torch.allclose(first.float(), expected, rtol=1e-2, atol=1e-2)
+    assert len([r for r in caplog.records if "not loaded before a CUDA graph" in r.getMessage()]) == 1
+    # once it has run eagerly on the device (the warm-up step), a capture takes the kernel
+    monkeypatch.setattr(cuda_quant, "capturing", lambda x: False)
+    assert cuda_quant.linear(x, layer.weight, layer.weight_scale, 8, None) == "fused"
+    monkeypatch.setattr(cuda_quant, "capturing", lambda x: True)
+    assert cuda_quant.linear(x, layer.weight, layer.weight_scale, 8, None) == "fused"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bits, tokens", [(8, 1), (4, 1), (4, 8), (8, 16)])
+def test_a_quantized_projection_replays_from_a_graph_as_it_ran_eagerly(bits, tokens):
+    from builder.quantization import QuantizedLinear
+
+    layer = QuantizedLinear.from_float(torch.randn(4608, 4096), torch.randn(4608), bits,
+                                       device="cuda")
+    x = torch.randn(tokens, 4096, dtype=torch.float16, device="cuda")
+    eager = layer(x)  # loads the fused kernel (tokens <= 8) before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, layer(x))  # the replay read the new input through the kept pointers
+    assert not torch.equal(out, eager)
