@@ -369,6 +369,46 @@ def cuda_extract_bytes(rows: int, cols: int, bits: int, tokens: int = 0) -> int:
     return block * cols * 2 + nibbles + output
 
 
+# -- CUDA graphs in the continuous batcher ----------------------------------------------------------
+def cuda_graph_bytes(config: ChatGLM2Config, bits: int, step: int, request_tokens: int,
+                     pool_tokens: int, *, dtype_bytes: int = 2, async_batching: bool = True) -> int:
+    """What capturing the batcher's steps in CUDA graphs (``builder.serving.batcher``) adds on a
+    GPU, beside the KV pool and the batcher's own buffers:
+
+    - the graphs' private memory pool: warm-up captures the largest step first, ``step`` query
+      tokens against one request of ``request_tokens`` already cached, and every later graph
+      (the padded buckets: more rows or keys than a step has, never more than this largest one)
+      is captured into the same pool. It holds that step's temporaries for the life of the
+      process, apart from the caching allocator's cache, which still serves the eager work: a
+      prefill chunk's activations (:func:`activation_bytes`, logits of the last position only)
+      plus K and V read back from the cache and expanded from the groups to every head
+      (``2 × request_tokens × hidden``), as paged SDPA with a mask does;
+    - with async batching, the second set of the step's inputs: the ``[step, pool + step]``
+      attention mask (counted in float32, as ``builder.plan.batcher_buffer_bytes`` counts the
+      first) and the per-token index tensors (int32 inputs, int64 read/write indices).
+
+    Per-graph driver memory (the instantiated graphs themselves) is not counted: unmeasured.
+
+    >>> from builder import CHATGLM2_6B
+    >>> cuda_graph_bytes(CHATGLM2_6B, 4, 512, 2048, 4096, async_batching=False) < GIB
+    True
+    """
+    _check_scheme(bits, None, dtype_bytes, "cuda")
+    for name, value in (("step", step), ("request_tokens", request_tokens),
+                        ("pool_tokens", pool_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer of tokens, got {value!r}")
+    pool = (activation_bytes(config, bits, step, "encode", dtype_bytes=dtype_bytes,
+                             all_logits=False)
+            + 2 * request_tokens * config.hidden_size * dtype_bytes)
+    second_inputs = 0
+    if async_batching:
+        second_inputs = (step * (pool_tokens + step) * 4  # attention mask
+                         + step * 8 * 4  # input ids, positions, ... and output ids (int32)
+                         + (pool_tokens + 2 * step) * 8)  # read and write indices (int64)
+    return pool + second_inputs
+
+
 # -- the estimate ------------------------------------------------------------------------------
 def estimate_breakdown(config: ChatGLM2Config, bits: int, tokens: int, phase: str, *,
                        group_size: int | None = None, dtype_bytes: int = 2, device: str = "cuda",

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .config import CHATGLM2_6B, ChatGLM2Config
-from .memory import GIB, PHASES, MemoryEstimate, estimate_breakdown, kv_cache_bytes
+from .memory import (GIB, PHASES, MemoryEstimate, cuda_graph_bytes, estimate_breakdown,
+                     kv_cache_bytes)
 from .profiles import GpuProfile, list_profiles, load_profile
 from .routing import Route, RoutingTable
 
@@ -487,10 +488,14 @@ def pool_lengths(max_tokens: int) -> list[int]:
 def batch_bytes(config: ChatGLM2Config, variant: Variant, profile: GpuProfile, tokens: int,
                 blocks: int, step: int) -> int:
     """Bytes of ``variant`` with a pool of ``blocks`` full of requests of ``tokens``: their
-    :func:`phase_need` plus the batcher's buffers (:func:`batcher_buffer_bytes`)."""
+    :func:`phase_need` plus the batcher's buffers (:func:`batcher_buffer_bytes`) and, on a GPU,
+    its CUDA graphs' pool and async batching's second inputs (``memory.cuda_graph_bytes``)."""
     requests = max(1, blocks // kv_blocks_for(tokens))
+    graphs = 0
+    if profile.kind == "gpu":  # the batcher captures its steps in CUDA graphs there
+        graphs = cuda_graph_bytes(config, variant.bits, step, tokens, blocks * KV_PAGE_SIZE)
     return (phase_need(config, variant, tokens, profile, requests)
-            + batcher_buffer_bytes(config, blocks, step))
+            + batcher_buffer_bytes(config, blocks, step) + graphs)
 
 
 def phase_need(config: ChatGLM2Config, variant: Variant, tokens: int, profile: GpuProfile,

@@ -248,3 +248,38 @@ def test_a_quantized_projection_replays_from_a_graph_as_it_ran_eagerly(bits, tok
     torch.cuda.synchronize()
     assert torch.equal(out, layer(x))  # the replay read the new input through the kept pointers
     assert not torch.equal(out, eager)
+
+
+# -- the plan counts what graphs cost ----------------------------------------------------------------
+def test_the_graph_term_counts_the_largest_step_and_the_second_inputs():
+    from builder import CHATGLM2_6B
+    from builder.memory import activation_bytes, cuda_graph_bytes
+
+    sync = cuda_graph_bytes(CHATGLM2_6B, 4, 512, 2048, 65536, async_batching=False)
+    assert sync == (activation_bytes(CHATGLM2_6B, 4, 512, "encode", all_logits=False)
+                    + 2 * 2048 * 4096 * 2)  # K and V of one 2048-token request, all heads
+    with_async = cuda_graph_bytes(CHATGLM2_6B, 4, 512, 2048, 65536)
+    assert with_async - sync == 512 * (65536 + 512) * 4 + 512 * 32 + (65536 + 1024) * 8
+    assert cuda_graph_bytes(CHATGLM2_6B, 4, 512, 8192, 65536) > with_async  # a longer request
+    with pytest.raises(ValueError, match="pool_tokens must be a positive integer"):
+        cuda_graph_bytes(CHATGLM2_6B, 4, 512, 2048, 0)
+
+
+@pytest.mark.parametrize("profile, precisions", [("h200-141gb", "fp16,int8,int4"),
+                                                  ("p40x2", "fp16,int8,int4"), ("cpu", "int4")])
+def test_gpu_pools_make_room_for_the_graphs_and_cpu_pools_do_not_change(profile, precisions,
+                                                                        monkeypatch):
+    from builder import CHATGLM2_6B, load_profile
+    from builder import plan as plan_module
+
+    gpu = load_profile(profile)
+    counted = plan_module.make_plan(CHATGLM2_6B, precisions, gpu)
+    monkeypatch.setattr(plan_module, "cuda_graph_bytes", lambda *a, **k: 0)
+    uncounted = plan_module.make_plan(CHATGLM2_6B, precisions, gpu)
+    pairs = list(zip(counted.placements, uncounted.placements))
+    if gpu.kind == "cpu":
+        assert all(a.kv_blocks == b.kv_blocks for a, b in pairs)
+    else:
+        assert all(a.kv_blocks <= b.kv_blocks for a, b in pairs)
+        assert any(a.kv_blocks < b.kv_blocks for a, b in pairs)  # the term is not free
+        assert all(a.concurrency(a.max_tokens) >= 1 for a, _ in pairs)
