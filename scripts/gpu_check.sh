@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh [--out DIR] [--cache DIR] [--steps LIST] [--generate LIST] [--gpu NAME]
 #                        [--budget SECONDS]
 #
-# Steps (--steps, default all of tests,checkpoint,encode,bench,serve,generate), in order, each
+# Steps (--steps, default all of tests,checkpoint,encode,bench,serve,served,generate), in order, each
 # capped so that the whole stays inside --budget (default 470 s; a step that no longer fits is
 # skipped and the table says so). The table reads every result under --out (default out/gpu-check),
 # so a later `--steps generate --generate fp16,int8` adds the cells a first run had no time for:
@@ -16,7 +16,11 @@
 #      against the plan, per precision (scripts/gpu_bench.py bench);
 #   5. one glm-serve round trip on KIND_GPU: the embedded tiny model built for --gpu (default: the
 #      detected card's profile, else a100-80gb), one chat request;
-#   6. glm-build profile at generate:8192 for --generate (default int4: ~8,200 decode steps per
+#   6. the served table: the 28-layer checkpoint built for the GPU with --quantize-at build
+#      (fp16, int8, int4), glm-serve through the router and each variant, c = 1, 8, 32: tokens/s,
+#      TTFT p50/p95, time per output token, with CUDA graphs on and off (GLM_BUILD_CUDA_GRAPHS=0)
+#      (scripts/gpu_served.py); skip it with --steps leaving out served;
+#   7. glm-build profile at generate:8192 for --generate (default int4: ~8,200 decode steps per
 #      precision, 2-3 minutes each with its load, do not fit 8 minutes for all three).
 # Exit status: 0 every step ran and passed, 1 one did not (the table says which), 2 no GPU or a
 # bad argument. Python: $PYTHON, else .venv/bin/python, else python3.
@@ -33,7 +37,7 @@ cache="${TMPDIR:-/tmp}"
 generate=int4
 gpu=""
 budget=470
-steps=tests,checkpoint,encode,bench,serve,generate
+steps=tests,checkpoint,encode,bench,serve,served,generate
 
 usage() { sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_check.sh: $*" >&2; exit 2; }
@@ -45,8 +49,8 @@ while [[ $# -gt 0 ]]; do
         --gpu) [[ $# -ge 2 ]] || die "--gpu needs a profile name"; gpu="$2"; shift 2 ;;
         --budget) [[ "${2:-}" =~ ^[0-9]+$ ]] || die "--budget needs whole seconds, got '${2:-}'"
                   budget="$2"; shift 2 ;;
-        --steps) [[ "${2:-}" =~ ^(tests|checkpoint|encode|bench|serve|generate)(,(tests|checkpoint|encode|bench|serve|generate))*$ ]] \
-                     || die "--steps takes a comma-separated list of tests,checkpoint,encode,bench,serve,generate, got '${2:-}'"
+        --steps) [[ "${2:-}" =~ ^(tests|checkpoint|encode|bench|serve|served|generate)(,(tests|checkpoint|encode|bench|serve|served|generate))*$ ]] \
+                     || die "--steps takes a comma-separated list of tests,checkpoint,encode,bench,serve,served,generate, got '${2:-}'"
                  steps="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) sed -n '4,5p' "$0" | sed 's/^#/usage:/' >&2; die "unknown argument '$1' (--help says more)" ;;
@@ -102,6 +106,19 @@ if wants serve; then
         echo '{"ok": false, "error": "the built repository has no KIND_GPU instance"}' >"$out/serve.json"
     fi
 fi
+if wants served; then
+    [[ -n "$gpu" ]] || gpu="$("$py" scripts/gpu_bench.py detect 2>/dev/null || echo a100-80gb)"
+    step served-build 30 120 "$py" -m builder.cli --model "$checkpoint" --quant fp16,int8,int4 \
+        --gpu "$gpu" --quantize-at build --out "$out/served-repo" --force
+    if [[ " ${skipped[*]} ${failed[*]} " == *" served-build "* ]]; then
+        skipped+=("served-on" "served-off")
+    else
+        step served-on 90 200 "$py" scripts/gpu_served.py run --repo "$out/served-repo" \
+            --graphs on --out "$out/served-on.json"
+        step served-off 90 200 "$py" scripts/gpu_served.py run --repo "$out/served-repo" \
+            --graphs off --out "$out/served-off.json"
+    fi
+fi
 wants generate && step profile-generate 150 600 "$py" -m builder.cli profile --spec chatglm2-6b \
     --cache-dir "$cache" --device cuda --quant "$generate" --workloads generate:8192 \
     --out "$out/profile-generate"
@@ -109,6 +126,7 @@ wants generate && step profile-generate 150 600 "$py" -m builder.cli profile --s
 "$py" scripts/gpu_bench.py table --profile "$out/profile-encode" "$out/profile-generate" \
     --bench "$out/bench.json" --tests "$out/tests.log" --serve "$out/serve.json" \
     | tee "$out/table.md"
+"$py" scripts/gpu_served.py table "$out/served-on.json" "$out/served-off.json" | tee -a "$out/table.md"
 echo "took ${SECONDS} s; logs in $out/" | tee -a "$out/table.md"
 (( ${#skipped[@]} )) && echo "skipped (budget): ${skipped[*]}" | tee -a "$out/table.md"
 if (( ${#failed[@]} )); then

@@ -99,8 +99,14 @@ def test_steps_run_in_order_and_end_with_the_table(fake_python, tmp_path):
     assert steps[4] == "scripts/gpu_bench.py detect"
     assert steps[5].startswith("-m builder.cli --quant int4 --gpu p40 --out")
     assert steps[6].startswith("scripts/gpu_bench.py serve --repo")
-    assert "--quant int4 --workloads generate:8192" in steps[7]
-    assert steps[8].startswith("scripts/gpu_bench.py table")
+    # the served table: the 28-layer checkpoint, quantized at build, graphs on then off
+    assert steps[7].startswith("-m builder.cli --model") and "glm-synthetic-28l" in steps[7]
+    assert "--quant fp16,int8,int4 --gpu p40 --quantize-at build --out" in steps[7]
+    assert steps[8].startswith("scripts/gpu_served.py run --repo") and "--graphs on" in steps[8]
+    assert steps[9].startswith("scripts/gpu_served.py run --repo") and "--graphs off" in steps[9]
+    assert "--quant int4 --workloads generate:8192" in steps[10]
+    assert steps[11].startswith("scripts/gpu_bench.py table")
+    assert steps[12].startswith("scripts/gpu_served.py table") and "served-off.json" in steps[12]
     assert "TABLE" in result.stdout and (tmp_path / "out" / "table.md").is_file()
 
 
@@ -114,8 +120,11 @@ def test_a_failed_step_is_named_and_exits_1(fake_python, tmp_path):
 def test_budget_skips_steps_that_no_longer_fit(fake_python, tmp_path):
     result, calls = run_fake(fake_python, tmp_path, "--budget", "0")
     assert result.returncode == 0
-    assert "skipped (budget): tests checkpoint profile-encode bench build serve profile-generate" in result.stdout
-    assert [c for c in calls if not c.startswith("-c ")][-1].startswith("scripts/gpu_bench.py table")
+    assert ("skipped (budget): tests checkpoint profile-encode bench build serve served-build "
+            "served-on served-off profile-generate") in result.stdout
+    last = [c for c in calls if not c.startswith("-c ")][-2:]
+    assert last[0].startswith("scripts/gpu_bench.py table")
+    assert last[1].startswith("scripts/gpu_served.py table")
 
 
 def test_steps_and_generate_choose_what_runs(fake_python, tmp_path):
@@ -123,7 +132,66 @@ def test_steps_and_generate_choose_what_runs(fake_python, tmp_path):
                              "--generate", "fp16,int8")
     assert result.returncode == 0, result.stderr
     steps = [c for c in calls if not c.startswith("-c ")]
-    assert len(steps) == 2 and "--quant fp16,int8 --workloads generate:8192" in steps[0]
+    assert len(steps) == 3 and "--quant fp16,int8 --workloads generate:8192" in steps[0]
+
+
+def test_the_served_step_can_be_left_out(fake_python, tmp_path):
+    result, calls = run_fake(fake_python, tmp_path, "--steps", "serve,generate")
+    assert result.returncode == 0, result.stderr
+    assert not any("gpu_served.py run" in c or "--quantize-at build" in c for c in calls)
+    assert any("gpu_served.py table" in c for c in calls)  # says "served: not run"
+
+
+# -- gpu_served.py -------------------------------------------------------------------------------
+def test_served_arguments_levels_and_environment():
+    import gpu_served
+
+    args = gpu_served.build_parser().parse_args(["run", "--repo", "r", "--graphs", "off"])
+    assert (args.levels, args.quant, args.max_token, args.graphs) == ("1,8,32", "fp16,int8,int4",
+                                                                      32, "off")
+    assert gpu_served.levels_of(args.levels) == [1, 8, 32]
+    with pytest.raises(ValueError, match="positive integers"):
+        gpu_served.levels_of("1,0")
+    assert [gpu_served.requests_at(c) for c in (1, 8, 32)] == [4, 16, 64]
+    base = {"PATH": "/bin", "GLM_BUILD_CUDA_GRAPHS": "1"}
+    assert gpu_served.server_env(False, base) == {"PATH": "/bin", "GLM_BUILD_CUDA_GRAPHS": "0"}
+    assert gpu_served.server_env(True, base) == {"PATH": "/bin"}
+    assert [label for label, _ in gpu_served.targets(["fp16", "int4"])] == ["router", "fp16", "int4"]
+    assert gpu_served.targets(["int4"])[1][1] == "chatglm2-6b-int4"
+
+
+def test_served_table_puts_router_first_and_graphs_on_before_off(tmp_path, capsys):
+    import gpu_served
+
+    def row(target, graphs, c, tps):
+        return {"target": target, "graphs": graphs, "concurrency": c, "requests": 2 * c, "lost": 0,
+                "tokens_per_s": tps, "ttft_p50_s": 0.04, "ttft_p95_s": 0.2, "tpot_p50_s": 0.01}
+
+    (tmp_path / "on.json").write_text(json.dumps([row("int4", True, 8, 900.0),
+                                                  row("router", True, 1, 120.0)]))
+    (tmp_path / "off.json").write_text(json.dumps([row("int4", False, 8, 200.0),
+                                                   {"target": "glm-serve", "graphs": False,
+                                                    "error": "RuntimeError: not ready"}]))
+    assert gpu_served.main(["table", str(tmp_path / "on.json"), str(tmp_path / "off.json"),
+                            str(tmp_path / "missing.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| router | on | 1 | 120.0 | 40 / 200 | 10.0 | 0/2 |"
+    assert lines[3].startswith("| glm-serve | off | – | RuntimeError: not ready")
+    assert lines[4:] == ["| int4 | on | 8 | 900.0 | 40 / 200 | 10.0 | 0/16 |",
+                         "| int4 | off | 8 | 200.0 | 40 / 200 | 10.0 | 0/16 |"]
+    assert gpu_served.main(["table", str(tmp_path / "missing.json")]) == 0
+    assert capsys.readouterr().out.strip() == "served: not run"
+
+
+def test_a_server_that_never_starts_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    import gpu_served
+
+    monkeypatch.setattr(gpu_served.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no glm-serve to run
+    out = tmp_path / "served.json"
+    assert gpu_served.main(["run", "--repo", str(tmp_path), "--out", str(out), "--timeout", "1"]) == 1
+    rows = json.loads(out.read_text())
+    assert rows[0]["target"] == "glm-serve" and "FileNotFoundError" in rows[0]["error"]
 
 
 # -- gpu_bench.py --------------------------------------------------------------------------------
