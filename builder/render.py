@@ -94,14 +94,16 @@ def pbtxt_name(value) -> str:
 
 def pbtxt_path(value) -> str:
     """A path relative to the model's folder (no ``..``: it stays inside the repository), or an
-    absolute one the deployment mounts; no quote, backslash or control character."""
+    absolute one the deployment mounts; one line. Quotes and backslashes are the file system's
+    business: ``pbtxt_string`` escapes them where the path is written, and ``glm-serve`` hands the
+    Python-backend stub a plain-ASCII alias of any path it cannot take (serving.stub_paths)."""
     text = str(value)
     if not isinstance(value, (str, os.PathLike)) or not text:
         raise TemplateValueError(f"path {value!r} must be a path")
     if not os.path.isabs(text) and ".." in Path(text).parts:
         raise TemplateValueError(f"path {text!r} must stay inside the model's folder (no '..')")
-    if '"' in text or "\\" in text or _CONTROL.search(text):
-        raise TemplateValueError(f"path {text!r} must not hold quotes, backslashes or newlines "
+    if _CONTROL.search(text):
+        raise TemplateValueError(f"path {text!r} must not hold newlines or control characters "
                                  f"(it goes into config.pbtxt)")
     return text
 
@@ -113,11 +115,12 @@ def pbtxt_int(value) -> str:
 
 
 def one_line(value) -> str:
-    """Free text for comments and docstrings: one line, no quotes or backslashes."""
+    """Free text for comments and docstrings: one line, with backslashes and double quotes
+    escaped, so a folder named like ``my "odd" dir`` keeps a generated docstring valid."""
     text = str(value)
-    if _CONTROL.search(text) or '"' in text or "\\" in text:
-        raise TemplateValueError(f"text {text!r} must be one line without quotes or backslashes")
-    return text
+    if _CONTROL.search(text):
+        raise TemplateValueError(f"text {text!r} must be one line")
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def template_environment(templates_dir: Path | None = None,

@@ -160,17 +160,20 @@ def test_filters_escape_or_refuse():
     assert pbtxt_path("1/weights") == "1/weights"  # relative to the model's folder
     with pytest.raises(TemplateValueError, match="inside the model's folder"):
         pbtxt_path("../chatglm2-6b-fp16/1/weights")
-    with pytest.raises(TemplateValueError, match="quotes, backslashes or newlines"):
-        pbtxt_path('/tmp/a"b')
+    with pytest.raises(TemplateValueError, match="newlines or control characters"):
+        pbtxt_path("/tmp/a\nb")
     assert pbtxt_path("/tmp/模型 dir") == "/tmp/模型 dir"
+    # quotes and backslashes are legal in a folder name: escaped where the path is written
+    assert pbtxt_path('/tmp/a"b\\c') == '/tmp/a"b\\c'
+    assert text_format.Parse(f'name: "{pbtxt_string(pbtxt_path(chr(34)))}"', pb()).name == '"'
 
 
 def test_a_weights_uri_that_would_break_the_syntax_is_refused(tmp_path):
     checkpoint = fake_checkpoint(tmp_path / "ckpt")
     plan = make_plan(SMALL, ["int4"], load_profile("cpu"))
-    with pytest.raises(TemplateValueError, match="quotes"):
+    with pytest.raises(TemplateValueError, match="newlines"):
         render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False,
-                          weights_uri='/mnt/bad"name')
+                          weights_uri='/mnt/bad\nname')
     assert not (tmp_path / "repo").exists() and leftovers(tmp_path) == []
 
 

@@ -328,9 +328,9 @@ def test_cli_defaults_are_tritons_ports(tmp_path):
 
 def test_cli_calls_serve_with_the_options(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "serve", lambda options: calls.append(options) or 7)
+    monkeypatch.setattr(cli, "serve", lambda options, ready_timeout: calls.append((options, ready_timeout)) or 7)
     assert cli.main([str(tmp_path), "--grpc-port", "9101"]) == 7
-    assert calls == [ServerOptions(tmp_path, grpc_port=9101)]
+    assert calls == [(ServerOptions(tmp_path, grpc_port=9101), 300.0)]
 
 
 def test_cli_missing_repo_is_a_clear_error(tmp_path, capsys):

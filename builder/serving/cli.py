@@ -17,6 +17,13 @@ from typing import Optional, Sequence
 from .server import ServerNotFoundError, ServerOptions, ServerStartError, serve
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``glm-serve`` argument parser.
 
@@ -44,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's log verbosity; 1 logs every request (default: 0)")
     parser.add_argument("--log-file", type=Path, help="write the server's log to this file instead of stdout")
+    parser.add_argument("--start-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                        help="give up, print per model why it did not load, and exit 1 when the "
+                        "models are not all ready after this long (default: %(default)s)")
     parser.epilog = ("Flags after -- go to tritonserver as they are (e.g. -- --grpc-use-ssl=true "
                      "--grpc-server-cert=cert.pem), except the ones glm-serve sets itself.")
     return parser
@@ -101,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(error))  # exits with code 2 and the usage line
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return serve(options)
+        return serve(options, ready_timeout=args.start_timeout)
     except KeyboardInterrupt:
         print("glm-serve: stopped", file=sys.stderr)
         return 0

@@ -24,9 +24,12 @@ class ParameterError(ValueError):
 
 def resolve_path(path: Path, model_dir: Path) -> Path:
     """``path`` from a model's parameters, resolved against ``model_dir`` (the model's folder)
-    unless it is absolute."""
+    unless it is absolute; under glm-serve, the plain-ASCII alias it made for a path the stub
+    cannot open (:mod:`.stub_paths`)."""
+    from .stub_paths import alias_for
+
     path = Path(path)
-    return path if path.is_absolute() else Path(model_dir) / path
+    return alias_for(path if path.is_absolute() else Path(model_dir) / path)
 
 
 def read_parameters(cls, model_config: dict[str, Any]):
@@ -70,6 +73,7 @@ class VariantParameters:
     kv_blocks: int = 0  # the batcher's KV pool from the memory plan (0: a config from before it)
     kv_page_size: int = 256  # tokens per KV block
     max_batch_tokens: int = 0  # tokens one batcher step may process
+    max_running: int = 0  # requests in the running batch at once (0: no cap but the KV pool's)
 
     @classmethod
     def from_model_config(cls, model_config: dict) -> "VariantParameters":

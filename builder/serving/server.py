@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional
 
+from .load_causes import LoadCauses
+from .stub_paths import StubPaths
 from .install import (INSTALL_HINT, STUB_NAME, ServerInstall, ServerNotFoundError,  # noqa: F401
                       default_cache_dir, find_tritonserver, prepare_server_tree, server_environment)
 
@@ -114,18 +116,20 @@ def restriction_flags(admin_key: str) -> list[str]:
 
 
 def server_command(options: ServerOptions, install: ServerInstall, shm_prefix: str,
-                   admin_key: str) -> list[str]:
+                   admin_key: str, repository: Optional[Path] = None) -> list[str]:
     """The ``tritonserver`` command line for ``options``.
 
     ``shm_prefix`` names this server's shared-memory regions, so that two servers on one machine
-    (two test runs) never share them; ``admin_key`` is the secret of :func:`restriction_flags`.
+    (two test runs) never share them; ``admin_key`` is the secret of :func:`restriction_flags`;
+    ``repository``: the path Triton is given (default ``options.model_repository``; glm-serve
+    passes its stub-safe alias, :class:`~.stub_paths.StubPaths`).
 
     >>> server_command(options, install, "glm1234", "s3cret")[:3]
     ['/.../bin/tritonserver', '--model-repository', 'generated_repo']
     """
     command = [
         str(install.binary),
-        "--model-repository", str(options.model_repository),
+        "--model-repository", str(repository or options.model_repository),
         "--http-port", str(options.http_port),
         "--grpc-port", str(options.grpc_port),
         "--metrics-port", str(options.metrics_port),
@@ -175,6 +179,8 @@ class TritonServer:
         self._log_thread: Optional[threading.Thread] = None
         self._shm_prefix = ""  # names this server's Python-backend shared-memory regions
         self._admin_key = ""  # made at each start; only this object (and its watchdog) knows it
+        self.stub_paths: Optional[StubPaths] = None  # the repository as Triton sees it, while running
+        self.load_causes = LoadCauses()  # per model, why it did not load (from the log)
 
     def __enter__(self) -> "TritonServer":
         self.start()
@@ -240,21 +246,41 @@ class TritonServer:
         self._shm_prefix = f"glm{os.getpid()}_{secrets.token_hex(3)}_"
         self._admin_key = secrets.token_urlsafe(32)
         self._log_tail.clear()
-        self._process = subprocess.Popen(
-            server_command(self.options, install, self._shm_prefix, self._admin_key),
-            env=server_environment(install),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            # Its own process group: Ctrl-C in our terminal does not reach it half-way, and stop()
-            # can signal the server and every stub it spawned at once.
-            start_new_session=True,
-        )
+        self.load_causes = LoadCauses()
+        # Kept even for a tritonserver that quotes the path itself (2.60+): it costs nothing.
+        self.stub_paths = StubPaths.open(self.options.model_repository, self.options.model_config_name)
+        if self.stub_paths.aliased:
+            self._note(self.stub_paths.note())
+        try:
+            self._process = subprocess.Popen(
+                server_command(self.options, install, self._shm_prefix, self._admin_key,
+                               repository=self.stub_paths.repository),
+                env=server_environment(install) | self.stub_paths.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                # Its own process group: Ctrl-C in our terminal does not reach it half-way, and
+                # stop() can signal the server and every stub it spawned at once.
+                start_new_session=True,
+            )
+        except BaseException:
+            self.stub_paths.close()
+            raise
         self._log_thread = threading.Thread(
             target=self._pass_log_through, args=(self._process.stdout,), name="tritonserver-log", daemon=True
         )
         self._log_thread.start()
         return self
+
+    def _note(self, line: str) -> None:
+        """A line of glm-serve's own, where the server's log goes."""
+        self._log_tail.append(line)
+        if self.options.log_file:
+            with open(self.options.log_file, "a", encoding="utf-8") as sink:
+                sink.write(line)
+        else:
+            sys.stdout.write(line)
+            sys.stdout.flush()
 
     def _pass_log_through(self, pipe: IO[bytes]) -> None:
         """Copy the server's log to the log file or our stdout, keeping its last lines."""
@@ -263,6 +289,7 @@ class TritonServer:
             for raw in pipe:  # ends when every writer (server and stubs) has exited
                 line = raw.decode("utf-8", errors="replace")
                 self._log_tail.append(line)
+                self.load_causes.feed(line)
                 sink.write(line)
                 sink.flush()
         except ValueError:
@@ -276,6 +303,12 @@ class TritonServer:
         """The server's last log lines (up to 60)."""
         return "".join(self._log_tail)
 
+    def _not_ready(self, headline: str, waited_s: float) -> ServerStartError:
+        causes = self.load_causes.report(waited_s)
+        per_model = "".join(f"\n  {line}" for line in causes)
+        return ServerStartError(f"{headline}" + (f"; models that did not load:{per_model}" if causes else "")
+                                + f"\nlast log lines:\n{self.log_tail()}")
+
     def wait_ready(self, timeout: Optional[float] = None) -> "TritonServer":
         """Poll ``/v2/health/ready`` until the server and all its models are ready.
 
@@ -287,26 +320,24 @@ class TritonServer:
             raise RuntimeError("tritonserver not started: call start() first")
         timeout = self.ready_timeout if timeout is None else timeout
         url = f"http://{self.host}:{self.options.http_port}/v2/health/ready"
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while True:
             code = self._process.poll()
             if code is not None:
                 self._log_thread.join(timeout=2)  # let the last lines arrive
-                raise ServerStartError(
-                    f"tritonserver exited with code {code} before it was ready; last log lines:\n{self.log_tail()}"
-                )
+                raise self._not_ready(f"tritonserver exited with code {code} before it was ready",
+                                      time.monotonic() - started)
             if _is_ready(url):
                 if self.options.restart_stubs and self.watchdog is None:
                     from .watchdog import StubWatchdog
 
-                    self.watchdog = StubWatchdog(self._process.pid, self.options.model_repository,
+                    self.watchdog = StubWatchdog(self._process.pid, self.stub_paths.repository,
                                                  f"http://{self.urls['http']}",
                                                  headers=self.admin_headers).start()
                 return self
             if time.monotonic() > deadline:
-                raise ServerStartError(
-                    f"tritonserver not ready after {timeout:.0f} s ({url}); last log lines:\n{self.log_tail()}"
-                )
+                raise self._not_ready(f"tritonserver not ready after {timeout:.0f} s ({url})", timeout)
             time.sleep(0.2)
 
     def wait(self, timeout: Optional[float] = None) -> int:
@@ -345,6 +376,8 @@ class TritonServer:
             _remove_shared_memory(self._shm_prefix)
             if self._log_thread is not None:
                 self._log_thread.join(timeout=5)
+            if self.stub_paths is not None:
+                self.stub_paths.close()  # the aliases go with the server
         return process.returncode
 
 

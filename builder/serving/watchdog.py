@@ -26,9 +26,12 @@ EXPLICIT_CONTROL = ("--model-control-mode=explicit", "--load-model=*")
 
 
 def stubs_by_model(server_pid: int, repo: Path) -> collections.Counter:
-    """How many live stub processes each model of ``repo`` has in the server's process group."""
+    """How many live stub processes each model of ``repo`` (the path tritonserver was given, which
+    the stubs' command lines repeat: glm-serve's alias, not resolved) has in the server's process
+    group."""
     counts: collections.Counter = collections.Counter()
-    prefix = str(repo.resolve()) + os.sep
+    served = Path(os.path.abspath(repo))
+    prefix = str(served) + os.sep
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
             if os.getpgid(proc.pid) != server_pid or proc.info["status"] == psutil.STATUS_ZOMBIE:
@@ -37,7 +40,7 @@ def stubs_by_model(server_pid: int, repo: Path) -> collections.Counter:
             continue
         for part in proc.info["cmdline"] or ():
             if part.startswith(prefix) and part.endswith(os.sep + "model.py"):
-                counts[Path(part).relative_to(repo.resolve()).parts[0]] += 1
+                counts[Path(part).relative_to(served).parts[0]] += 1
     return counts
 
 
