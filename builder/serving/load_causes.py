@@ -51,7 +51,7 @@ class LoadCauses:
                 self._fail(match["model"], _first_line(match["cause"]))
             elif triton is None and line.strip() and not line.startswith(("+", "|")):
                 self._untagged(line.strip())
-            elif triton is not None and line.startswith("E"):
+            elif triton is not None and (line.startswith("E") or "pb_stub" in line):
                 self._untagged(text.strip().strip('"'))
 
     def _fail(self, model: str, cause: str) -> None:
