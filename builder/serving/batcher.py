@@ -58,6 +58,7 @@ class BatcherConfig:
     block_size: int = 64  # tokens per block (transformers' page_size); at least 4
     max_batch_tokens: int = 512  # tokens per forward step, prefill chunks included
     max_queue: int = 64  # requests waiting for a place in the batch before submit() refuses
+    max_running: int | None = None  # requests in one step (None: transformers' default, 1024)
     prefix_sharing: bool = True  # reuse the KV blocks of an identical prompt prefix (multi-turn chats)
     seed: int | None = None  # the sampling RNG's seed (shared by every request of the batch)
     # CUDA graphs for the batch steps on a CUDA device (None: on unless GLM_BUILD_CUDA_GRAPHS=0);
@@ -71,6 +72,10 @@ class BatcherConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"BatcherConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.max_running is not None and (not isinstance(self.max_running, int)
+                                             or isinstance(self.max_running, bool) or self.max_running < 1):
+            raise ValueError(f"BatcherConfig.max_running must be None or an integer >= 1, "
+                             f"got {self.max_running!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"BatcherConfig.seed must be None or an integer >= 0, got {self.seed!r}")
         if self.cuda_graphs not in (None, True, False):
@@ -217,7 +222,8 @@ def continuous_batching_config(config: BatcherConfig, device) -> dict:
     """
     kwargs = dict(num_blocks=config.num_blocks, page_size=config.block_size,
                   max_batch_tokens=config.max_batch_tokens, per_request_processors=True,
-                  allow_block_sharing=config.prefix_sharing, seed=config.seed)
+                  allow_block_sharing=config.prefix_sharing, seed=config.seed,
+                  max_requests_per_batch=config.max_running)
     on, _ = cuda_graphs_decision(config, device)
     if torch.device(device).type == "cuda":
         kwargs.update(use_cuda_graph=on, use_async_batching=on and config.async_batching)

@@ -25,6 +25,7 @@ import triton_python_backend_utils as pb_utils  # provided by the Python-backend
 
 from ..routing import RoutingTable, check_fallback
 from ..tokenizer import ChatGLM2Tokenizer
+from .cancel import CANCEL, CANCELLED, ROUTE_ID, CancelWatch, Ticket
 from .params import RouterParameters, resolve_path
 from .request import OUTPUTS, RequestError, parse_request, request_length
 from .variant import BUSY, FINAL, error_response, request_inputs
@@ -35,6 +36,10 @@ log = logging.getLogger("glm-build.router")
 # stub or a model being reloaded): the request may go elsewhere.
 _UNAVAILABLE = (BUSY, "is not healthy", "unknown model", "is not found", "not ready", "unavailable",
                 "stub process")
+
+
+class ClientGone(RuntimeError):
+    """The router's client cancelled (or its stream closed): the request ends without an answer."""
 
 
 class VariantUnavailable(RuntimeError):
@@ -66,6 +71,12 @@ class TritonPythonModel:
             name="glm_router_fallbacks_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Requests sent to another variant than the one routing picked")
         self._fallback_metrics: dict[tuple[str, str], object] = {}
+        self._cancel_family = pb_utils.MetricFamily(
+            name="glm_router_cancelled_requests_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="Requests whose client went away before the answer ended (each cancelled "
+                        "at its variant)")
+        self._cancel_metrics: dict[str, object] = {}
+        self.watch = CancelWatch(send_cancel, self._count_cancel)
 
     def route(self, request) -> tuple[list[str], list]:
         """The variants to try for this request, in order, and the inputs to forward."""
@@ -81,14 +92,20 @@ class TritonPythonModel:
                      if array is not None and name != "stream"]
         return [r.name for r in routes], forwarded + [pb_utils.Tensor("stream", stream)]
 
-    def forward(self, variant: str, inputs: list):
+    def forward(self, variant: str, inputs: list, ticket: Ticket):
         """Yield the variant's responses (one, or a stream) as responses of this model; raises
-        :class:`VariantUnavailable` when it refused before answering anything."""
+        :class:`VariantUnavailable` when it refused before answering anything, and
+        :class:`ClientGone` once the client went away (the variant then drops the request)."""
         call = pb_utils.InferenceRequest(model_name=variant, inputs=inputs,
-                                         requested_output_names=list(OUTPUTS))
+                                         requested_output_names=list(OUTPUTS),
+                                         parameters={ROUTE_ID: ticket.route_id})
+        ticket.variant = variant
         answered = False
         try:
-            for answer in call.exec(decoupled=True):
+            ticket.responses = call.exec(decoupled=True)
+            for answer in ticket.responses:
+                if self.watch.check(ticket):
+                    raise ClientGone(CANCELLED)
                 if answer.has_error():
                     message = answer.error().message()
                     if not answered and unavailable(message):
@@ -103,23 +120,37 @@ class TritonPythonModel:
                 raise
             raise VariantUnavailable(f"variant {variant}: {err}") from None
 
-    def serve(self, request, send):
+    def serve(self, request, send, sender=None):
         """Route ``request``, falling back as the policy allows; ``send(response)`` each answer.
-        Returns the last response (None once the client cancelled); raises for a request no
+        Returns the last response, or None once the client went away; raises for a request no
         variant served.
 
-        A client that cancels a stream stops the relay at once; the variant's own request runs
-        on to its ``max_token`` (Triton 2.51's BLS cannot cancel a request it sent). A client
-        streaming from a variant directly frees its place in the batch at once.
+        While the request is in flight, :class:`~.cancel.CancelWatch` polls its client (through
+        ``sender`` where the model is decoupled): a client that went away has its request
+        cancelled at the variant (its place in the batch and its KV blocks freed, queued or
+        running), and is never retried on another variant.
         """
+        ticket = self.watch.track(request, sender)
+        try:
+            return self._serve(request, send, ticket)
+        except ClientGone:
+            return None
+        except Exception:
+            if self.watch.check(ticket):  # the variant's "cancelled" error, or the client left meanwhile
+                return None
+            raise
+        finally:
+            self.watch.untrack(ticket)
+
+    def _serve(self, request, send, ticket: Ticket):
         variants, inputs = self.route(request)
         errors = []
         for variant in variants:
+            if self.watch.check(ticket):  # never start (or retry) a request nobody waits for
+                raise ClientGone(CANCELLED)
             try:
                 last = None
-                for last in self.forward(variant, inputs):
-                    if request.is_cancelled():
-                        return None
+                for last in self.forward(variant, inputs, ticket):
                     send(last)
                 if last is None:
                     raise RuntimeError(f"variant {variant} sent no answer")
@@ -132,6 +163,13 @@ class TritonPythonModel:
                             "; trying the next variant" if variant != variants[-1] else "")
         raise RuntimeError("no variant could take the request now (fallback "
                            f"{self.fallback!r}): " + "; ".join(errors))
+
+    def _count_cancel(self, ticket: Ticket) -> None:
+        variant = ticket.variant or "none"
+        if variant not in self._cancel_metrics:
+            self._cancel_metrics[variant] = self._cancel_family.Metric(
+                labels={"router": self.name, "variant": variant})
+        self._cancel_metrics[variant].increment(1)
 
     def _count_fallback(self, preferred: str, served: str) -> None:
         key = (preferred, served)
@@ -150,18 +188,21 @@ class TritonPythonModel:
         for request in requests:
             try:  # one response: only the last is returned, nothing is sent on the way
                 responses.append(self.serve(request, lambda response: None)
-                                 or error_response(f"{self.name}: cancelled"))
+                                 or error_response(f"{self.name}: {CANCELLED}"))
             except Exception as err:  # bad input or no variant: this request only
                 if not isinstance(err, RequestError):
                     log.error("%s: %s", self.name, err)
                 responses.append(error_response(str(err)))
         return responses
 
+    def finalize(self):
+        self.watch.close()
+
     def _stream(self, request) -> None:
         sender = request.get_response_sender()
         try:
-            if self.serve(request, sender.send) is None:
-                sender.send(error_response(f"{self.name}: cancelled"), flags=FINAL)
+            if self.serve(request, sender.send, sender) is None:
+                sender.send(error_response(f"{self.name}: {CANCELLED}"), flags=FINAL)
             else:
                 sender.send(flags=FINAL)
         except Exception as err:  # bad input, a failed or unavailable variant: this request only
@@ -171,3 +212,22 @@ class TritonPythonModel:
                 sender.send(error_response(str(err)), flags=FINAL)
             except Exception:  # the client went away meanwhile
                 log.warning("%s: could not deliver the error: %s", self.name, err)
+
+
+def cancel_inputs() -> list:
+    """The inputs of a cancel message: the contract's required inputs, empty (the variant reads
+    only the request's :data:`~.cancel.CANCEL` parameter)."""
+    empty = {"prompt": [b""], "history": [], "temperature": [b"0"], "max_token": [b"1"],
+             "history_len": [b"0"]}
+    return [pb_utils.Tensor(name, np.array(values, dtype=object).reshape(len(values)))
+            for name, values in empty.items()]
+
+
+def send_cancel(variant: str, route_id: str) -> None:
+    """Tell ``variant`` to drop the request this router forwarded as ``route_id``."""
+    call = pb_utils.InferenceRequest(model_name=variant, inputs=cancel_inputs(),
+                                     requested_output_names=list(OUTPUTS),
+                                     parameters={CANCEL: route_id})
+    for answer in call.exec(decoupled=True):
+        if answer.has_error():
+            raise RuntimeError(answer.error().message())

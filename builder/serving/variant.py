@@ -6,7 +6,8 @@ model is decoupled: ``execute()`` parses each request and hands it to the contin
 (:mod:`.batcher`, over the KV pool the memory plan sized), then returns; the batcher's delivery
 thread answers each request through its own response sender (every partial answer when the
 request asked to ``stream``, the final one always). A request whose client went away leaves the
-batch and frees its KV blocks; one that fails fails alone.
+batch and frees its KV blocks, running or still queued; so does one a router forwarded when the
+router says its client went away (a cancel message, :mod:`.cancel`). One that fails fails alone.
 
 A full batcher refuses a request with an error that starts with :data:`BUSY`, so that the router
 can hand it to another variant.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
+from .cancel import CANCEL, CANCELLED, POLL_INTERVAL_S, ROUTE_ID, CancelRegistry, client_gone, request_parameters
 from .params import VariantParameters, resolve_path
 from .request import OPTIONAL_INPUTS, REQUIRED_INPUTS, RequestError, output_arrays, parse_request
 
@@ -114,11 +116,16 @@ class TritonPythonModel:
         blocks = self.params.kv_blocks or -(-self.params.seq_length // self.params.kv_page_size)
         self.batcher = Batcher(self.model, self.tokenizer, BatcherConfig(
             num_blocks=blocks, block_size=self.params.kv_page_size,
-            max_batch_tokens=self.params.max_batch_tokens or 512))
+            max_batch_tokens=self.params.max_batch_tokens or 512,
+            max_running=self.params.max_running or None))
         self.batcher.start()
         self.metrics = VariantMetrics(self.name)
+        self.routed = CancelRegistry()  # the routers' requests, by the id each router gave
+        self._waiting: dict[object, tuple] = {}  # handle -> (request, sender), until its first token
+        self._waiting_lock = threading.Lock()
         self._closing = threading.Event()
         threading.Thread(target=self._publish_metrics, name="glm-metrics", daemon=True).start()
+        threading.Thread(target=self._watch_waiting, name="glm-watch", daemon=True).start()
         log.warning("%s: loaded %s (%d-bit, %s) on %s in %.1f s; KV pool %d × %d tokens",
                     self.name, self.checkpoint, self.params.bits, self.params.dtype, device,
                     time.perf_counter() - start, blocks, self.params.kv_page_size)
@@ -126,15 +133,21 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            parameters = request_parameters(request)
+            if CANCEL in parameters:  # a router's client went away: drop what it forwarded
+                self.routed.cancel(str(parameters[CANCEL]))
+                sender.send(flags=FINAL)
+                continue
             try:
-                self.submit(request, sender)
+                self.submit(request, sender, str(parameters.get(ROUTE_ID, "")))
             except Exception as err:  # a bad or refused request fails alone, at once
                 if not isinstance(err, RequestError):
                     log.warning("%s: request refused: %s", self.name, err)
                 sender.send(error_response(str(err)), flags=FINAL)
         return None
 
-    def submit(self, request, sender) -> None:
+    def submit(self, request, sender, route_id: str = "") -> None:
+        """Queue one chat in the batch; ``route_id`` is the id a router forwarded it under."""
         from ..generation import PromptTooLongError
         from .batcher import BatcherFullError
 
@@ -147,13 +160,10 @@ class TritonPythonModel:
             if state["first"] and (text or finished):
                 state["first"] = False
                 self.metrics.first_token(time.perf_counter() - started)
-            if _cancelled(request, sender):  # the client went away: free its place in the batch
-                if state["handle"] is not None:
-                    state["handle"].cancel()
-                try:
-                    sender.send(error_response(f"{self.name}: cancelled"), flags=FINAL)
-                except Exception:  # nobody is listening any more
-                    pass
+            if finished and route_id:
+                self.routed.discard(route_id)
+            if client_gone(request, sender):  # the client went away: free its place in the batch
+                self._drop(state["handle"], sender)
                 return
             if error is not None:
                 sender.send(error_response(f"{self.name}: {type(error).__name__}: {error}"), flags=FINAL)
@@ -163,14 +173,44 @@ class TritonPythonModel:
                 sender.send(to_response(text, history, self.params.precision))
 
         try:
-            state["handle"] = self.batcher.submit(req.prompt, req.history, max_length=max_length,
-                                                  temperature=req.temperature, on_update=on_update)
+            handle = state["handle"] = self.batcher.submit(
+                req.prompt, req.history, max_length=max_length, temperature=req.temperature,
+                on_update=on_update)
         except PromptTooLongError as err:
             raise RequestError(f"input 'max_token' = {req.max_token}: {err}") from None
         except BatcherFullError as err:
             raise RuntimeError(f"{BUSY} {self.name} is full: {err}") from None
         except ValueError as err:
             raise RequestError(f"{self.name}: {err}") from None
+        if not route_id:  # a direct client: watched here until its first token
+            with self._waiting_lock:
+                self._waiting[handle] = (request, sender)
+        elif not self.routed.add(route_id, lambda: self._drop(handle, sender)):  # its cancel came first
+            self._drop(handle, sender)
+
+    def _drop(self, handle, sender) -> bool:
+        """Cancel ``handle`` (its place in the batch and its KV blocks are freed) and end its
+        response stream; False when it had ended already."""
+        if handle is None or not handle.cancel():
+            return False
+        try:
+            sender.send(error_response(f"{self.name}: {CANCELLED}"), flags=FINAL)
+        except Exception:  # nobody is listening any more
+            pass
+        return True
+
+    def _watch_waiting(self) -> None:
+        """A direct client's request still waiting for its first token gets no update to notice a
+        cancelled client by: ask for it here, so a request dropped in the queue never starts
+        decoding. (A router's requests are cancelled by their router: :mod:`.cancel`.)"""
+        while not self._closing.wait(POLL_INTERVAL_S):
+            with self._waiting_lock:
+                for handle in [h for h in self._waiting if h.done or h.first_token_at is not None]:
+                    del self._waiting[handle]
+                waiting = list(self._waiting.items())
+            for handle, (request, sender) in waiting:
+                if client_gone(request, sender):
+                    self._drop(handle, sender)
 
     def _publish_metrics(self) -> None:
         while not self._closing.wait(METRICS_INTERVAL_S):
@@ -184,9 +224,3 @@ class TritonPythonModel:
         self.batcher.stop()
         self.model = None
 
-
-def _cancelled(request, sender) -> bool:
-    """Whether the client cancelled this request (or its stream closed). One query to the server
-    (this runs for every streamed update): the sender's where the backend has it, else the request's."""
-    owner = sender if hasattr(sender, "is_cancelled") else request
-    return bool(getattr(owner, "is_cancelled", lambda: False)())
