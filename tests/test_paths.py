@@ -255,3 +255,29 @@ def test_cli_takes_a_start_timeout(tmp_path):
     assert args.start_timeout == 12.5
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args([str(tmp_path), "--start-timeout", "0"])
+
+
+# -- every path a user passes ------------------------------------------------------------------
+def test_every_command_takes_paths_from_an_odd_folder(tmp_path, monkeypatch):
+    import ast
+
+    from builder.cli import main
+
+    checkpoint = odd_checkpoint(tmp_path)
+    odd = tmp_path / ODD
+    monkeypatch.chdir(tmp_path)  # --model and --out relative, the others absolute
+    assert main(["--quant", "fp16,int4", "--gpu", "cpu", "--model", f"{ODD}/{checkpoint.name}",
+                 "--out", f"{ODD}/out 仓库"]) == 0
+    assert main(["profile", "--model", str(checkpoint), "--quant", "int4", "--device", "cpu",
+                 "--workloads", "encode:16", "--out", str(odd / "profile 文件")]) == 0
+    assert (odd / "profile 文件" / "profile.md").is_file()
+    assert main(["deploy", "--repo", str(odd / "out 仓库"), "--out", str(odd / "部署 deploy")]) == 0
+    assert (odd / "部署 deploy" / "kubernetes" / "deployment.yaml").is_file()
+    curves = Path(shutil.copy(Path(__file__).parents[1] / "docs" / "service-curves" / "tiny-cpu.json",
+                              odd / "curve 曲线.json"))
+    assert main(["capacity", "--rate", "4/s", "--prompt-tokens", "20", "--output-tokens", "15",
+                 "--ttft-p95", "1.5s", "--curves", str(curves), "--requests", "300"]) == 0
+    # the generated model.py files stay valid Python, naming the folder as it is
+    source = (odd / "out 仓库" / "chatglm2-6b" / "1" / "model.py").read_text(encoding="utf-8")
+    compile(source, "model.py", "exec")
+    assert f"checkpoint {ODD}/tiny 检查点." in ast.get_docstring(ast.parse(source))
