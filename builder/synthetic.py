@@ -47,14 +47,17 @@ def layer_tensors(config: ChatGLM2Config, layer: int, g: torch.Generator,
 
 
 def _output_layer(vocab: int, hidden: int, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """N(0, 0.02²) rows for the ids the embedded tokenizer has pieces for, zero rows past them:
-    greedy decoding then picks ids it can decode, so answers (noise) stream as text, as a real
-    model's would, while every matmul keeps the 6B's shape."""
+    """N(0, 0.02²) rows for the ids the embedded tokenizer has pieces for, zero rows past them
+    and for the stop ids: greedy decoding then picks ids it can decode, so answers (noise) stream
+    as text, as a real model's would, and never stop before ``max_length`` (a fixed amount of
+    work), while every matmul keeps the 6B's shape."""
     from . import TINY_CHECKPOINT
     from .tokenizer import ChatGLM2Tokenizer
 
+    tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")
     weight = _normal((vocab, hidden), 0.02, g, dtype)
-    weight[ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model").n_sp:] = 0
+    weight[tokenizer.n_sp:] = 0
+    weight[[i for i in tokenizer.stop_ids if i < vocab]] = 0
     return weight
 
 
