@@ -210,3 +210,11 @@ def test_a_request_dropped_in_the_queue_never_starts_decoding(server):
     for holder in holders:
         holder.drop()
     wait_until_free(server, before, INT4_RUNNING, "chatglm2-6b-stream", FREED_WITHIN_S + 1.0)
+
+
+def test_a_one_response_request_past_its_grpc_deadline_is_cancelled(server):
+    before = metrics(server)
+    with grpcclient.InferenceServerClient(server.urls["grpc"]) as client:
+        with pytest.raises(Exception, match="(?i)deadline"):
+            client.infer("chatglm2-6b", inputs(PROMPT, 1900), client_timeout=1.0)  # int4, long
+    wait_until_free(server, before, 1, "chatglm2-6b", FREED_WITHIN_S + 1.0)
