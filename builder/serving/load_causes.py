@@ -35,7 +35,8 @@ class LoadCauses:
     def __init__(self):
         self._lock = threading.Lock()
         self.states: dict[str, str] = {}  # model -> "loading" | "loaded" | "failed"
-        self.causes: dict[str, str] = {}  # model -> first line of what Triton or its stub logged
+        self.causes: dict[str, str] = {}  # model -> first line of what Triton logged as its failure
+        self.stub_lines: dict[str, str] = {}  # model -> a stub line naming its files, while loading
         self.untagged: list[str] = []  # stub / bash output naming no model, seen while loading
 
     def feed(self, line: str) -> None:
@@ -58,13 +59,17 @@ class LoadCauses:
         self.states[model] = "failed"
         self.causes.setdefault(model, cause)
 
+    def _explained(self, line: str) -> bool:
+        """Whether ``line`` is the stub's side of a failure Triton has already tied to a model."""
+        return any(cause.split(": ", 1)[-1] in line for cause in self.causes.values() if cause)
+
     def _untagged(self, line: str) -> None:
         loading = [m for m, state in self.states.items() if state == "loading"]
         if not loading or any(word in line for word in _NOISE):
             return
         for model in loading:  # a stub line that names its model's file (".../NAME/1/model.py")
             if f"/{model}/" in line:
-                self.causes.setdefault(model, line)
+                self.stub_lines.setdefault(model, line)
                 return
         if line.startswith("what():") and self.untagged:
             self.untagged[-1] += f" ({line})"
@@ -80,8 +85,9 @@ class LoadCauses:
                     lines.append(f"{model}: failed: {self.causes.get(model) or 'no cause logged'}")
                 elif state == "loading":
                     waited = f" after {waited_s:.0f} s" if waited_s is not None else ""
-                    cause = self.causes.get(model) or (
-                        f"its stub never started; logged meanwhile: {self.untagged[0]}"
-                        if self.untagged else "nothing logged")
+                    untagged = [u for u in self.untagged if not self._explained(u)]
+                    cause = self.stub_lines.get(model) or (
+                        f"its stub never started; logged meanwhile: {untagged[0]}"
+                        if untagged else "its stub never started; nothing logged")
                     lines.append(f"{model}: still loading{waited}: {cause}")
             return lines
