@@ -21,6 +21,7 @@ class RequestTiming:
     latency_s: float  # until the final answer
     tokens: int  # answer tokens (or characters, without a token counter)
     variant: str
+    started_s: float = 0.0  # when it was sent, from the start of the run
 
 
 @dataclass
@@ -82,7 +83,8 @@ def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency:
              max_token: int = 256, temperature: float = 0.0, model: str = STREAM_ROUTER,
              count_tokens: Optional[Callable[[str], int]] = None,
              timeout_s: float = 600.0, ramp_s: float = 0.0) -> LoadResult:
-    """``requests`` streamed chats (prompts taken in turn) from ``concurrency`` clients at once.
+    """``requests`` streamed chats (prompts taken in turn) from ``concurrency`` clients at once,
+    each client sending its share one after the other (client i: requests i, i + concurrency, ...).
 
     A prompt may come with its own ``max_token`` as a ``(prompt, max_token)`` pair.
 
@@ -98,24 +100,22 @@ def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency:
         raise ValueError(f"concurrency and requests must be >= 1, got {concurrency} and {requests}")
     if ramp_s < 0:
         raise ValueError(f"ramp_s must be >= 0, got {ramp_s}")
-    counter = iter(range(requests))
     lock = threading.Lock()
     result = LoadResult(concurrency, 0.0, unit="tokens" if count_tokens else "chars")
 
-    def worker(delay_s: float) -> None:
+    start = time.perf_counter()
+
+    def worker(first: int) -> None:
+        # a fixed share, not a shared queue: a client that starts early would take a late one's
         client = ChatGLMClient(url, "grpc", temperature, max_token, timeout_s=timeout_s)
-        time.sleep(delay_s)
+        time.sleep(first * ramp_s / concurrency)
         try:
-            while True:
-                with lock:
-                    index = next(counter, None)
-                if index is None:
-                    return
+            for index in range(first, requests, concurrency):
                 prompt = prompts[index % len(prompts)]
                 if isinstance(prompt, tuple):
                     prompt, client.max_token = prompt
                 try:
-                    timing = _one(client, prompt, model, count_tokens)
+                    timing = _one(client, prompt, model, count_tokens, start)
                 except ChatError as err:
                     with lock:
                         result.errors.append(str(err))
@@ -125,16 +125,15 @@ def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency:
         finally:
             client.close()
 
-    start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker, i * ramp_s / concurrency) for i in range(concurrency)]:
+        for future in [pool.submit(worker, i) for i in range(concurrency)]:
             future.result()
     result.elapsed_s = time.perf_counter() - start
     return result
 
 
 def _one(client: ChatGLMClient, prompt: str, model: str,
-         count_tokens: Optional[Callable[[str], int]]) -> RequestTiming:
+         count_tokens: Optional[Callable[[str], int]], origin: float) -> RequestTiming:
     started = time.perf_counter()
     first = None
     last = None
@@ -145,4 +144,5 @@ def _one(client: ChatGLMClient, prompt: str, model: str,
         raise ChatError(f"{model} sent no answer")
     latency = time.perf_counter() - started
     tokens = count_tokens(last.response) if count_tokens else len(last.response)
-    return RequestTiming(first if first is not None else latency, latency, tokens, last.variant)
+    return RequestTiming(first if first is not None else latency, latency, tokens, last.variant,
+                         started - origin)

@@ -48,6 +48,13 @@ def ask(server, question, max_token=64, model=None):
         client.close()
 
 
+def served_dtype(server, model: str) -> str:
+    """What ``model`` computes in, from the config the server loaded."""
+    with grpcclient.InferenceServerClient(server.urls["grpc"]) as client:
+        config = client.get_model_config(model, as_json=True)["config"]
+    return config["parameters"]["dtype"]["string_value"]
+
+
 def metrics(server) -> dict[str, float]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     text = opener.open(f"http://{server.urls['metrics']}/metrics", timeout=10).read().decode()
@@ -61,7 +68,8 @@ def metrics(server) -> dict[str, float]:
 
 
 def test_eight_concurrent_requests_get_the_answers_chat_gives_each_alone(server):
-    model, tokenizer = load_chatglm2(TINY_CHECKPOINT, dtype=torch.float16)  # the fp16 variant's runtime
+    dtype = served_dtype(server, "chatglm2-6b-fp16")  # bfloat16 on the `cpu` profile, by default
+    model, tokenizer = load_chatglm2(TINY_CHECKPOINT, dtype=getattr(torch, dtype))
     expected = [chat(model, tokenizer, q, max_length=64, temperature=0)[0] for q in QUESTIONS]
     with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
         answers = list(pool.map(lambda q: ask(server, q), QUESTIONS))
@@ -145,15 +153,26 @@ def test_without_fallback_a_killed_variant_fails_its_requests(server):
 def test_glm_chat_concurrency_reports_ttft_and_tokens_per_second(server, capsys):
     from builder.client import main as glm_chat_main
 
+    from builder.tokenizer import ChatGLM2Tokenizer
+
+    answer = ask(server, QUESTIONS[0]).response  # greedy: each of the 6 answers is this one
+    tokens = 6 * len(ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model").encode(answer))
     port = server.urls["grpc"].rsplit(":", 1)[1]
+    started = time.perf_counter()
     status = glm_chat_main([QUESTIONS[0], "-p", port, "-c", "6", "-j", "3", "-t", "0", "-m", "64",
                             "--tokenizer", str(TINY_CHECKPOINT / "tokenizer.model")])
+    outer_s = time.perf_counter() - started
     err = capsys.readouterr().err
     assert status == 0, err
     match = re.search(r"concurrency 3: 6 answers, 0 lost, ([\d.]+) tokens/s; TTFT p50 (\d+) ms "
                       r"p95 (\d+) ms; per output token p50 (\d+) ms p95 (\d+) ms", err)
     assert match, err
-    assert float(match.group(1)) > 0 and int(match.group(2)) <= int(match.group(3))
+    per_s, ttft_p50, ttft_p95, tpot_p50, tpot_p95 = float(match.group(1)), *map(int, match.groups()[1:])
+    # tokens/s counts these answers' tokens over the run's time, which is within the call's
+    assert tokens / outer_s <= per_s * 1.01
+    # and the run lasted at least one request: its first token, then the rest one at a time
+    assert per_s <= tokens / ((ttft_p50 + tpot_p50 * (tokens / 6 - 1)) / 1000) * 1.5
+    assert 0 < ttft_p50 <= ttft_p95 and 0 < tpot_p50 <= tpot_p95
 
 
 def test_glm_chat_concurrency_needs_grpc_and_a_prompt(capsys):
@@ -168,11 +187,12 @@ def test_glm_chat_concurrency_needs_grpc_and_a_prompt(capsys):
 def test_run_load_ramp_staggers_the_clients_starts(server):
     from builder.loadtest import run_load
 
-    # Three clients, one request each, spread over 1.5 s: the last starts 1 s after the first, so
-    # the run cannot end sooner; every request is still answered.
+    # Three clients, one request each, spread over 1.5 s: they start 0.5 s apart; every request
+    # is still answered.
     result = run_load(server.urls["grpc"], [QUESTIONS[0]], concurrency=3, requests=3, max_token=64,
                       ramp_s=1.5)
     assert result.lost == 0 and len(result.timings) == 3
-    assert result.elapsed_s >= 1.0
+    starts = sorted(t.started_s for t in result.timings)
+    assert starts[0] < 0.25 and [round(b - a, 1) for a, b in zip(starts, starts[1:])] == [0.5, 0.5], starts
     with pytest.raises(ValueError, match="ramp_s must be >= 0, got -1"):
         run_load(server.urls["grpc"], [QUESTIONS[0]], concurrency=1, requests=1, ramp_s=-1)

@@ -154,6 +154,10 @@ def test_the_pod_asks_for_what_the_plan_placed(deployed):
     plan_bytes = sum(p.need_bytes for p in built.plan.placements) if gpu == "cpu" else sum(
         built.largest_file_bytes(p) for p in built.plan.placements)
     assert mib * 2**20 > plan_bytes
+    # and not much more: a CPU pod within 25% of the plan's need (its KV pools full); a GPU pod's
+    # host memory only stages weights, below what the plan puts on its GPUs
+    need = sum(p.need_bytes for p in built.plan.placements)
+    assert mib * 2**20 < (1.25 * need if gpu == "cpu" else need)
     stubs = len(built.plan.placements) + sum(ROUTER_INSTANCES.values())
     (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{stubs * SHM_PER_STUB_BYTES // 2**20}Mi"}

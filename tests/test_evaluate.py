@@ -27,7 +27,13 @@ def test_an_answer_is_right_only_when_it_matches_exactly(tiny):
     assert answer_accuracy(model, tokenizer, [RIGHT, WRONG, RIGHT]) == pytest.approx(2 / 3)
 
 
-def test_accuracies_group_each_answer_once(tiny):
+def test_accuracies_group_each_answer_once(tiny, monkeypatch):
+    import builder.evaluate as evaluate
+
     model, tokenizer = tiny
+    asked = []
+    score = evaluate.answer_is_right
+    monkeypatch.setattr(evaluate, "answer_is_right", lambda *a: asked.append(a[2]) or score(*a))
     found = _accuracies(model, tokenizer, [RIGHT, WRONG], lambda d: "right" if d is RIGHT else "wrong")
     assert found == {"accuracy": 0.5, "accuracy_by": {"right": 1.0, "wrong": 0.0}}
+    assert asked == [RIGHT, WRONG]  # each dialogue answered once, whatever the grouping
