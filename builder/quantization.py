@@ -7,7 +7,9 @@ load as they are). The four projections of every decoder layer are replaced (GLM
 int4 (``group_size`` 32/64/128: one scale per row per group) is offered beside it.
 
 Kernels: on CPU torch's fused weight-only kernels (``_weight_int8pack_mm`` with bfloat16 activations,
-``_weight_int4pack_mm_for_cpu``); on CUDA :mod:`builder.cuda_quant` (a fused weight-only GEMV for
+``_weight_int4pack_mm_for_cpu``) for decode steps, and for a prefill or a large batch (from
+:func:`cpu_quant.dense_rows` rows) a block of weight rows dequantized to bfloat16 and oneDNN's matmul
+(:mod:`builder.cpu_quant`: those kernels cost linearly in rows, the matmul does not); on CUDA :mod:`builder.cuda_quant` (a fused weight-only GEMV for
 decode steps where CuPy is installed, else fp16 extraction by row blocks then cuBLAS); anywhere else
 (or for shapes the CPU kernels refuse) dequantize, then matmul. Quantizing runs where the float
 weight is, a block of rows at a time: at load that is the CPU, and only finished codes, scales and
@@ -26,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import cuda_quant
+from . import cpu_quant, cuda_quant
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -386,14 +388,8 @@ class QuantizedLinear(torch.nn.Module):
                                "rebuild it there with QuantizedLinear.from_thudm(**layer.thudm_state(), bits=...)")
         if x2.shape[0] == 0:
             y = x2.new_empty(0, self.out_features)
-        elif self.kernel == "cpu_int8":
-            # bfloat16 activations: ~10x faster than float32 ones in this kernel
-            y = torch.ops.aten._weight_int8pack_mm(
-                x2.to(torch.bfloat16).contiguous(), self.weight, self.weight_scale.to(torch.bfloat16))
-        elif self.kernel == "cpu_int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16).contiguous(), self.weight_int4pack, self.kernel_group_size,
-                self.scales_and_zeros.to(torch.bfloat16))
+        elif self.kernel in ("cpu_int8", "cpu_int4"):
+            y = self._cpu_forward(x2.to(torch.bfloat16).contiguous())  # bfloat16 activations: see below
         elif self.kernel == "cuda_extract":
             y = cuda_quant.linear(x2.to(torch.float16).contiguous(), self.weight, self.weight_scale,
                                   self.bits, self.group_size)
@@ -403,6 +399,28 @@ class QuantizedLinear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def cpu_path(self, rows: int) -> str:
+        """Which CPU path a call with ``rows`` rows takes: ``"dense"`` (dequantize a block of weight
+        rows to bfloat16, oneDNN's matmul: prefills and large batches) or ``"weight_only"`` (torch's
+        int8/int4 kernel: decode steps)."""
+        threshold = cpu_quant.dense_rows(self.bits)
+        return "dense" if threshold and rows >= threshold else "weight_only"
+
+    def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] bfloat16 (the int8 kernel is ~10x faster with bfloat16 activations than
+        float32 ones) -> [rows, out] bfloat16."""
+        dense = self.cpu_path(x.shape[0]) == "dense"
+        if self.kernel == "cpu_int8":
+            scale = self.weight_scale.to(torch.bfloat16)
+            if dense:
+                return cpu_quant.int8_rows(x, self.weight, scale)
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, scale)
+        if dense:
+            scale = self.scales_and_zeros[..., 0] if self.group_size else self.weight_scale.to(torch.bfloat16)
+            return cpu_quant.int4_rows(x, self.weight_int4pack, scale, cpu_quant.int4pack_layout())
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.weight_int4pack, self.kernel_group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""

@@ -189,3 +189,146 @@ def test_row_blocks_change_nothing(monkeypatch, bits, group_size):
     state, expected = blocked.thudm_state(), thudm_quantize(weight, bits) if group_size is None else None
     if expected is not None:
         assert torch.equal(state["weight"], expected[0]) and torch.equal(state["weight_scale"], expected[1])
+
+
+# -- many rows take the dense path (builder.cpu_quant), and it computes what the kernels compute -----
+@pytest.fixture
+def dense_from(monkeypatch):
+    """Set the row count from which quantized projections take the dense path (0: never)."""
+    from builder import cpu_quant
+
+    def set_rows(rows: int) -> None:
+        monkeypatch.setattr(cpu_quant, "DENSE_ROWS", {8: rows, 4: rows})
+        cpu_quant.dense_rows.cache_clear()
+    yield set_rows
+    cpu_quant.dense_rows.cache_clear()
+
+
+def test_int4_layout_is_read_for_this_capability():
+    from builder import cpu_quant
+
+    assert cpu_quant.int4pack_layout() == (64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 32)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, None), (4, 32), (4, 128)])
+@pytest.mark.parametrize("out_features,in_features", [(64 * 9 + 16, 256), (96, 512), (48, 13696)])
+@pytest.mark.parametrize("rows", [1, 12, 33])
+def test_dense_path_matches_the_weight_only_kernel(dense_from, bits, group_size, out_features,
+                                                   in_features, rows):
+    """Short last blocks (16, 48 rows), several dequantized blocks, group-wise scales: the dense
+    path gives the kernel's result to bfloat16 rounding, and the formula's."""
+    from builder import cpu_quant
+
+    g = torch.Generator().manual_seed(out_features + rows + bits)
+    weight = torch.randn(out_features, in_features, generator=g) * 0.05
+    layer = QuantizedLinear.from_float(weight, None, bits, group_size)
+    assert layer.kernel == f"cpu_int{bits}"
+    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+    dense_from(0)
+    assert layer.cpu_path(rows) == "weight_only"
+    kernel = layer(x).float()
+    dense_from(1)
+    assert layer.cpu_path(rows) == "dense"
+    dense = layer(x).float()
+    q = layer.codes().float()
+    scale = layer.weight_scale.float()
+    scale = scale[:, None] if scale.dim() == 1 else scale.repeat_interleave(in_features // scale.shape[1], 1)
+    exact = x.float() @ (q * scale).t()
+    bf16_step = exact.abs().amax() * 2 ** -7  # one bfloat16 rounding step at the largest output
+    assert float((dense - kernel).abs().max()) <= 2 * bf16_step
+    assert float((dense - exact).norm() / exact.norm()) < 4e-3
+    assert float((kernel - exact).norm() / exact.norm()) < 4e-3
+    with monkeypatch_blocks(cpu_quant, 64 * in_features):  # many blocks: the same sums
+        assert torch.allclose(layer(x).float(), dense, rtol=0, atol=float(bf16_step))
+
+
+class monkeypatch_blocks:
+    """Dequantize ``elements`` weights at a time inside the ``with``."""
+
+    def __init__(self, module, elements):
+        self.module, self.elements = module, elements
+
+    def __enter__(self):
+        self.saved, self.module.DENSE_BLOCK_ELEMENTS = self.module.DENSE_BLOCK_ELEMENTS, self.elements
+
+    def __exit__(self, *exc):
+        self.module.DENSE_BLOCK_ELEMENTS = self.saved
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_prefill_takes_the_dense_path_and_a_decode_step_the_kernel(monkeypatch, bits):
+    """Would fail if a quantized prefill went through the weight-only kernels again."""
+    from builder import cpu_quant
+
+    cpu_quant.dense_rows.cache_clear()
+    model, _ = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=torch.bfloat16)
+    calls = {"dense": 0, "weight_only": 0}
+    dense_fn = {8: "int8_rows", 4: "int4_rows"}[bits]
+    real_dense = getattr(cpu_quant, dense_fn)
+    kernel_name = {8: "_weight_int8pack_mm", 4: "_weight_int4pack_mm_for_cpu"}[bits]
+    real_kernel = getattr(torch.ops.aten, kernel_name)
+
+    def dense(*args):
+        calls["dense"] += 1
+        return real_dense(*args)
+
+    def kernel(*args):
+        calls["weight_only"] += 1
+        return real_kernel(*args)
+
+    monkeypatch.setattr(cpu_quant, dense_fn, dense)
+    monkeypatch.setattr(torch.ops.aten, kernel_name, kernel)
+    prompt = torch.tensor([IDS[0] * 2])  # 24 tokens, above every threshold
+    assert prompt.shape[1] >= cpu_quant.dense_rows(bits) > 1
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        out = model(input_ids=prompt, cache=cache, use_cache=True)
+        assert calls["dense"] > 0 and calls["weight_only"] == 0
+        calls.update(dense=0, weight_only=0)
+        model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+        assert calls["weight_only"] > 0 and calls["dense"] == 0
+
+
+QUESTIONS = ["你好", "3 只鸡和 2 只兔共有几条腿？", "1 加 2 等于几？", "4 只兔有几条腿？"]
+
+
+def _greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` greedy tokens after each row of ``ids`` [batch, prompt], decoded together."""
+    from transformers import DynamicCache
+
+    new, cache = [], DynamicCache()
+    with torch.inference_mode():
+        out = model(input_ids=ids, cache=cache, use_cache=True)
+        for _ in range(steps):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)  # [batch, 1]
+            new.append(token)
+            out = model(input_ids=token, cache=cache, use_cache=True)
+    return torch.cat(new, dim=1)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_greedy_answers_unchanged_by_the_dense_path_and_by_batching(dense_from, bits):
+    """The tiny model's greedy answers: weight-only kernels everywhere (as before the dense path)
+    == the dense path for every prefill == prompts decoded as one batch (each step then has 4 rows
+    and takes the dense path from 4)."""
+    from builder.generation import chat
+
+    model, tokenizer = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=torch.bfloat16)
+    answers = {}
+    for rows in (0, 2):
+        dense_from(rows)
+        answers[rows] = [chat(model, tokenizer, q, max_length=96, temperature=0)[0] for q in QUESTIONS]
+    assert answers[0] == answers[2]
+    assert any(answers[0])
+
+    prompts = [tokenizer.build_chat_input(q) for q in QUESTIONS]
+    length = min(len(p) for p in prompts)  # one length, so no padding: the chat prefix, then the tail
+    ids = torch.tensor([p[:2] + p[len(p) - length + 2:] for p in prompts])
+    dense_from(4)
+    batched = _greedy(model, ids, 12)
+    for row in range(len(prompts)):
+        dense_from(0)
+        alone = _greedy(model, ids[row:row + 1], 12)
+        assert torch.equal(batched[row:row + 1], alone), QUESTIONS[row]

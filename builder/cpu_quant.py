@@ -1,0 +1,151 @@
+"""Weight-only int8/int4 on the CPU for many rows: dequantize a block of weight rows to bfloat16 and
+run oneDNN's dense matmul, then scale.
+
+torch's weight-only CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are GEMV
+kernels: their cost grows linearly with the rows (one 6B ``dense_h_to_4h``, int8: ~2 ms for 1 row,
+~65-130 ms for 98), where oneDNN's bfloat16 matmul (AMX or AVX-512-BF16 where the CPU has them,
+whatever ``ATEN_CPU_CAPABILITY`` says) costs about the same for 1 row as for 100. So a prefill (or a
+large decode batch) goes through here, a block of weight rows at a time: the block's codes become
+bfloat16 (int8 codes and int4 nibbles are exact in bfloat16), one matmul, then the per-row scale on
+the output columns. Decode steps of a few rows stay on the weight-only kernels, which read 2-4× fewer
+bytes. Nothing is cached: the only memory is one block's bfloat16 weight and its output.
+
+For int4 the weight is read in torch's own prepacked layout (``_convert_weight_to_int4pack_for_cpu``),
+which for a full block of ``BLOCK_N`` rows (64 with AVX-512, 32 with AVX2) stores, for each input k,
+``BLOCK_N / 2`` bytes whose low nibbles are rows 0..BLOCK_N/2-1 and high nibbles the other half: a
+k-major layout, which is what ``x @ wᵀ`` wants. :func:`int4pack_layout` checks that against the
+packer itself once per process (the layout is torch's private business) and returns None when it
+does not hold, and callers keep the weight-only kernel.
+
+>>> y = int8_rows(x, codes, scale_bf16)              # x [M, K] bf16, codes [N, K] int8 -> [M, N]
+>>> y = int4_rows(x, int4pack, scale_bf16, layout)    # layout = int4pack_layout()
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+DENSE_BLOCK_ELEMENTS = 1 << 21
+"""Weights dequantized at once (4 MiB of bfloat16): large enough that a block's matmul is efficient,
+small enough that the block is still in cache when the matmul reads it."""
+
+
+def _blocks(rows: int, cols: int, multiple: int = 1):
+    step = max(multiple, DENSE_BLOCK_ELEMENTS // max(cols, 1) // multiple * multiple)
+    return ((start, min(start + step, rows)) for start in range(0, rows, step))
+
+
+def int8_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (codes * scale)ᵀ`` through bfloat16 matmuls, a block of weight rows at a time.
+
+    x [M, K] bfloat16, codes [N, K] int8, scale [N] bfloat16 -> [M, N] bfloat16.
+    """
+    out_features, in_features = codes.shape
+    y = x.new_empty(x.shape[0], out_features)
+    weight = torch.empty(min(out_features, DENSE_BLOCK_ELEMENTS // in_features + 1), in_features,
+                         dtype=torch.bfloat16)  # one reused block
+    for start, stop in _blocks(out_features, in_features):
+        w = weight[:stop - start]
+        w.copy_(codes[start:stop])  # int8 -> bfloat16, exact
+        y[:, start:stop] = x @ w.t()  # (w @ x.t() into [N, M] rows is ~20x slower under 16 rows)
+    y *= scale
+    return y
+
+
+@functools.lru_cache(maxsize=None)
+def int4pack_layout() -> int | None:
+    """``BLOCK_N`` of this process's int4 CPU packing, if it is the k-major layout described above
+    (also for a last block of 16, 32 or 48 rows: alternate rows in the low and high nibble); None if
+    torch packs some other way."""
+    g = torch.Generator().manual_seed(0)
+    for block_n in (64, 32):
+        rows, cols = 3 * block_n + 16, 256  # full blocks and a short last one
+        nibbles = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
+        try:
+            unpacked = _int4pack_nibbles(packed, rows, cols, block_n)  # [cols, rows]
+        except RuntimeError:
+            continue
+        if torch.equal(unpacked.t().to(torch.int32), nibbles):
+            return block_n
+    return None
+
+
+def _int4pack_nibbles(packed: torch.Tensor, rows: int, cols: int, block_n: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """The unsigned nibbles (q + 8) of ``rows`` prepacked rows as a contiguous uint8 [cols, rows]
+    (into ``out`` when given: uint8, ``cols * rows`` elements or more)."""
+    flat = packed.view(torch.uint8).flatten()
+    out = torch.empty(cols * rows, dtype=torch.uint8) if out is None else out
+    nibbles = out.view(-1)[:cols * rows].view(cols, rows)
+    full = rows // block_n * block_n
+    if full:
+        half = block_n // 2
+        # [blocks, K, BLOCK_N/2] bytes read k-major, written as [K, blocks, BLOCK_N] (contiguous rows)
+        p = flat[:full * cols // 2].view(full // block_n, cols, half).transpose(0, 1)
+        o = nibbles[:, :full].view(cols, full // block_n, block_n) if full == rows else \
+            nibbles[:, :full].unflatten(1, (full // block_n, block_n))
+        o[..., :half] = p & 0xF  # (the out= forms of these two take a slow path: ~10x)
+        o[..., half:] = p >> 4
+    if rows > full:
+        n = rows - full
+        p = flat[full * cols // 2:rows * cols // 2].view(cols, n // 2)  # rows 2j low, 2j+1 high
+        o = nibbles[:, full:].unflatten(1, (n // 2, 2))
+        o[..., 0] = p & 0xF
+        o[..., 1] = p >> 4
+    return nibbles
+
+
+def int4_rows(x: torch.Tensor, int4pack: torch.Tensor, scale: torch.Tensor, block_n: int
+              ) -> torch.Tensor:
+    """``x @ ((nibble - 8) * scale)ᵀ`` through bfloat16 matmuls, from torch's prepacked int4.
+
+    x [M, K] bfloat16; int4pack [N, K/2] uint8 (prepacked); scale [N] (one per row) or [K/g, N]
+    (group-wise) bfloat16 -> [M, N] bfloat16.
+    """
+    out_features, in_features = int4pack.shape[0], int4pack.shape[1] * 2
+    y = x.new_empty(x.shape[0], out_features)
+    flat = int4pack.view(torch.uint8).flatten()
+    blocks = list(_blocks(out_features, in_features, block_n))
+    size = in_features * max(stop - start for start, stop in blocks)
+    nibbles = torch.empty(size, dtype=torch.uint8)  # reused: [K, rows] of each block
+    weight = torch.empty(size, dtype=torch.bfloat16)
+    for start, stop in blocks:
+        n = stop - start
+        q = _int4pack_nibbles(flat[start * in_features // 2:stop * in_features // 2], n,
+                              in_features, block_n, out=nibbles)
+        codes = q.view(torch.int8)
+        codes -= 8  # q in [-8, 7]
+        w = weight[:in_features * n].view(in_features, n)  # [K, rows]
+        w.copy_(codes)  # exact in bfloat16
+        if scale.dim() == 2:  # group-wise: scale the weight, [K/g, n] over [K, n]
+            w.view(scale.shape[0], -1, n).mul_(scale[:, None, start:stop])
+        y[:, start:stop] = x @ w
+    if scale.dim() == 1:
+        y *= scale
+    return y
+
+
+# -- when to take the dense path ----------------------------------------------------------------------
+DENSE_ROWS = {8: 12, 4: 16}
+"""From this many rows on, a quantized projection runs :func:`int8_rows` / :func:`int4_rows` instead of
+the weight-only kernel. Measured with ``scripts/bench_quant_kernels.py`` on the 6B's four projection
+shapes, 2 threads, on an AMX host at both CPU capabilities (docs/benchmarks.md, "Quantized CPU
+kernels by rows"): the dense path is faster from 12 rows (int8) and 16 (int4) on each shape where
+the two cross. ``GLM_CPU_DENSE_ROWS=int8:N,int4:M`` overrides it (``0`` keeps the weight-only kernels)."""
+
+
+@functools.lru_cache(maxsize=None)
+def dense_rows(bits: int) -> int:
+    """The row count from which ``bits``-bit projections take the dense path (0: never)."""
+    rows = dict(DENSE_ROWS)
+    for item in filter(None, os.environ.get("GLM_CPU_DENSE_ROWS", "").split(",")):
+        name, _, value = item.partition(":")
+        if name.strip() not in ("int8", "int4") or not value.strip().isdigit():
+            raise ValueError(f"GLM_CPU_DENSE_ROWS: expected int8:N,int4:M, got {item!r}")
+        rows[int(name.strip()[3:])] = int(value)
+    if bits == 4 and int4pack_layout() is None:
+        return 0  # torch packs int4 in a layout this module does not read: kernels only
+    return rows[bits]
