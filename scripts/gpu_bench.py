@@ -164,6 +164,10 @@ def bench_one(checkpoint: Path, precision: str, new_tokens: int, batch: int,
     _batched_tokens_per_s(model, vocab, batch, 2)  # warm-up at this batch size
     result["batch"] = batch
     result["batched_tokens_per_s"] = round(_batched_tokens_per_s(model, vocab, batch, new_tokens), 1)
+    # batching's gain like for like: one sequence through the same loop as the batch
+    _batched_tokens_per_s(model, vocab, 1, 2)
+    result["batch1_tokens_per_s"] = round(_batched_tokens_per_s(model, vocab, 1, new_tokens), 1)
+    result["batching_gain"] = round(result["batched_tokens_per_s"] / result["batch1_tokens_per_s"], 2)
     free, total = torch.cuda.mem_get_info(index)
     context = total - free - (used_before or 0) - torch.cuda.memory_reserved()
     result["peak_bytes"] = context + torch.cuda.max_memory_reserved()
@@ -288,6 +292,8 @@ def format_table(records: list[dict], bench: list[dict], tests: str | None = Non
         extract = f"{b['decode_ms_extract']:.2f}" if "decode_ms_extract" in b else "–"
         share = f"{b['bandwidth_share']:.0%}" if "bandwidth_share" in b else "–"
         tps = f"{b['batched_tokens_per_s']:.1f}" if "batched_tokens_per_s" in b else "–"
+        if "batching_gain" in b:  # over one sequence through the same loop
+            tps += f" ({b['batching_gain']:.1f}× one)"
         peak = f"{_gib(b['peak_bytes'])} / {_gib(b['plan_bytes'])}" if "peak_bytes" in b else "–"
         lines.append(f"| {p} | {cells.get((p, 'encode:2048'), '–')} | "
                      f"{cells.get((p, 'generate:8192'), '–')} | {decode} | {extract} | {share} | "
