@@ -1,26 +1,34 @@
 """The OpenAI-compatible endpoint against a live Triton, with the official ``openai`` SDK as the
 client (and raw HTTP for the error cases).
 
-One server for the module: the tiny repository (as in test_serving.py) and the gateway in front of
-it on free loopback ports, with an API key.
+One server for the module: the tiny repository (as in test_serving.py) served by ``glm-serve``
+itself, on free loopback ports, with the OpenAI endpoint beside Triton and an API key from the
+environment; SIGTERM at the end must stop both, every stub included.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+import types
 
 import httpx
 import openai
 import pytest
 
 from builder.client import ChatGLMClient
-from builder.serving.openai import GatewayOptions, OpenAIGateway
+from builder.serving.openai import API_KEY_ENV, GatewayOptions, OpenAIGateway
 from builder.serving.server import free_port
 from builder.tokenizer import ChatGLM2Tokenizer
 
-from conftest import serve_tiny_repository
+from conftest import LIVE_LIMITS
 from test_cancellation import metrics, total
+from test_server import group_processes
 
 pytestmark = pytest.mark.server
 
@@ -31,26 +39,50 @@ VARIANTS = ["chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = serve_tiny_repository(tmp_path_factory.mktemp("openai") / "repo")
-    try:
-        gateway = OpenAIGateway(GatewayOptions(server.repo, server.urls["grpc"], port=free_port(),
-                                               address="127.0.0.1", api_key=KEY))
-        server.gateway = gateway.start().wait_ready(60)
-        yield server
-    finally:
-        gateway.stop()
-        server.stop()
+    from builder.build import BuildOptions, build
+
+    base = tmp_path_factory.mktemp("openai")
+    repo = build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=base / "repo",
+                              limits=LIVE_LIMITS), progress=False).out
+    ports = {name: free_port() for name in ("http", "grpc", "metrics", "openai")}
+    command = [sys.executable, "-m", "builder.serving.cli", str(repo), "--address", "127.0.0.1",
+               "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+               "--metrics-port", str(ports["metrics"]), "--openai-port", str(ports["openai"]),
+               "--log-file", str(base / "server.log"), "--start-timeout", "240"]
+    with open(base / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env=os.environ | {API_KEY_ENV: KEY})
+        watchdog = threading.Timer(300, process.kill)  # a hung start never hangs the run
+        watchdog.start()
+        try:
+            triton_line = process.stdout.readline()
+            openai_line = process.stdout.readline()
+            watchdog.cancel()
+            assert openai_line.startswith("OpenAI endpoint ready"), (triton_line, openai_line,
+                                                                      stderr.seek(0) or stderr.read())
+            assert "API key required" in openai_line
+            group = int(triton_line.split("pid ")[1].split(")")[0])
+            yield types.SimpleNamespace(
+                repo=repo, url=f"http://127.0.0.1:{ports['openai']}/v1",
+                urls={name: f"127.0.0.1:{port}" for name, port in ports.items()})
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0  # glm-serve stops the endpoint and Triton
+            assert group_processes(group) == []
+        finally:
+            watchdog.cancel()
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
 def client(server):
-    with openai.OpenAI(base_url=server.gateway.url, api_key=KEY, max_retries=0, timeout=120) as c:
+    with openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120) as c:
         yield c
 
 
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.gateway.url, headers={"Authorization": f"Bearer {KEY}"},
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=120, trust_env=False) as c:
         yield c
 
@@ -157,8 +189,9 @@ def test_eight_streams_at_once(client):
 def test_a_dropped_stream_frees_its_request(server, http):
     """A client that closes its stream mid-answer: the router cancels the request at its variant."""
     before = metrics(server)
-    # temperature 2 over the whole vocabulary: ~1000 tokens before a stop token, unless cancelled
-    with http.stream("POST", "/chat/completions", json=ask(temperature=2, max_tokens=1000, stream=True)) as r:
+    # The tiny model answers this prompt with dots until max_length (hundreds of tokens)
+    long = ask("鸡 " * 100, temperature=0, max_tokens=1000, stream=True)
+    with http.stream("POST", "/chat/completions", json=long) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         seen = []
         for line in r.iter_lines():  # up to the first piece of the answer, then hang up
@@ -182,12 +215,14 @@ def test_a_dropped_stream_frees_its_request(server, http):
 
 # -- errors ----------------------------------------------------------------------------------------
 
-def error(response, status: int, param=None, code=None) -> str:
+def error(response, status: int, param=..., code=None) -> dict:
+    """OpenAI's error body, checked: the status, the four fields, ``param`` and ``code`` when given."""
     assert response.status_code == status, response.text
     body = response.json()["error"]
     assert set(body) == {"message", "type", "param", "code"}
-    assert body["param"] == param and (code is None or body["code"] == code), body
-    return body["message"]
+    assert param is ... or body["param"] == param, body
+    assert code is None or body["code"] == code, body
+    return body
 
 
 @pytest.mark.parametrize("body, param", [
@@ -201,13 +236,13 @@ def error(response, status: int, param=None, code=None) -> str:
     ({"model": "chatglm2-6b"}, "messages"),
     ({"model": "chatglm2-6b", "messages": [{"role": "assistant", "content": "hi"}]}, "messages[0]"),
     ({"model": "chatglm2-6b", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-     "messages[0]"),
+     "messages[1]"),
     ({"model": "chatglm2-6b", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content"),
 ])
 def test_a_bad_field_is_named(http, body, param):
-    message = error(http.post("/chat/completions", json=body), 400)
-    assert http.post("/chat/completions", json=body).json()["error"]["param"].startswith(param), message
+    found = error(http.post("/chat/completions", json=body), 400)
+    assert found["param"].startswith(param) and found["type"] == "invalid_request_error", found
 
 
 def test_malformed_json_and_oversized_bodies(http):
@@ -227,19 +262,19 @@ def test_a_request_no_variant_can_serve_gets_the_routers_reason(client, http):
         client.chat.completions.create(**ask(max_tokens=5000))
     assert caught.value.code == "context_length_exceeded"
     assert "more than any variant serves: the longest is 1500" in caught.value.message
-    message = error(http.post("/chat/completions", json=ask(question="腿" * 3000)), 400, "messages")
-    assert "1500" in message
+    found = error(http.post("/chat/completions", json=ask(question="腿" * 3000)), 400, "messages")
+    assert "1500" in found["message"]
     assert client.chat.completions.create(**ask(temperature=0, max_tokens=8)).choices  # still serving
 
 
 def test_a_wrong_or_missing_key(server):
-    with openai.OpenAI(base_url=server.gateway.url, api_key="sk-wrong", max_retries=0) as wrong:
+    with openai.OpenAI(base_url=server.url, api_key="sk-wrong", max_retries=0) as wrong:
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
         with pytest.raises(openai.AuthenticationError):
             wrong.chat.completions.create(**ask())
     with httpx.Client(trust_env=False) as bare:
-        error(bare.post(server.gateway.url + "/chat/completions", json=ask()), 401, code="invalid_api_key")
+        error(bare.post(server.url + "/chat/completions", json=ask()), 401, code="invalid_api_key")
 
 
 def test_not_ready_is_503(server, tmp_path):
@@ -257,3 +292,12 @@ def test_the_port_cannot_change_the_server(http):
     for method, path in [("POST", "/../v2/repository/models/chatglm2-6b/unload"),
                          ("POST", "/repository/index"), ("DELETE", "/models/chatglm2-6b")]:
         assert http.request(method, path).status_code in (404, 405)
+
+
+def test_a_network_address_without_a_key_is_warned_about(tmp_path, monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert "anyone" in GatewayOptions(tmp_path, "127.0.0.1:8001", address="0.0.0.0").warning()
+    assert GatewayOptions(tmp_path, "127.0.0.1:8001", address="127.0.0.1").warning() is None
+    assert GatewayOptions(tmp_path, "127.0.0.1:8001", address="0.0.0.0", api_key="k").warning() is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert GatewayOptions(tmp_path, "127.0.0.1:8001", address="0.0.0.0").api_key == "from-env"

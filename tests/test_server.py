@@ -290,7 +290,8 @@ def test_glm_serve_stops_on_sigterm(tmp_path):
     options = loopback_options(tmp_path / "repo", tmp_path / "log.txt")
     command = [sys.executable, "-m", "builder.serving.cli", str(options.model_repository),
                "--http-port", str(options.http_port), "--grpc-port", str(options.grpc_port),
-               "--metrics-port", str(options.metrics_port), "--log-file", str(options.log_file)]
+               "--metrics-port", str(options.metrics_port), "--log-file", str(options.log_file),
+               "--openai-port", "0"]  # no router here to put the OpenAI endpoint in front of
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(60, process.kill)  # never let a hung glm-serve hang the test run
     watchdog.start()
@@ -328,9 +329,11 @@ def test_cli_defaults_are_tritons_ports(tmp_path):
 
 def test_cli_calls_serve_with_the_options(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "serve", lambda options, ready_timeout: calls.append((options, ready_timeout)) or 7)
+    monkeypatch.setattr(cli, "serve", lambda options, ready_timeout, **openai: calls.append(
+        (options, ready_timeout, openai)) or 7)
     assert cli.main([str(tmp_path), "--grpc-port", "9101"]) == 7
-    assert calls == [(ServerOptions(tmp_path, grpc_port=9101), 300.0)]
+    assert calls == [(ServerOptions(tmp_path, grpc_port=9101), 300.0,
+                      {"openai_port": 9000, "openai_api_key": None})]
 
 
 def test_cli_missing_repo_is_a_clear_error(tmp_path, capsys):

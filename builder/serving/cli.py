@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-timeout", type=_seconds, default=300.0, metavar="SECONDS",
                         help="give up, print per model why it did not load, and exit 1 when the "
                         "models are not all ready after this long (default: %(default)s)")
+    parser.add_argument("--openai-port", type=int, default=9000, metavar="PORT",
+                        help="serve the OpenAI-compatible API (/v1/chat/completions, /v1/models) on "
+                        "this port of --address once the router is ready; 0 turns it off (default: %(default)s)")
+    parser.add_argument("--openai-api-key", metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on the OpenAI port (default: the "
+                        "GLM_OPENAI_API_KEY environment variable; none: anyone who reaches it may ask)")
     parser.epilog = ("Flags after -- go to tritonserver as they are (e.g. -- --grpc-use-ssl=true "
                      "--grpc-server-cert=cert.pem), except the ones glm-serve sets itself.")
     return parser
@@ -109,9 +115,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = options_from_args(args)
     except ValueError as error:
         parser.error(str(error))  # exits with code 2 and the usage line
+    ports = (options.http_port, options.grpc_port, options.metrics_port)
+    if args.openai_port and (not 1 <= args.openai_port <= 65535 or args.openai_port in ports):
+        parser.error(f"--openai-port={args.openai_port}: must be a free port number in 1..65535 "
+                     f"other than the HTTP, gRPC and metrics ports {ports}, or 0")
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return serve(options, ready_timeout=args.start_timeout)
+        return serve(options, ready_timeout=args.start_timeout, openai_port=args.openai_port,
+                     openai_api_key=args.openai_api_key)
     except KeyboardInterrupt:
         print("glm-serve: stopped", file=sys.stderr)
         return 0

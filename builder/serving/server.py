@@ -416,10 +416,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(options: ServerOptions, out: Optional[IO[str]] = None, ready_timeout: float = 300.0) -> int:
+def serve(options: ServerOptions, out: Optional[IO[str]] = None, ready_timeout: float = 300.0,
+          openai_port: int = 0, openai_api_key: Optional[str] = None) -> int:
     """Run a server until it exits or we are interrupted; its exit code.
 
-    Prints the endpoints once ready. Ctrl-C (KeyboardInterrupt) stops the server and every stub,
+    Prints the endpoints once ready. ``openai_port``: also serve the OpenAI-compatible ``/v1``
+    there (0: not), started once the router is ready and stopped first
+    (:mod:`.openai.gateway`). Ctrl-C (KeyboardInterrupt) stops the server and every stub,
     then propagates.
 
     >>> serve(ServerOptions("generated_repo"))   # what `glm-serve generated_repo` does
@@ -432,4 +435,7 @@ def serve(options: ServerOptions, out: Optional[IO[str]] = None, ready_timeout: 
             file=out,
             flush=True,
         )
-        return server.wait()
+        from .openai.gateway import beside
+
+        with beside(server, openai_port, openai_api_key, out):
+            return server.wait()

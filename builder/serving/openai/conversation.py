@@ -55,8 +55,8 @@ def to_prompt(messages: Sequence[ChatMessage]) -> Conversation:
         pair = past[i:i + 2]
         roles = tuple(m.role for m in pair)
         if roles != ("user", "assistant"):
-            bad = i + (0 if pair[0].role != "user" else 1)
-            role = pair[bad - i].role if bad - i < len(pair) else "(none)"
+            bad = i + (0 if pair[0].role != "user" else 1)  # the first message out of place
+            role = messages[bad].role
             raise ConversationError(
                 f"messages[{offset + bad}]",
                 f"messages[{offset + bad}] has role {role!r}: before the last user message, ChatGLM2's "

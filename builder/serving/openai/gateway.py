@@ -74,7 +74,7 @@ class OpenAIGateway:
         return f"http://{host}:{self.options.port}/v1"
 
     def __enter__(self) -> "OpenAIGateway":
-        return self.start()
+        return self if self._thread is not None else self.start()  # beside() started it already
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
@@ -101,7 +101,7 @@ class OpenAIGateway:
                 raise RuntimeError(f"the OpenAI endpoint could not listen on "
                                    f"{self.options.address}:{self.options.port}")
             time.sleep(0.02)
-        if self.options.warning():
+        if self.options.warning():  # on stderr even when logging is not set up (its last resort)
             log.warning(self.options.warning())
         return self
 
@@ -132,3 +132,33 @@ class OpenAIGateway:
         if thread.is_alive():
             server.force_exit = True
             thread.join(timeout)
+
+
+def beside(server, port: int, api_key: Optional[str] = None, out=None, ready_timeout: float = 60.0):
+    """The gateway for a ready :class:`~..server.TritonServer` on ``port`` of its address, started
+    and ready (a context manager that stops it); a no-op context when ``port`` is 0.
+
+    >>> with TritonServer(options) as server, beside(server, 9000):
+    ...     server.wait()
+    """
+    import contextlib
+    import sys
+
+    if not port:
+        return contextlib.nullcontext()
+    out = out or sys.stdout
+    options = GatewayOptions(server.options.model_repository, server.urls["grpc"], port=port,
+                             address=server.options.address, api_key=api_key)
+    gateway = OpenAIGateway(options)
+    from ..server import ServerStartError
+
+    try:
+        gateway.start().wait_ready(ready_timeout)
+    except BaseException as err:
+        gateway.stop()
+        if isinstance(err, RuntimeError):
+            raise ServerStartError(str(err)) from None
+        raise
+    print(f"OpenAI endpoint ready: {gateway.url}" + ("  (API key required)" if options.api_key else ""),
+          file=out, flush=True)
+    return gateway
