@@ -181,8 +181,8 @@ def test_probes_start_up_budget_and_scrape_annotations(deployed):
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == ports["metrics"]
     served = serve_args(c["args"])  # glm-serve's own parser: the ports it will listen on
-    assert (served.http_port, served.grpc_port, served.metrics_port) == (
-        ports["http"], ports["grpc"], ports["metrics"])
+    assert (served.http_port, served.grpc_port, served.metrics_port, served.openai_port) == (
+        ports["http"], ports["grpc"], ports["metrics"], ports["openai"])
     assert served.address == "0.0.0.0"
 
 
@@ -193,7 +193,7 @@ def test_service_pdb_rollout_and_autoscaler_agree(deployed):
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["selector"] == selector == kinds["PodDisruptionBudget"]["spec"]["selector"][
         "matchLabels"]
-    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "grpc", "metrics"}
+    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "grpc", "metrics", "openai"}
     assert {p["targetPort"] for p in service["spec"]["ports"]} == {
         p["name"] for p in container(deployment)["ports"]}
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
@@ -253,6 +253,7 @@ def test_dockerfile_entrypoint_is_glm_serve_with_its_restrictions(deployed, tmp_
         assert options.address == "0.0.0.0" and options.restart_stubs
         assert not args.triton_args  # nothing passed through to tritonserver
     assert re.search(r"^USER 1000:1000$", text, re.M)
+    assert re.search(r"^EXPOSE 8000 8001 8002 9000$", text, re.M)  # 9000: the OpenAI endpoint
     assert f"FROM {TRITON_IMAGE} AS runtime" in text and TRITON_IMAGE.endswith(":24.10-py3")
     assert "COPY glm-build /opt/glm-build/src" in text
     assert (result.out / "glm-build" / "pyproject.toml").is_file()

@@ -32,7 +32,8 @@ TRITON_UID = 1000
 NVIDIA_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"
 TORCH_VERSION = "2.13.0"
 REPOSITORY_IN_IMAGE = "/opt/glm-build/repository"
-PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's defaults, glm-serve's too
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002,  # Triton's defaults, glm-serve's too
+         "openai": 9000}  # glm-serve's OpenAI-compatible /v1 (builder.serving.openai)
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,16 @@ def torch_build(profile: GpuProfile) -> TorchBuild:
 
 
 def serve_args(repository: str, *, http_port: int = PORTS["http"], grpc_port: int = PORTS["grpc"],
-               metrics_port: int = PORTS["metrics"]) -> list[str]:
+               metrics_port: int = PORTS["metrics"], openai_port: int = PORTS["openai"]) -> list[str]:
     """``glm-serve``'s arguments in a pod: every address (the pod's network is the boundary),
-    Triton's ports.
+    Triton's ports and the OpenAI endpoint's (its key, if any, from ``GLM_OPENAI_API_KEY``).
 
     >>> serve_args("/mnt/models", http_port=8080)[:4]
     ['/mnt/models', '--address', '0.0.0.0', '--http-port']
     """
     return [repository, "--address", "0.0.0.0", "--http-port", str(http_port),
-            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+            "--openai-port", str(openai_port)]
 
 
 def default_image(version: str, build: TorchBuild) -> str:
