@@ -52,6 +52,8 @@ def map_thudm_tensor(name: str, tensor: torch.Tensor, config: ChatGLM2Config
     """
     if _IGNORED.search(name):
         return []
+    if name.startswith(("model.", "lm_head.")):  # already GLM's names (glm-4-9b-chat-hf layout)
+        return [(name, tensor)]
     short = name.removeprefix("transformer.")
     if short in _RENAMES:
         return [(_RENAMES[short], tensor)]
@@ -124,18 +126,26 @@ def weight_files(path: Path) -> list[Path]:
         f"(optionally with {' or '.join(_INDEX_FILES)})")
 
 
-def check_checkpoint(path: str | Path) -> ChatGLM2Config:
-    """Check that ``path`` is a loadable ChatGLM2 checkpoint and return its config, reading no weights."""
+def check_checkpoint(path: str | Path, family: str | None = None) -> ChatGLM2Config:
+    """Check that ``path`` is a loadable GLM-family checkpoint and return its config, reading no
+    weights. ``family``: a ``--family`` name instead of detecting it (builder.model.family)."""
+    from .model.family import detect_family
+
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist")
-    expected = [CONFIG_FILE, TOKENIZER_FILE]
-    missing = [n for n in expected if not (path / n).is_file()]
-    if missing:
+    if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(
-            f"checkpoint {path} is missing {missing}; a ChatGLM2 checkpoint needs "
-            f"{expected} and weight shards (*.safetensors or pytorch_model*.bin)")
-    config = ChatGLM2Config.from_json(path / CONFIG_FILE)
+            f"checkpoint {path} is missing {[CONFIG_FILE]}; a ChatGLM2 checkpoint needs "
+            f"{[CONFIG_FILE, TOKENIZER_FILE]} and weight shards (*.safetensors or pytorch_model*.bin)")
+    found = detect_family(path, family)
+    tokenizers = [found.tokenizer_file] + (["tokenizer.model", "tokenizer.json"] if found.kind == "glm4" else [])
+    if not any((path / n).is_file() for n in tokenizers):
+        raise CheckpointError(
+            f"checkpoint {path} is missing {[found.tokenizer_file]}; a {found.name} checkpoint "
+            f"needs {[CONFIG_FILE, found.tokenizer_file]} and weight shards (*.safetensors or "
+            f"pytorch_model*.bin)")
+    config = found.read_config(path)
     weight_files(path)
     return config
 
@@ -270,7 +280,7 @@ def finish_model(model, device: torch.device, dtype: torch.dtype):
 
 def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, bits: int = 16, group_size: int | None = None,
-                  output_bits: int = 16, progress=None):
+                  output_bits: int = 16, progress=None, family: str | None = None):
     """Load a ChatGLM2 checkpoint (THUDM layout) as ``(GlmForCausalLM, ChatGLM2Tokenizer)``.
 
     With ``bits`` 8 or 4 each projection is quantized as its shard is read, so peak host memory
@@ -283,12 +293,15 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
     ``output_bits`` 8 also quantizes the output layer (``lm_head``, 65024 rows on the 6B) to int8 per
     row: half its bytes, which are most of a shallow decode step's fixed cost on the CPU. Opt-in:
     ChatGLM2's own int4/int8 keep it in float; ``docs/benchmarks.md`` has what it costs in fidelity.
+
+    ChatGLM3 and GLM-4 checkpoints (and glm-4-9b-chat-hf in transformers' layout) load the same
+    way, with their family's tokenizer; ``family`` names it instead of detecting it.
     """
+    from .model.family import detect_family
     from .quantization import check_bits, make_load_hook, make_prequantized_hook
-    from .tokenizer import ChatGLM2Tokenizer
 
     path = Path(path)
-    config = check_checkpoint(path)
+    config = check_checkpoint(path, family)
     if bits != 16:
         check_bits(bits, group_size)
     if output_bits not in (16, 8):
@@ -296,7 +309,7 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     check_dtype(dtype, device)
-    tokenizer = ChatGLM2Tokenizer(path / TOKENIZER_FILE)
+    tokenizer = detect_family(path, family).load_tokenizer(path)
     model = build_empty_model(config, dtype)
     hook = None
     if config.quantization_bit:

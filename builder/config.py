@@ -53,6 +53,10 @@ class ChatGLM2Config:
     add_bias_linear: bool = False
     apply_residual_connection_post_layernorm: bool = False
     rope_ratio: float = 1.0  # ChatGLM2 itself has none; ChatGLM3-32k scales the rotary base
+    # How rope_ratio applies (not a THUDM field: the family decides, builder.model.family):
+    # "base" multiplies the base (10000 × rope_ratio: ChatGLM3, GLM-4); "positions" divides
+    # positions by it (ChatGLM2-6B-32k).
+    rope_scheme: str = "base"
     quantization_bit: int = 0  # 0: plain weights; 4 or 8: THUDM's pre-quantized format
     torch_dtype: str = "float16"
     pad_token_id: int = 0
@@ -83,6 +87,9 @@ class ChatGLM2Config:
         if self.kv_channels % 4:
             raise UnsupportedCheckpointError(
                 f"kv_channels must be a multiple of 4 for half-head rotary, got {self.kv_channels}")
+        if self.rope_scheme not in ("base", "positions"):
+            raise UnsupportedCheckpointError(
+                f"rope_scheme must be 'base' or 'positions', got {self.rope_scheme!r}")
         if self.quantization_bit not in (0, 4, 8):
             raise UnsupportedCheckpointError(
                 f"config.json field 'quantization_bit' must be 0, 4 or 8, got {self.quantization_bit!r}")
@@ -100,6 +107,18 @@ class ChatGLM2Config:
     @property
     def qkv_size(self) -> int:
         return self.q_size + 2 * self.kv_size
+
+    def rope_parameters(self) -> dict[str, Any]:
+        """transformers' ``rope_parameters`` for this checkpoint's rotary scheme.
+
+        >>> ChatGLM2Config(rope_ratio=16, rope_scheme="positions").rope_parameters()["rope_type"]
+        'linear'
+        """
+        if self.rope_scheme == "positions":  # angle = (position / rope_ratio) × 10000^(-2i/d)
+            return {"rope_type": "linear", "factor": float(self.rope_ratio), "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.5}
+        return {"rope_type": "default", "rope_theta": 10000.0 * self.rope_ratio,
+                "partial_rotary_factor": 0.5}
 
     # -- I/O ------------------------------------------------------------------------------------
     @classmethod
@@ -144,8 +163,7 @@ class ChatGLM2Config:
             max_position_embeddings=self.seq_length,
             rms_norm_eps=self.layernorm_epsilon,
             # rotary on half of each head (64 of 128 dims for the 6B), base 10000, interleaved pairs
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * self.rope_ratio,
-                             "partial_rotary_factor": 0.5},
+            rope_parameters=self.rope_parameters(),
             attention_bias=self.add_qkv_bias,
             hidden_act="silu",
             tie_word_embeddings=False,
