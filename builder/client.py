@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import queue
 import statistics
 import sys
@@ -63,6 +64,8 @@ class ChatGLMClient:
         self._module = _client_module(self.protocol)
         self._client = self._module.InferenceServerClient(url=self.url)
         self._decoupled: dict[str, bool] = {}
+        self._stream: queue.Queue | None = None  # the open gRPC stream's (result, error) pairs
+        self._request_ids = itertools.count()
 
     def is_decoupled(self, model: str) -> bool:
         """Whether ``model`` streams (the variants and chatglm2-6b-stream do); asked once per model."""
@@ -122,29 +125,53 @@ class ChatGLMClient:
     def stream(self, prompt: str, history: Sequence[Sequence[str]] = (), *,
                model: str = STREAM_ROUTER, partial: bool = True) -> Iterator[ChatResult]:
         """Partial answers as they arrive (gRPC only), each the text so far; with ``partial``
-        False, a variant sends only its final answer."""
+        False, a variant sends only its final answer.
+
+        The client keeps one gRPC stream open across its requests (opening one per request costs
+        more than a small model's answer); a request left before its last answer, or failed,
+        closes it with the request cancelled, so the server frees its place in the batch.
+        """
         if self.protocol != "grpc":
             raise ValueError("streaming needs protocol 'grpc' (Triton streams decoupled models over gRPC)")
-        results: queue.Queue = queue.Queue()
+        results = self._open_stream()
+        request_id = str(next(self._request_ids))
         started = time.perf_counter()
-        self._client.start_stream(callback=lambda result, error: results.put((result, error)))
+        finished = False
         try:
             stream = None if model == STREAM_ROUTER else partial
             self._client.async_stream_infer(model, self.inputs(prompt, history, stream=stream),
-                                            enable_empty_final_response=True)
+                                            request_id=request_id, enable_empty_final_response=True)
             while True:
                 result, error = results.get(timeout=self.timeout_s)
                 if error is not None:
                     raise ChatError(str(error))
-                final = result.get_response().parameters["triton_final_response"].bool_param
+                response = result.get_response()
+                if response.id != request_id:  # a late piece of an earlier request
+                    continue
+                final = response.parameters["triton_final_response"].bool_param
                 if result.as_numpy("response") is not None:
                     yield self._result(result, started)
                 if final:
+                    finished = True
                     return
         finally:
-            self._client.stop_stream()
+            if not finished:
+                self._close_stream()
+
+    def _open_stream(self) -> queue.Queue:
+        if self._stream is None:
+            results: queue.Queue = queue.Queue()
+            self._client.start_stream(callback=lambda result, error: results.put((result, error)))
+            self._stream = results
+        return self._stream
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream = None
+            self._client.stop_stream(cancel_requests=True)
 
     def close(self) -> None:
+        self._close_stream()
         self._client.close()
 
 

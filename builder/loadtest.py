@@ -1,5 +1,7 @@
 """Many streamed chats at once against a live server: time to first token, time per output
-token, tokens/s, and requests lost. ``glm-chat -c N -j C`` and ``scripts/bench_serving.py`` use it.
+token, tokens/s, and requests lost; a closed loop (:func:`run_load`: N clients, each sending its next
+request when its last is answered) or an open one (:func:`run_arrivals`: Poisson arrivals).
+``glm-chat -c N -j C``, ``scripts/bench_serving.py`` and ``scripts/capacity_check.py`` use it.
 
 >>> result = run_load("127.0.0.1:8001", ["你好", "3只鸡有几条腿？"], concurrency=4, requests=16)
 >>> print(result.summary())
@@ -7,12 +9,14 @@ token, tokens/s, and requests lost. ``glm-chat -c N -j C`` and ``scripts/bench_s
 from __future__ import annotations
 
 import concurrent.futures
+import random
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from .client import STREAM_ROUTER, ChatError, ChatGLMClient
+from .stats import percentile
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,21 @@ class LoadResult:
     def latency(self, q: float) -> float:
         return percentile([t.latency_s for t in self.timings], q)
 
+    def as_level(self) -> dict:
+        """This run as one ``levels`` entry of a service curve (``builder/deploy/curves.py``, the
+        format ``glm-build capacity`` reads): a closed loop at ``concurrency``."""
+        latencies = [t.latency_s for t in self.timings]
+        return {"concurrency": self.concurrency, "requests": len(self.timings), "lost": self.lost,
+                "duration_s": round(self.elapsed_s, 3), "tokens_per_s": round(self.tokens_per_s, 2),
+                "requests_per_s": round(len(self.timings) / self.elapsed_s, 3) if self.elapsed_s else 0.0,
+                "ttft_s": {f"p{round(q * 100)}": round(self.ttft(q), 4) for q in (0.5, 0.9, 0.95)},
+                "latency_s": {"mean": round(sum(latencies) / len(latencies), 4) if latencies else 0.0,
+                              "p50": round(self.latency(0.5), 4), "p95": round(self.latency(0.95), 4)},
+                "output_tokens": (sum(t.tokens for t in self.timings) / len(self.timings)
+                                  if self.timings else 0.0)}
+
     def as_dict(self) -> dict:
-        """One service-curve point (the format ``glm-build capacity`` reads)."""
+        """The run's figures, flat (one row of a benchmark's table)."""
         return {"concurrency": self.concurrency, "requests": len(self.timings), "lost": self.lost,
                 "elapsed_s": self.elapsed_s, f"{self.unit}_per_s": self.tokens_per_s,
                 "ttft_p50_s": self.ttft(0.5), "ttft_p95_s": self.ttft(0.95),
@@ -69,14 +86,6 @@ class LoadResult:
                 f"{self.tokens_per_s:.1f} {self.unit}/s; TTFT p50 {self.ttft(0.5) * 1000:.0f} ms "
                 f"p95 {self.ttft(0.95) * 1000:.0f} ms; per output {self.unit[:-1]} p50 "
                 f"{self.tpot(0.5) * 1000:.0f} ms p95 {self.tpot(0.95) * 1000:.0f} ms")
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile by nearest rank (0.0 for no values)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency: int, requests: int,
@@ -146,3 +155,52 @@ def _one(client: ChatGLMClient, prompt: str, model: str,
     tokens = count_tokens(last.response) if count_tokens else len(last.response)
     return RequestTiming(first if first is not None else latency, latency, tokens, last.variant,
                          started - origin)
+
+
+def run_arrivals(url: str, prompts: Sequence[str | tuple[str, int]], *, rate: float, requests: int,
+                 seed: int = 0, max_token: int = 256, temperature: float = 0.0,
+                 model: str = STREAM_ROUTER, count_tokens: Optional[Callable[[str], int]] = None,
+                 timeout_s: float = 600.0, max_in_flight: int = 64) -> LoadResult:
+    """``requests`` streamed chats arriving as a Poisson process of ``rate`` per second (an open
+    loop: arrivals do not wait for answers), at most ``max_in_flight`` at once. The result's
+    ``concurrency`` is ``max_in_flight``."""
+    if rate <= 0 or requests < 1:
+        raise ValueError(f"rate must be > 0 and requests >= 1, got {rate} and {requests}")
+    rng = random.Random(seed)
+    result = LoadResult(max_in_flight, 0.0, unit="tokens" if count_tokens else "chars")
+    local, lock = threading.local(), threading.Lock()
+    clients: list[ChatGLMClient] = []
+
+    def one(index: int) -> None:
+        client = getattr(local, "client", None)
+        if client is None:  # one client (and its open stream) per pool thread
+            client = local.client = ChatGLMClient(url, "grpc", temperature, max_token, timeout_s=timeout_s)
+            with lock:
+                clients.append(client)
+        prompt = prompts[index % len(prompts)]
+        if isinstance(prompt, tuple):
+            prompt, client.max_token = prompt
+        try:
+            timing = _one(client, prompt, model, count_tokens, start)
+        except ChatError as err:
+            with lock:
+                result.errors.append(str(err))
+            return
+        with lock:
+            result.timings.append(timing)
+
+    start = time.perf_counter()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_in_flight) as pool:
+            due, futures = 0.0, []
+            for index in range(requests):
+                due += rng.expovariate(rate)
+                time.sleep(max(0.0, start + due - time.perf_counter()))
+                futures.append(pool.submit(one, index))
+            for future in futures:
+                future.result()
+    finally:
+        for client in clients:
+            client.close()
+    result.elapsed_s = time.perf_counter() - start
+    return result

@@ -11,7 +11,7 @@ with mixed prompt lengths (about 16, 64 and 200 tokens, each asking ``--new-toke
 variant directly and to the streaming router, and the script prints aggregate generated tokens/s
 (from the variants' ``glm_generated_tokens_total`` metric), time to first token p50/p95, time per
 output token p50/p95 and requests lost, per target and level; ``--curves`` saves the router's
-points as the service curve ``glm-build capacity`` reads. With ``--checkpoint`` a synthetic
+levels as the service curve ``glm-build capacity`` reads (``builder/deploy/curves.py``'s format). With ``--checkpoint`` a synthetic
 checkpoint with ChatGLM2-6B's real layer shapes (written there if missing: 2 layers).
 
 Without ``--batched``:
@@ -42,7 +42,8 @@ from benchdoc import command_line, machine, write_section  # noqa: E402
 
 from builder.build import BuildOptions, build  # noqa: E402
 from builder.client import STREAM_ROUTER, ChatGLMClient  # noqa: E402
-from builder.loadtest import percentile  # noqa: E402
+from builder.deploy.curves import curve_record  # noqa: E402
+from builder.stats import percentile  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
 
 PROMPT = "你好"  # the tiny model answers it word for word: every request does the same work
@@ -153,8 +154,8 @@ def batched(args) -> None:
                     rows.append((target, point))
                     if args.ramp and level == 1:
                         ramp[target] = point["latency_p50_s"]
-                    if target == "chatglm2-6b-stream":
-                        curves.append(point)
+                    if target == STREAM_ROUTER:  # the service curve: tokens/s as the variants count
+                        curves.append(result.as_level() | {"tokens_per_s": round(point["tokens_per_s"], 2)})
                     print(f"{target} c={level}: {point['tokens_per_s']:.1f} tokens/s, TTFT p50 "
                           f"{point['ttft_p50_s'] * 1000:.0f} p95 {point['ttft_p95_s'] * 1000:.0f} ms, "
                           f"TPOT p50 {point['tpot_p50_s'] * 1000:.0f} ms, lost {point['lost']}", flush=True)
@@ -185,9 +186,13 @@ def batched(args) -> None:
         "", *lines])
     print(body)
     if args.curves:
-        args.curves.write_text(json.dumps({"checkpoint": label, "new_tokens": args.new_tokens,
-                                           "prompt_tokens": [m - args.new_tokens for _, m in prompts],
-                                           "points": curves}, indent=2) + "\n")
+        prompt_tokens = [m - args.new_tokens for _, m in prompts]
+        record = curve_record(
+            [{k: v for k, v in lv.items() if k != "output_tokens"} for lv in curves],
+            target=STREAM_ROUTER, profile="cpu",
+            prompt_tokens=sum(prompt_tokens) / len(prompt_tokens), output_tokens=args.new_tokens,
+            machine=machine(), command=command_line(), model=label)
+        args.curves.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.curves}")
     if args.out:
         write_section(args.out, "serving-batched" + ("" if checkpoint == TINY_CHECKPOINT else "-6b-shapes")

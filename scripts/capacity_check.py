@@ -17,124 +17,27 @@ Everything stays on 127.0.0.1; every loop is bounded in requests and time.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
-import queue
-import random
 import sys
 import tempfile
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-
-import numpy as np
-import tritonclient.grpc as grpcclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder import TINY_CHECKPOINT  # noqa: E402
 from builder.build import BuildOptions, build  # noqa: E402
-from builder.deploy.capacity import percentile, simulate_fleet  # noqa: E402
+from builder.client import STREAM_ROUTER  # noqa: E402
+from builder.deploy.capacity import simulate_fleet  # noqa: E402
 from builder.deploy.curves import ServiceCurve, curve_record  # noqa: E402
+from builder.loadtest import run_arrivals, run_load  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
 from builder.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 
 QUESTION = "3只鸡和2只兔子一共有几条腿？"
 MAX_TOKEN = 64
-
-
-class Asker:
-    """Streams QUESTION through the streaming router; one gRPC stream per thread, kept open across
-    its requests (opening and closing a stream per request costs the client more than the tiny model
-    costs the server, and would be measured as the server's)."""
-
-    def __init__(self, url: str):
-        self.url, self.local = url, threading.local()
-        self.tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")
-
-    def _stream(self):
-        state = getattr(self.local, "state", None)
-        if state is None:
-            client, answers = grpcclient.InferenceServerClient(self.url), queue.Queue()
-            client.start_stream(callback=lambda result, error: answers.put((result, error)))
-            state = self.local.state = (client, answers)
-        return state
-
-    def ask(self) -> tuple[float, float, int]:
-        """(time to first token, total time, answer tokens)."""
-        client, answers = self._stream()
-        inputs = []
-        for name, value in (("prompt", QUESTION), ("temperature", "0"), ("max_token", str(MAX_TOKEN)),
-                            ("history_len", "0")):
-            tensor = grpcclient.InferInput(name, [1], "BYTES")
-            tensor.set_data_from_numpy(np.array([value.encode()], dtype=object))
-            inputs.append(tensor)
-        history = grpcclient.InferInput("history", [0], "BYTES")
-        history.set_data_from_numpy(np.array([], dtype=object))
-        start = time.perf_counter()
-        client.async_stream_infer("chatglm2-6b-stream", inputs + [history],
-                                  enable_empty_final_response=True)
-        first, text = None, ""
-        while True:
-            result, error = answers.get(timeout=120)
-            if error is not None:
-                raise RuntimeError(str(error))
-            response = result.as_numpy("response")
-            if response is not None:
-                first = first or time.perf_counter() - start
-                text = response.reshape(-1)[0].decode()
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                break
-        return first, time.perf_counter() - start, len(self.tokenizer.encode(text))
-
-
-def closed_loop(asker: Asker, concurrency: int, requests: int) -> dict:
-    per_client = max(1, requests // concurrency)
-    ttft, total, tokens = [], [], []
-    lock = threading.Lock()
-
-    def client_loop():
-        for _ in range(per_client):
-            a, b, n = asker.ask()
-            with lock:
-                ttft.append(a), total.append(b), tokens.append(n)
-
-    asker.ask()  # warm the path
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    duration = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": len(ttft), "duration_s": round(duration, 3),
-            "tokens_per_s": round(sum(tokens) / duration, 2),
-            "requests_per_s": round(len(ttft) / duration, 3),
-            "ttft_s": {q: round(percentile(ttft, p), 4) for q, p in (("p50", 50), ("p90", 90),
-                                                                     ("p95", 95))},
-            "latency_s": {"mean": round(sum(total) / len(total), 4),
-                          **{q: round(percentile(total, p), 4) for q, p in (("p50", 50), ("p95", 95))}},
-            "output_tokens": sum(tokens) / len(tokens)}
-
-
-def open_loop(asker: Asker, rate: float, requests: int, seed: int) -> dict:
-    rng = random.Random(seed)
-    results = []
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        start = time.perf_counter()
-        due = 0.0
-        futures = []
-        for _ in range(requests):
-            due += rng.expovariate(rate)
-            time.sleep(max(0.0, start + due - time.perf_counter()))
-            futures.append(pool.submit(asker.ask))
-        results = [f.result() for f in futures]
-    ttft = [r[0] for r in results]
-    return {"rate": rate, "requests": requests, "ttft_p50_s": percentile(ttft, 50),
-            "ttft_p95_s": percentile(ttft, 95)}
 
 
 def main(argv=None) -> int:
@@ -158,11 +61,17 @@ def main(argv=None) -> int:
                             metrics_port=free_port(), address="127.0.0.1",
                             log_file=tmp / "server.log")
     load_before = os.getloadavg()
+    tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")
+    load = dict(max_token=MAX_TOKEN, model=STREAM_ROUTER,
+                count_tokens=lambda text: len(tokenizer.encode(text)))
     with TritonServer(options, ready_timeout=240) as server:
-        asker = Asker(server.urls["grpc"])
+        url = server.urls["grpc"]
+        run_load(url, [QUESTION], concurrency=1, requests=1, **load)  # warm the path
         levels = []
         for concurrency in (int(c) for c in args.levels.split(",")):
-            level = closed_loop(asker, concurrency, args.curve_requests)
+            per_client = max(1, args.curve_requests // concurrency)
+            level = run_load(url, [QUESTION], concurrency=concurrency,
+                             requests=per_client * concurrency, **load).as_level()
             levels.append(level)
             print(f"closed loop, concurrency {concurrency}: {level['tokens_per_s']} tokens/s, "
                   f"{level['requests_per_s']} req/s, TTFT p50 {level['ttft_s']['p50'] * 1000:.1f} ms "
@@ -170,8 +79,8 @@ def main(argv=None) -> int:
         output_tokens = sum(lv.pop("output_tokens") * lv["requests"] for lv in levels) / sum(
             lv["requests"] for lv in levels)
         record = curve_record(
-            levels, target="chatglm2-6b-stream", profile="cpu",
-            prompt_tokens=len(asker.tokenizer.build_chat_input(QUESTION)), output_tokens=round(output_tokens, 2),
+            levels, target=STREAM_ROUTER, profile="cpu",
+            prompt_tokens=len(tokenizer.build_chat_input(QUESTION)), output_tokens=round(output_tokens, 2),
             measured=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
                     f"average before {', '.join(f'{x:.2f}' for x in load_before)}",
@@ -185,7 +94,9 @@ def main(argv=None) -> int:
                  else [round(0.4 * peak, 2), round(0.75 * peak, 2)])
         rows = []
         for i, rate in enumerate(rates):
-            measured = open_loop(asker, rate, args.requests, args.seed + i)
+            arrivals = run_arrivals(url, [QUESTION], rate=rate, requests=args.requests,
+                                    seed=args.seed + i, **load)
+            measured = {"ttft_p50_s": arrivals.ttft(0.5), "ttft_p95_s": arrivals.ttft(0.95)}
             predicted = simulate_fleet(curve, replicas=1, rate=rate,
                                        prompt_tokens=curve.prompt_tokens,
                                        output_tokens=curve.output_tokens, seed=args.seed)

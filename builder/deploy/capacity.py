@@ -31,6 +31,7 @@ from typing import Optional
 
 import simpy
 
+from ..stats import percentile
 from .curves import ServiceCurve
 
 BALANCES = ("random", "least")
@@ -59,16 +60,6 @@ class FleetResult:
         return (f"{self.replicas:>3} replica(s): TTFT p50 {self.ttft_p50_s * 1000:7.1f} ms, "
                 f"p95 {self.ttft_p95_s * 1000:7.1f} ms; request p95 {self.latency_p95_s:6.2f} s; "
                 f"{self.in_flight_per_replica:.1f} in flight per replica")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100), linear between order statistics."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 class _Replica:
@@ -155,8 +146,8 @@ def simulate_fleet(curve: ServiceCurve, *, replicas: int, rate: float, prompt_to
     counted = range(warmup, requests)
     first = [ttft[k] for k in counted]
     whole = [latency[k] for k in counted]
-    return FleetResult(replicas=replicas, rate=rate, ttft_p50_s=percentile(first, 50),
-                       ttft_p95_s=percentile(first, 95), latency_p95_s=percentile(whole, 95),
+    return FleetResult(replicas=replicas, rate=rate, ttft_p50_s=percentile(first, 0.5),
+                       ttft_p95_s=percentile(first, 0.95), latency_p95_s=percentile(whole, 0.95),
                        latency_mean_s=sum(whole) / len(whole),
                        in_flight_per_replica=sum(r.area for r in fleet) / env.now / replicas,
                        requests=len(first))

@@ -21,7 +21,8 @@ The JSON format, ``glm-build.service-curve/1`` (one object; units in the names):
       ]
     }
 
-``scripts/bench_serving.py --curves`` writes the same figures flat, and is read as well::
+Every benchmark writes this format (``builder.loadtest.LoadResult.as_level`` makes a level). Files
+from before, which ``scripts/bench_serving.py --curves`` wrote flat, are still read::
 
     {"checkpoint": "...", "new_tokens": 24, "prompt_tokens": [28, 70, 196],
      "points": [{"concurrency": 1, "requests": 2, "elapsed_s": 5.1, "tokens_per_s": 9.5,
