@@ -111,7 +111,10 @@ def via_openai(http: httpx.Client, max_tokens: int) -> tuple[float, float, str]:
             if line == "data: [DONE]":
                 return first, time.perf_counter() - started, "".join(parts)
             if line.startswith("data: "):
-                delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                event = json.loads(line[6:])
+                if "error" in event:  # an error after the headers: OpenAI's body as an event
+                    raise RuntimeError(f"the gateway's stream failed: {event['error']}")
+                delta = event["choices"][0]["delta"].get("content")
                 if delta:
                     parts.append(delta)
                     first = first or time.perf_counter() - started
