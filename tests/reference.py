@@ -2,6 +2,9 @@
 
 Independent of the loader's name mapping: RMSNorm, rotary on the first half of each head with
 interleaved pairs (base 10000), multi-query attention with grouped K/V, SwiGLU, QKV bias.
+
+``rope_ratio`` as THUDM's two RotaryEmbedding versions apply it: ``rope="base"`` (ChatGLM3, GLM-4:
+``base = 10000 * rope_ratio``) or ``rope="positions"`` (ChatGLM2-6B-32k: ``seq_idx / rope_ratio``).
 """
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ def rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def rotary(x, positions, rot_dim):
+def rotary(x, positions, rot_dim, base=10000.0, position_divisor=1.0):
     """x [seq, heads, head_dim]; rotate pairs (x[2i], x[2i+1]) of the first rot_dim dims."""
-    theta = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))  # [rot/2]
-    angle = positions[:, None].double() * theta[None, :]  # [seq, rot/2]
+    theta = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))  # [rot/2]
+    angle = (positions[:, None].double() / position_divisor) * theta[None, :]  # [seq, rot/2]
     cos, sin = angle.cos()[:, None, :].to(x.dtype), angle.sin()[:, None, :].to(x.dtype)
     pairs = x[..., :rot_dim].reshape(*x.shape[:-1], rot_dim // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -27,8 +30,12 @@ def rotary(x, positions, rot_dim):
     return torch.cat([rotated, x[..., rot_dim:]], dim=-1)
 
 
-def forward(state: dict[str, torch.Tensor], config: ChatGLM2Config, ids: list[int]) -> torch.Tensor:
+def forward(state: dict[str, torch.Tensor], config: ChatGLM2Config, ids: list[int], *,
+            rope_ratio: float = 1.0, rope: str = "base") -> torch.Tensor:
     """Logits [seq, vocab] for one sequence."""
+    assert rope in ("base", "positions")
+    base = 10000.0 * rope_ratio if rope == "base" else 10000.0
+    divisor = rope_ratio if rope == "positions" else 1.0
     s = len(ids)
     nh, g, d = config.num_attention_heads, config.multi_query_group_num, config.kv_channels
     eps = config.layernorm_epsilon
@@ -42,7 +49,7 @@ def forward(state: dict[str, torch.Tensor], config: ChatGLM2Config, ids: list[in
         q = qkv[:, :nh * d].view(s, nh, d)
         k = qkv[:, nh * d:nh * d + g * d].view(s, g, d)
         v = qkv[:, nh * d + g * d:].view(s, g, d)
-        q, k = rotary(q, positions, d // 2), rotary(k, positions, d // 2)
+        q, k = (rotary(t, positions, d // 2, base, divisor) for t in (q, k))
         group_of_head = torch.arange(nh) // (nh // g)
         k, v = k[:, group_of_head], v[:, group_of_head]  # [seq, heads, head_dim]
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
