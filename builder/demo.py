@@ -6,7 +6,8 @@
 3. `glm-build deploy`: the Dockerfile and the Kubernetes / KServe manifests for that repository,
    into deploy/ beside it (where they are, what one pod asks for);
 4. start Triton on it (`glm-serve`), ask one question through the router, print the answer, the
-   variant that served it and the latency; stream one; ask a few at once;
+   variant that served it and the latency; stream one; ask a few at once; ask one through the
+   OpenAI-compatible endpoint with the `openai` SDK;
 5. print the memory report and stop the server.
 
     .venv/bin/python -m builder.demo
@@ -105,6 +106,7 @@ def serve_and_ask(repo: Path) -> None:
         print(f" {part.response}  (variant {part.variant})")
         client.close()
         ask_together(server.urls["grpc"])
+        ask_openai(server)
         print_report(repo)
         banner("stopping the server")
     left = [p.pid for p in psutil.process_iter() if _group_of(p) == group]
@@ -136,6 +138,25 @@ def ask_together(url: str) -> None:
     for question, result in zip(TOGETHER, results):
         print(f"{question} → {result.response}  ({result.variant}, {result.latency_s * 1000:.0f} ms)")
     print(f"all {len(TOGETHER)} answered in {(time.perf_counter() - start) * 1000:.0f} ms")
+
+
+def ask_openai(server) -> None:
+    """One question through the OpenAI-compatible endpoint (what `glm-serve` serves on 9000)."""
+    from openai import OpenAI
+
+    from .serving.openai.gateway import beside
+    from .serving.server import free_port
+
+    banner("the OpenAI API: client.chat.completions.create(model='chatglm2-6b', ...)")
+    with beside(server, free_port()) as gateway:
+        with OpenAI(base_url=gateway.url, api_key="unused", max_retries=0) as client:
+            start = time.perf_counter()
+            reply = client.chat.completions.create(
+                model="chatglm2-6b", messages=[{"role": "user", "content": QUESTION}],
+                temperature=0, max_tokens=128)
+        print(f"answer:  {reply.choices[0].message.content}\nserved:  {reply.system_fingerprint} "
+              f"(finish_reason {reply.choices[0].finish_reason}, {reply.usage.total_tokens} tokens, "
+              f"{(time.perf_counter() - start) * 1000:.0f} ms)")
 
 
 def _group_of(proc: psutil.Process) -> int | None:

@@ -34,6 +34,9 @@ def test_make_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert re.search(r"^ready in [\d.]+ s: HTTP 127\.0\.0\.1:\d+, gRPC 127\.0\.0\.1:\d+", text, re.M)
     assert re.search(rf"^answer:  {ANSWER}\d+条腿。\nvariant: fp16\nlatency: \d+ ms$", text, re.M)
     assert re.search(r"^streamed: \.+ \S.*  \(variant fp16\)$", text, re.M)
+    # ... and one through the OpenAI-compatible endpoint, with the openai SDK
+    assert re.search(rf"^OpenAI endpoint ready: http://127\.0\.0\.1:\d+/v1\n", text, re.M)
+    assert re.search(rf"^answer:  {ANSWER}\d+条腿。\nserved:  glm-fp16 \(finish_reason stop, \d+ tokens", text, re.M)
     # 5. the report, and nothing left running
     assert f"== memory report: {out / 'report.md'}\n# glm-build report" in text
     assert text.rstrip().endswith("== stopping the server\nstopped: no server or stub process left")
