@@ -129,18 +129,20 @@ def int4_rows(x: torch.Tensor, int4pack: torch.Tensor, scale: torch.Tensor, bloc
 
 
 # -- when to take the dense path ----------------------------------------------------------------------
-DENSE_ROWS = {8: 12, 4: 16}
+DENSE_ROWS = {"AVX512": {8: 16, 4: 32}, "AVX2": {8: 12, 4: 24}}
 """From this many rows on, a quantized projection runs :func:`int8_rows` / :func:`int4_rows` instead of
-the weight-only kernel. Measured with ``scripts/bench_quant_kernels.py`` on the 6B's four projection
-shapes, 2 threads, on an AMX host at both CPU capabilities (docs/benchmarks.md, "Quantized CPU
-kernels by rows"): the dense path is faster from 12 rows (int8) and 16 (int4) on each shape where
-the two cross. ``GLM_CPU_DENSE_ROWS=int8:N,int4:M`` overrides it (``0`` keeps the weight-only kernels)."""
+the weight-only kernel, per ``torch.backends.cpu.get_cpu_capability()`` (others: AVX2's). Measured
+with ``scripts/bench_quant_kernels.py`` on the 6B's four projection shapes, 2 threads, on an AMX host
+at both capabilities (docs/benchmarks.md, "Quantized CPU kernels by rows"): the smallest row count
+at which the dense path wins on most shapes. ``GLM_CPU_DENSE_ROWS=int8:N,int4:M`` overrides it
+(``0`` keeps the weight-only kernels)."""
 
 
 @functools.lru_cache(maxsize=None)
 def dense_rows(bits: int) -> int:
     """The row count from which ``bits``-bit projections take the dense path (0: never)."""
-    rows = dict(DENSE_ROWS)
+    capability = torch.backends.cpu.get_cpu_capability()
+    rows = dict(DENSE_ROWS.get(capability, DENSE_ROWS["AVX2"]))
     for item in filter(None, os.environ.get("GLM_CPU_DENSE_ROWS", "").split(",")):
         name, _, value = item.partition(":")
         if name.strip() not in ("int8", "int4") or not value.strip().isdigit():
@@ -149,3 +151,52 @@ def dense_rows(bits: int) -> int:
     if bits == 4 and int4pack_layout() is None:
         return 0  # torch packs int4 in a layout this module does not read: kernels only
     return rows[bits]
+
+
+# -- decode: which path is faster on this host ---------------------------------------------------------
+PROBE_MARGIN = 1.5
+"""The dense path must beat the weight-only kernel by this factor at one row before decode steps use
+it: it reads 2-4× the bytes, so only a kernel that is badly compute-bound on a host loses to it, and
+a noisy probe on a busy machine must not flip a memory-bound kernel over."""
+
+
+def decode_choice() -> str:
+    """``GLM_CPU_DECODE``: ``probe`` (the default: time both paths on each projection shape once),
+    ``kernel`` or ``dense``."""
+    choice = os.environ.get("GLM_CPU_DECODE", "probe")
+    if choice not in ("probe", "kernel", "dense"):
+        raise ValueError(f"GLM_CPU_DECODE must be probe, kernel or dense, got {choice!r}")
+    return choice
+
+
+_decode_paths: dict[tuple, str] = {}
+"""Per process: (bits, out, in, group) -> "dense" or "weight_only", from the first decode call."""
+
+
+def probe_decode(key: tuple, kernel, dense, x: torch.Tensor, repeats: int = 3) -> str:
+    """The faster path for a one-row call of this shape, timed on the layer's own weight (min of
+    ``repeats`` interleaved calls each, after a warm-up); decided once per shape per process."""
+    if key in _decode_paths:
+        return _decode_paths[key]
+    choice = decode_choice()
+    if choice != "probe":
+        return "dense" if choice == "dense" else "weight_only"
+    import time
+
+    row = x[:1]
+    best = {"weight_only": float("inf"), "dense": float("inf")}
+    kernel(row), dense(row)  # warm-up: first-call allocations and oneDNN's primitive cache
+    for _ in range(repeats):
+        for name, fn in (("weight_only", kernel), ("dense", dense)):
+            start = time.perf_counter()
+            fn(row)
+            best[name] = min(best[name], time.perf_counter() - start)
+    path = "dense" if best["dense"] * PROBE_MARGIN < best["weight_only"] else "weight_only"
+    _decode_paths[key] = path
+    return path
+
+
+def decode_paths() -> dict[str, str]:
+    """What the probes chose in this process: ``{"int8 27392x4096": "weight_only", ...}``."""
+    return {f"int{bits} {out}x{inp}" + (f" g{group}" if group else ""): path
+            for (bits, out, inp, group), path in sorted(_decode_paths.items())}

@@ -403,24 +403,38 @@ class QuantizedLinear(torch.nn.Module):
     def cpu_path(self, rows: int) -> str:
         """Which CPU path a call with ``rows`` rows takes: ``"dense"`` (dequantize a block of weight
         rows to bfloat16, oneDNN's matmul: prefills and large batches) or ``"weight_only"`` (torch's
-        int8/int4 kernel: decode steps)."""
+        int8/int4 kernel); below the threshold, what the decode probe chose for this shape (the
+        kernel until a call has probed it)."""
         threshold = cpu_quant.dense_rows(self.bits)
-        return "dense" if threshold and rows >= threshold else "weight_only"
+        if threshold and rows >= threshold:
+            return "dense"
+        return cpu_quant._decode_paths.get(self._shape_key(), "weight_only") if threshold else "weight_only"
+
+    def _shape_key(self) -> tuple:
+        return (self.bits, self.out_features, self.in_features, self.group_size)
+
+    def _cpu_paths(self):
+        """(weight-only kernel, dense path), each a function of bfloat16 rows [rows, in]."""
+        if self.kernel == "cpu_int8":
+            scale = self.weight_scale.to(torch.bfloat16)
+            return (lambda x: torch.ops.aten._weight_int8pack_mm(x, self.weight, scale),
+                    lambda x: cpu_quant.int8_rows(x, self.weight, scale))
+        scale = self.scales_and_zeros[..., 0] if self.group_size else self.weight_scale.to(torch.bfloat16)
+        return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x, self.weight_int4pack, self.kernel_group_size, self.scales_and_zeros),
+                lambda x: cpu_quant.int4_rows(x, self.weight_int4pack, scale, cpu_quant.int4pack_layout()))
 
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] bfloat16 (the int8 kernel is ~10x faster with bfloat16 activations than
         float32 ones) -> [rows, out] bfloat16."""
-        dense = self.cpu_path(x.shape[0]) == "dense"
-        if self.kernel == "cpu_int8":
-            scale = self.weight_scale.to(torch.bfloat16)
-            if dense:
-                return cpu_quant.int8_rows(x, self.weight, scale)
-            return torch.ops.aten._weight_int8pack_mm(x, self.weight, scale)
-        if dense:
-            scale = self.scales_and_zeros[..., 0] if self.group_size else self.weight_scale.to(torch.bfloat16)
-            return cpu_quant.int4_rows(x, self.weight_int4pack, scale, cpu_quant.int4pack_layout())
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.weight_int4pack, self.kernel_group_size, self.scales_and_zeros)
+        kernel, dense = self._cpu_paths()
+        threshold = cpu_quant.dense_rows(self.bits)
+        if threshold and x.shape[0] >= threshold:
+            return dense(x)
+        if threshold:  # a decode step: the path this host runs faster, probed once per shape
+            if cpu_quant.probe_decode(self._shape_key(), kernel, dense, x) == "dense":
+                return dense(x)
+        return kernel(x)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""

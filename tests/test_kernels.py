@@ -198,7 +198,8 @@ def dense_from(monkeypatch):
     from builder import cpu_quant
 
     def set_rows(rows: int) -> None:
-        monkeypatch.setattr(cpu_quant, "DENSE_ROWS", {8: rows, 4: rows})
+        table = {capability: {8: rows, 4: rows} for capability in cpu_quant.DENSE_ROWS}
+        monkeypatch.setattr(cpu_quant, "DENSE_ROWS", table)
         cpu_quant.dense_rows.cache_clear()
     yield set_rows
     cpu_quant.dense_rows.cache_clear()
@@ -261,6 +262,7 @@ def test_a_prefill_takes_the_dense_path_and_a_decode_step_the_kernel(monkeypatch
     from builder import cpu_quant
 
     cpu_quant.dense_rows.cache_clear()
+    monkeypatch.setenv("GLM_CPU_DECODE", "kernel")  # decode steps: no probe (tested below)
     model, _ = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=torch.bfloat16)
     calls = {"dense": 0, "weight_only": 0}
     dense_fn = {8: "int8_rows", 4: "int4_rows"}[bits]
@@ -278,7 +280,7 @@ def test_a_prefill_takes_the_dense_path_and_a_decode_step_the_kernel(monkeypatch
 
     monkeypatch.setattr(cpu_quant, dense_fn, dense)
     monkeypatch.setattr(torch.ops.aten, kernel_name, kernel)
-    prompt = torch.tensor([IDS[0] * 2])  # 24 tokens, above every threshold
+    prompt = torch.tensor([IDS[0] * 3])  # 36 tokens, above every threshold
     assert prompt.shape[1] >= cpu_quant.dense_rows(bits) > 1
     from transformers import DynamicCache
 
@@ -289,6 +291,37 @@ def test_a_prefill_takes_the_dense_path_and_a_decode_step_the_kernel(monkeypatch
         calls.update(dense=0, weight_only=0)
         model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
         assert calls["weight_only"] > 0 and calls["dense"] == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_path_is_probed_once_per_shape(monkeypatch, bits):
+    """A one-row call times both paths on the layer's own weight, once per shape; the answer is the
+    same whichever path won."""
+    from builder import cpu_quant
+
+    monkeypatch.setattr(cpu_quant, "_decode_paths", {})
+    monkeypatch.delenv("GLM_CPU_DECODE", raising=False)
+    layer = QuantizedLinear.from_float(torch.randn(128, 512) * 0.05, None, bits)
+    x = torch.randn(1, 512).to(torch.bfloat16)
+    expected = cpu_quant.int8_rows(x, layer.weight, layer.weight_scale.to(torch.bfloat16)) if bits == 8 \
+        else cpu_quant.int4_rows(x, layer.weight_int4pack, layer.weight_scale.to(torch.bfloat16),
+                                 cpu_quant.int4pack_layout())
+    y = layer(x)
+    key = (bits, 128, 512, None)
+    assert cpu_quant._decode_paths[key] in ("weight_only", "dense") and len(cpu_quant._decode_paths) == 1
+    assert layer.cpu_path(1) == cpu_quant._decode_paths[key]
+    assert cpu_quant.decode_paths() == {f"int{bits} 128x512": cpu_quant._decode_paths[key]}
+    assert torch.allclose(y.float(), expected.float(), rtol=0, atol=float(expected.abs().max()) * 2 ** -7)
+    monkeypatch.setattr(cpu_quant, "_decode_paths", {})
+    monkeypatch.setenv("GLM_CPU_DECODE", "dense")
+    calls = []
+    real = cpu_quant.int8_rows if bits == 8 else cpu_quant.int4_rows
+    monkeypatch.setattr(cpu_quant, real.__name__, lambda *a: calls.append(1) or real(*a))
+    layer(x)
+    assert calls and not cpu_quant._decode_paths  # forced: nothing probed
+    monkeypatch.setenv("GLM_CPU_DECODE", "fastest")
+    with pytest.raises(ValueError, match="GLM_CPU_DECODE"):
+        layer(x)
 
 
 QUESTIONS = ["你好", "3 只鸡和 2 只兔共有几条腿？", "1 加 2 等于几？", "4 只兔有几条腿？"]
