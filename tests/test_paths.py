@@ -28,7 +28,8 @@ from builder.serving import cli
 from builder.serving.load_causes import LoadCauses
 from builder.serving.params import resolve_path
 from builder.serving.server import TritonServer
-from builder.serving.stub_paths import ALIASES_ENV, StubPaths, model_paths, stub_safe
+from builder.serving.params import ALIASES_ENV
+from builder.serving.stub_paths import StubPaths, model_paths, stub_safe
 
 from conftest import LIVE_LIMITS
 from test_server import group_processes, loopback_options, write_model

@@ -22,6 +22,8 @@ _LOADED = re.compile(r"successfully loaded '(?P<model>[^']+)'")
 _FAILED = re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<cause>.*?)\"?$")
 _TABLE = re.compile(r"^\| (?P<model>\S+) +\| \d+ +\| UNAVAILABLE: (?P<cause>.*?) *\|$")
 _NOISE = ("NVML", "DCGM")  # a CPU host's GPU-monitoring complaints, once loading is over
+# the rest of a stub's Python traceback ("At:", then one frame a line): its first line is the cause
+_TRACEBACK = re.compile(r"^(At:$|<frozen [\w.]+>\(\d+\)|\S.*\(\d+\): \S)")
 
 
 def _first_line(text: str) -> str:
@@ -65,7 +67,7 @@ class LoadCauses:
 
     def _untagged(self, line: str) -> None:
         loading = [m for m, state in self.states.items() if state == "loading"]
-        if not loading or any(word in line for word in _NOISE):
+        if not loading or any(word in line for word in _NOISE) or _TRACEBACK.match(line):
             return
         for model in loading:  # a stub line that names its model's file (".../NAME/1/model.py")
             if f"/{model}/" in line:

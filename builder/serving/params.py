@@ -13,21 +13,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Optional, get_type_hints
 
 
 class ParameterError(ValueError):
     """A generated config.pbtxt lacks a parameter or holds a bad value (a build bug or a hand edit)."""
 
 
+ALIASES_ENV = "GLM_SERVE_PATH_ALIASES"  # {path the stub computes: its alias}, JSON, ASCII only
+
+
+def alias_for(path: Path, aliases: Optional[dict[str, str]] = None) -> Path:
+    """``path`` as the stub must open it: its alias when glm-serve made one, else itself.
+
+    ``aliases`` defaults to what glm-serve put in :data:`ALIASES_ENV` (empty outside glm-serve).
+    """
+    if aliases is None:
+        aliases = json.loads(os.environ.get(ALIASES_ENV) or "{}")
+    return Path(aliases.get(str(path), path))
+
+
 def resolve_path(path: Path, model_dir: Path) -> Path:
     """``path`` from a model's parameters, resolved against ``model_dir`` (the model's folder)
     unless it is absolute; under glm-serve, the plain-ASCII alias it made for a path the stub
-    cannot open (:mod:`.stub_paths`)."""
-    from .stub_paths import alias_for
-
+    cannot open (:mod:`.stub_paths` makes them)."""
     path = Path(path)
     return alias_for(path if path.is_absolute() else Path(model_dir) / path)
 

@@ -7,7 +7,7 @@ stub embeds Python with an isolated configuration that encodes file names as ASC
 the stub such a path: it serves the repository through a symbolic link with a plain name in a
 private runtime folder of its own (mode 0700, removed when it stops), and does the same for every
 path a model's parameters lead the stub to (``checkpoint``, ``tokenizer``: a ``--weights-uri``
-mount, a hand-edited config). The stub learns those aliases from :data:`ALIASES_ENV`, JSON in
+mount, a hand-edited config). The stub learns those aliases from :data:`~.params.ALIASES_ENV`, JSON in
 ASCII, through :func:`builder.serving.params.resolve_path`.
 
 >>> paths = StubPaths.open(Path("my 模型 repo"))
@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
-ALIASES_ENV = "GLM_SERVE_PATH_ALIASES"  # {path the stub computes: its alias}, JSON, ASCII only
+from .params import ALIASES_ENV, RouterParameters, VariantParameters
+
 # What bash leaves alone in an unquoted word and an ASCII codec encodes: anything else gets an alias.
 _SAFE = re.compile(r"[A-Za-z0-9_./+,:@%=-]*")
 _PREFIX = "glm-serve-"
@@ -39,16 +40,6 @@ def stub_safe(path) -> bool:
     (True, False, False)
     """
     return bool(_SAFE.fullmatch(str(path)))
-
-
-def alias_for(path: Path, aliases: Optional[dict[str, str]] = None) -> Path:
-    """``path`` as the stub must open it: its alias when glm-serve made one, else itself.
-
-    ``aliases`` defaults to what glm-serve put in :data:`ALIASES_ENV` (empty outside glm-serve).
-    """
-    if aliases is None:
-        aliases = json.loads(os.environ.get(ALIASES_ENV) or "{}")
-    return Path(aliases.get(str(path), path))
 
 
 def runtime_base() -> Path:
@@ -66,7 +57,6 @@ def path_parameters() -> tuple[str, ...]:
     dataclasses): ``('checkpoint', 'tokenizer')``."""
     from typing import get_type_hints
 
-    from .params import RouterParameters, VariantParameters
 
     names = []
     for cls in (VariantParameters, RouterParameters):
