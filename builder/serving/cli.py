@@ -4,7 +4,7 @@
     glm-serve generated_repo --address 10.0.0.5 -- --grpc-use-ssl=true --grpc-server-cert=cert.pem ...
 
 Arguments after ``--`` go to ``tritonserver`` as they are (TLS, thread counts), except the flags
-glm-serve manages itself (model control and the restricted protocols). The CLI only parses and calls ``builder.serving.server.serve``.
+glm-serve manages itself (model control and the restricted protocols). The CLI only parses and calls ``builder.serving.service.serve``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .server import ServerNotFoundError, ServerOptions, ServerStartError, serve
+from .server import ServerNotFoundError, ServerOptions, ServerStartError
+from .service import serve
 
 
 def _seconds(text: str) -> float:

@@ -414,28 +414,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def serve(options: ServerOptions, out: Optional[IO[str]] = None, ready_timeout: float = 300.0,
-          openai_port: int = 0, openai_api_key: Optional[str] = None) -> int:
-    """Run a server until it exits or we are interrupted; its exit code.
-
-    Prints the endpoints once ready. ``openai_port``: also serve the OpenAI-compatible ``/v1``
-    there (0: not), started once the router is ready and stopped first
-    (:mod:`.openai.gateway`). Ctrl-C (KeyboardInterrupt) stops the server and every stub,
-    then propagates.
-
-    >>> serve(ServerOptions("generated_repo"))   # what `glm-serve generated_repo` does
-    """
-    out = out or sys.stdout
-    with TritonServer(options, ready_timeout=ready_timeout) as server:
-        urls = server.urls
-        print(
-            f"Triton ready (pid {server.pid}): HTTP {urls['http']}  gRPC {urls['grpc']}  metrics {urls['metrics']}",
-            file=out,
-            flush=True,
-        )
-        from .openai.gateway import beside
-
-        with beside(server, openai_port, openai_api_key, out):
-            return server.wait()

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..server import ServerStartError
+
 API_KEY_ENV = "GLM_OPENAI_API_KEY"
 DEFAULT_PORT = 9000
 log = logging.getLogger("glm-build.openai")
@@ -150,8 +152,6 @@ def beside(server, port: int, api_key: Optional[str] = None, out=None, ready_tim
     options = GatewayOptions(server.options.model_repository, server.urls["grpc"], port=port,
                              address=server.options.address, api_key=api_key)
     gateway = OpenAIGateway(options)
-    from ..server import ServerStartError
-
     try:
         gateway.start().wait_ready(ready_timeout)
     except BaseException as err:
