@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from .config import CHATGLM2_6B
+from .model.family import FAMILIES, SPECS, FamilyError, detect_family
 from .plan import CPU_DTYPES, PRECISIONS, Plan, make_plan
 from .profiles import load_profile
 from .render import QUANTIZE_AT, WEIGHTS, check_weights_uri, render_repository
 from .routing import FALLBACKS
 from .report import ModelSource, format_summary
 
-SPECS = {"chatglm2-6b": CHATGLM2_6B}  # --spec NAME: plan a model from its config alone
 DEFAULT_OUT = Path("generated_repo")
 
 
@@ -66,6 +65,7 @@ class BuildOptions:
     weights: str = "link"  # the checkpoint into the repository: hard links where possible, or "copy"
     weights_uri: Optional[str] = None  # or: the path where the deployment mounts the checkpoint
     cpu_dtype: str = "bfloat16"  # what the fp16 variant computes in on a CPU (plan.Variant.dtype)
+    family: Optional[str] = None  # a GLM family name instead of detecting it (builder.model.family)
 
     def __post_init__(self):
         quant = self.quant.split(",") if isinstance(self.quant, str) else list(self.quant)
@@ -109,6 +109,8 @@ class BuildOptions:
                 raise BuildError(str(err)) from None
         if self.fallback not in FALLBACKS:
             raise BuildError(f"fallback: must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}")
+        if self.family is not None and self.family not in FAMILIES:
+            raise BuildError(f"family: unknown {self.family!r}; known: {', '.join(FAMILIES)}")
         if self.cpu_dtype not in CPU_DTYPES:
             raise BuildError(f"cpu_dtype: must be one of {', '.join(CPU_DTYPES)}, got {self.cpu_dtype!r}")
 
@@ -119,6 +121,7 @@ class BuildOptions:
                 "min_tokens": self.min_tokens, "quantize_at": self.quantize_at,
                 "limits": dict(self.limits), "force": self.force, "fallback": self.fallback,
                 "weights": self.weights, "weights_uri": self.weights_uri, "cpu_dtype": self.cpu_dtype,
+                "family": self.family,
                 "profile_dir": None if self.profile_dir is None else str(self.profile_dir)}
 
 
@@ -175,7 +178,7 @@ def resolve_model(options: BuildOptions) -> ModelSource:
     from .checkpoint import check_checkpoint
 
     if options.spec is not None:
-        return ModelSource.spec()
+        return ModelSource.spec(options.spec)
     if options.model is None:
         config = check_checkpoint(TINY_CHECKPOINT)
         return ModelSource(config, "the embedded demo model (a tiny ChatGLM2, not ChatGLM2-6B)",
@@ -188,9 +191,14 @@ def resolve_model(options: BuildOptions) -> ModelSource:
     else:
         raise BuildError(f"model: {options.model!r} is not a checkpoint folder (nor a hub id "
                          f"like THUDM/chatglm2-6b)")
-    config = check_checkpoint(folder)
-    label = "ChatGLM2-6B" if config == CHATGLM2_6B else f"the ChatGLM2 checkpoint {options.model}"
-    return ModelSource(config, label, options.model, folder)
+    try:
+        family = detect_family(folder, options.family)
+    except FamilyError as err:
+        raise BuildError(f"model: {err}") from None
+    config = check_checkpoint(folder, family.name)
+    label = (family.display_name if config == family.spec
+             else f"the {family.display_name} checkpoint {options.model}")
+    return ModelSource(config, label, options.model, folder, family=family.name)
 
 
 def _check_prequantized(source: ModelSource, options: BuildOptions) -> None:
@@ -217,7 +225,8 @@ def build(options: BuildOptions, *, progress: bool = True) -> BuildResult:
     _check_prequantized(source, options)
     plan = make_plan(source.config, options.quant, profile, max_tokens=options.max_tokens,
                      min_tokens=options.min_tokens, limits_override=options.limits,
-                     model_label=source.label, cpu_dtype=options.cpu_dtype)
+                     model_label=source.label, cpu_dtype=options.cpu_dtype,
+                     model_name=source.family)
     if options.dry_run:
         return BuildResult(plan, source, None)
     out = render_repository(plan, checkpoint=source.checkpoint, out=options.out,

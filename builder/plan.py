@@ -88,14 +88,17 @@ class PlacementError(ValueError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One precision of the model, served by its own Triton model ``chatglm2-6b-<precision>``.
+    """One precision of the model, served by its own Triton model ``<model>-<precision>``.
 
     >>> v = Variant("int4")
     >>> v.bits, v.group_size, v.name
     (4, None, 'chatglm2-6b-int4')
+    >>> Variant("int4", "glm-4-9b-chat").name
+    'glm-4-9b-chat-int4'
     """
 
     precision: str  # a key of PRECISIONS
+    model: str = MODEL_NAME  # the model's name (its family's, builder.model.family): the router's
     bits: int = field(init=False)  # 16 (not quantized), 8 or 4
     group_size: int | None = field(init=False)  # None: one scale per output row
 
@@ -109,7 +112,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"{MODEL_NAME}-{self.precision}"
+        return f"{self.model}-{self.precision}"
 
     @property
     def rank(self) -> int:
@@ -133,8 +136,8 @@ class Variant:
         return cpu_dtype if self.bits == 16 else "bfloat16"
 
 
-def variants_of(precisions: Iterable[str] | str) -> tuple[Variant, ...]:
-    """``"fp16,int4"`` or ``["int4", "fp16"]`` → variants, highest precision first.
+def variants_of(precisions: Iterable[str] | str, model: str = MODEL_NAME) -> tuple[Variant, ...]:
+    """``"fp16,int4"`` or ``["int4", "fp16"]`` → variants of ``model``, highest precision first.
 
     >>> [v.name for v in variants_of("int4,fp16")]
     ['chatglm2-6b-fp16', 'chatglm2-6b-int4']
@@ -146,7 +149,7 @@ def variants_of(precisions: Iterable[str] | str) -> tuple[Variant, ...]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"precision {', '.join(duplicates)} asked more than once")
-    return tuple(sorted((Variant(n) for n in names), key=lambda v: v.rank))
+    return tuple(sorted((Variant(n, model) for n in names), key=lambda v: v.rank))
 
 
 def phase_breakdown(config: ChatGLM2Config, variant: Variant, tokens: int, phase: str,
@@ -255,6 +258,11 @@ class Plan:
             variants=tuple(p.variant.name for p in self.placements if p.device == i))
             for i in indices)
 
+    @property
+    def model_name(self) -> str:
+        """The model's name: the router's; variants are ``<model_name>-<precision>``."""
+        return self.placements[0].variant.model if self.placements else MODEL_NAME
+
     def limits(self) -> dict[str, int]:
         """{model name: routing limit in tokens}, highest precision first."""
         return {p.variant.name: p.max_tokens for p in self.placements}
@@ -266,7 +274,7 @@ class Plan:
     def as_dict(self) -> dict:
         """For build.json (bytes as integers)."""
         return {
-            "profile": self.profile.label, "max_tokens": self.max_tokens,
+            "model_name": self.model_name, "profile": self.profile.label, "max_tokens": self.max_tokens,
             "min_tokens": self.min_tokens,
             "placements": [{"name": p.variant.name, "precision": p.variant.precision,
                             "bits": p.variant.bits, "group_size": p.variant.group_size,
@@ -380,14 +388,16 @@ def placement_error(config: ChatGLM2Config, variants: Sequence[Variant], profile
 def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: GpuProfile, *,
               max_tokens: int | None = None, min_tokens: int = 2048,
               limits_override: Mapping[str, int] | None = None,
-              model_label: str | None = None, cpu_dtype: str = "bfloat16") -> Plan:
+              model_label: str | None = None, cpu_dtype: str = "bfloat16",
+              model_name: str = MODEL_NAME) -> Plan:
     """Place the variants of ``precisions`` on ``profile`` and give each a routing limit.
 
     ``max_tokens``: no limit above it (default ``config.seq_length``). ``min_tokens``: every
     variant must take requests this long (capped at ``max_tokens``). ``limits_override``:
     {precision or model name: tokens} replacing computed limits; each must fit with the others
     at their floor. ``model_label`` names the model in errors. ``cpu_dtype``: what the fp16 variant
-    computes in on a CPU (:meth:`Variant.dtype`).
+    computes in on a CPU (:meth:`Variant.dtype`). ``model_name`` names the router and the variants
+    (``glm-4-9b-chat`` → ``glm-4-9b-chat-int4``).
 
     >>> from builder import CHATGLM2_6B, load_profile
     >>> make_plan(CHATGLM2_6B, "int4", load_profile("p40")).devices[0].headroom_bytes > 10 * GIB
@@ -396,7 +406,7 @@ def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: 
     Traceback (most recent call last):
     builder.plan.PlacementError: cannot place fp16+int8+int4 of ChatGLM2-6B on p40 ...
     """
-    variants = variants_of(precisions)
+    variants = variants_of(precisions, model_name)
     if model_label is None:
         model_label = "ChatGLM2-6B" if config == CHATGLM2_6B else "this model"
     if max_tokens is None:

@@ -41,7 +41,6 @@ from typing import Iterable
 
 import jinja2
 
-from .checkpoint import TOKENIZER_FILE
 from .plan import KV_PAGE_SIZE, MODEL_NAME, Plan
 from .report import ModelSource, build_record, glm_build_version, write_report
 
@@ -49,8 +48,12 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "assets" / "variants"
 QUANTIZE_AT = ("initialize", "build")
 WEIGHTS = ("link", "copy")  # how the checkpoint gets into the repository (unless weights_uri)
 WEIGHTS_DIR = "1/weights"  # a variant's weights, relative to its model folder
-TOKENIZER_IN_ROUTER = "1/tokenizer.model"  # a router's tokenizer, relative to its model folder
-ROUTERS = ((MODEL_NAME, False), (f"{MODEL_NAME}-stream", True))  # (name, decoupled)
+ROUTER_FILES = "1"  # a router's tokenizer file sits here, relative to its model folder
+
+
+def routers(plan: Plan) -> tuple[tuple[str, bool], ...]:
+    """``(name, decoupled)`` of the plan's two routers: ``glm-4-9b-chat``, ``glm-4-9b-chat-stream``."""
+    return ((plan.model_name, False), (f"{plan.model_name}-stream", True))
 # Router processes per router model: {decoupled: count}. The one-response router answers from
 # execute(), so each of its instances carries one request at a time; the streaming router
 # answers from threads and takes any number with two.
@@ -221,11 +224,15 @@ def _quantize_weights(plan: Plan, checkpoint: Path, staging: Path, progress: boo
     return done
 
 
-def checkpoint_files(checkpoint: Path) -> list[Path]:
-    """What loading ``checkpoint`` reads: config, tokenizer, index files and weight shards."""
+def checkpoint_files(checkpoint: Path, family: str = MODEL_NAME) -> list[Path]:
+    """What loading ``checkpoint`` reads: config, its family's tokenizer file (and
+    ``tokenizer_config.json`` where there is one), index files and weight shards."""
     from .checkpoint import CONFIG_FILE, weight_files
+    from .model.family import TOKENIZER_CONFIG_FILE, get_family
 
-    names = [CONFIG_FILE, TOKENIZER_FILE] + sorted(p.name for p in checkpoint.glob("*.index.json"))
+    names = [CONFIG_FILE, get_family(family).tokenizer_file]
+    names += [TOKENIZER_CONFIG_FILE] if (checkpoint / TOKENIZER_CONFIG_FILE).is_file() else []
+    names += sorted(p.name for p in checkpoint.glob("*.index.json"))
     return [checkpoint / n for n in names] + weight_files(checkpoint)
 
 
@@ -244,12 +251,12 @@ def _put(src: Path, dst: Path, mode: str) -> str:
 
 
 def _place_checkpoint(plan: Plan, checkpoint: Path, staging: Path, mode: str,
-                      quantized: set[str]) -> dict:
+                      quantized: set[str], family: str) -> dict:
     """Put the checkpoint into ``<variant>/1/weights`` of every variant that loads it as it is
     (fp16, or quantized at initialize): linked or copied from ``checkpoint`` once, then hard-linked
     between the variants. Returns what build.json records."""
     counts = {"linked": 0, "copied": 0, "shared": 0}
-    files = checkpoint_files(checkpoint)  # listed once (it reads the index)
+    files = checkpoint_files(checkpoint, family)  # listed once (it reads the index)
     first = None
     for placement in plan.placements:
         if placement.variant.precision in quantized:
@@ -283,31 +290,35 @@ def check_weights_uri(uri: str) -> str:
 def render_models(plan: Plan, staging: Path, *, checkpoint: Path, quantize_at: str,
                   model_label: str, quantized: set[str] = frozenset(),
                   weights_uri: str | None = None, templates_dir: Path | None = None,
-                  fallback: str = "lower") -> None:
+                  fallback: str = "lower", family: str = MODEL_NAME) -> None:
     """The variant and router models (config.pbtxt + 1/model.py, the routers' tokenizer) into
     ``staging``; ``quantized``: precisions whose weights ``quantize_at="build"`` wrote."""
+    from .model.family import get_family
+
     env = template_environment(templates_dir)
+    tokenizer_file = get_family(family).tokenizer_file
     common = {"glm_build_version": glm_build_version(), "model_label": model_label,
-              "profile_label": plan.profile.label, "seq_length": plan.config.seq_length}
+              "profile_label": plan.profile.label, "seq_length": plan.config.seq_length,
+              "family": family}
     for p in plan.placements:
         quantized_here = p.variant.precision in quantized
         weights = weights_uri if weights_uri and not quantized_here else WEIGHTS_DIR
         context = dict(common, variant=p.variant, device=p.device, dtype=p.dtype,
                        max_tokens=p.max_tokens, kv_blocks=p.kv_blocks, kv_page_size=KV_PAGE_SIZE,
                        max_batch_tokens=p.max_batch_tokens, checkpoint=weights,
-                       tokenizer=f"{weights}/{TOKENIZER_FILE}",
+                       tokenizer=f"{weights}/{tokenizer_file}",
                        # fp16 has nothing to quantize: it always loads the checkpoint as it is
                        quantize_at=quantize_at if quantized_here else "initialize")
         folder = staging / p.variant.name
         _write(env, "variant.config.pbtxt.j2", folder / "config.pbtxt", context)
         _write(env, "variant.model.py.j2", folder / "1" / "model.py", context)
-    for name, decoupled in ROUTERS:
+    for name, decoupled in routers(plan):
         context = dict(common, name=name, decoupled=decoupled, fallback=fallback,
-                       tokenizer=TOKENIZER_IN_ROUTER,
+                       tokenizer=f"{ROUTER_FILES}/{tokenizer_file}",
                        routing=plan.routing_table().to_json(), instances=ROUTER_INSTANCES[decoupled])
         _write(env, "router.config.pbtxt.j2", staging / name / "config.pbtxt", context)
         _write(env, "router.model.py.j2", staging / name / "1" / "model.py", context)
-        shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / name / TOKENIZER_IN_ROUTER)
+        shutil.copyfile(checkpoint / tokenizer_file, staging / name / ROUTER_FILES / tokenizer_file)
 
 
 def _portable(text: str | None, out: Path) -> str | None:
@@ -376,11 +387,14 @@ def render_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, fo
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if weights_uri is not None:
         weights_uri = check_weights_uri(weights_uri)
-    if not (checkpoint / TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} has no {TOKENIZER_FILE}")
-    check_output(out, force)
     source = source or ModelSource(plan.config, f"the checkpoint {checkpoint.name}",
-                                   str(checkpoint), checkpoint)
+                                   str(checkpoint), checkpoint, family=plan.model_name)
+    from .model.family import get_family
+
+    tokenizer_file = get_family(source.family).tokenizer_file
+    if not (checkpoint / tokenizer_file).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {tokenizer_file}")
+    check_output(out, force)
     # the reports name what the user gave, not where it lies on this machine
     label = source.label
     for path in (source.source, str(checkpoint)):
@@ -395,10 +409,10 @@ def render_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, fo
         quantized = (_quantize_weights(plan, checkpoint, staging, progress)
                      if quantize_at == "build" else set())
         counts = ({"linked": 0, "copied": 0, "shared": 0} if weights_uri else
-                  _place_checkpoint(plan, checkpoint, staging, weights, quantized))
+                  _place_checkpoint(plan, checkpoint, staging, weights, quantized, source.family))
         render_models(plan, staging, checkpoint=checkpoint, quantize_at=quantize_at,
                       model_label=reported.label, quantized=quantized, weights_uri=weights_uri,
-                      templates_dir=templates_dir, fallback=fallback)
+                      templates_dir=templates_dir, fallback=fallback, family=source.family)
         record = build_record(plan, reported, quantize_at=quantize_at, options=options,
                               templates_dir=templates_dir)
         record["weights"] = weights_record(plan, staging, mode=weights, weights_uri=weights_uri,

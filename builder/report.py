@@ -41,11 +41,15 @@ class ModelSource:
     source: str  # what the user gave: a folder, a hub id, "--spec chatglm2-6b", "" (embedded)
     checkpoint: Path | None = None  # the resolved checkpoint folder; None for --spec
     is_demo: bool = False  # the embedded tiny checkpoint, not ChatGLM2-6B
+    family: str = "chatglm2-6b"  # its family (builder.model.family): names the repository's models
 
     @classmethod
-    def spec(cls) -> "ModelSource":
-        """``--spec chatglm2-6b``: the real model from its config alone, no weights."""
-        return cls(CHATGLM2_6B, "ChatGLM2-6B", "--spec chatglm2-6b")
+    def spec(cls, name: str = "chatglm2-6b") -> "ModelSource":
+        """``--spec NAME``: a published model from its config alone, no weights."""
+        from .model.family import get_family
+
+        family = get_family(name)
+        return cls(family.spec, family.display_name, f"--spec {name}", family=name)
 
     @property
     def parameters(self) -> int:

@@ -92,7 +92,7 @@ def test_variant_configs_on_cpu(cpu_repo, checkpoint):
         v = placement.variant
         assert params(config) == {
             "checkpoint": "1/weights",  # relative to the model's folder: the repository moves
-            "tokenizer": "1/weights/tokenizer.model",
+            "tokenizer": "1/weights/tokenizer.model", "family": "chatglm2-6b",
             "precision": v.precision, "bits": str(v.bits), "group_size": "0",
             "quantize_at": "initialize",
             "dtype": "bfloat16",  # every precision on a CPU
@@ -111,7 +111,8 @@ def test_router_configs(cpu_repo, checkpoint):
         assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
         assert group.count == (2 if decoupled else 8)  # see builder.render.ROUTER_INSTANCES
         p = params(config)
-        assert set(p) == {"routing", "tokenizer", "seq_length", "fallback"}
+        assert set(p) == {"routing", "tokenizer", "family", "seq_length", "fallback"}
+        assert p["family"] == "chatglm2-6b"
         assert p["fallback"] == "lower"
         assert RoutingTable.from_json(p["routing"]) == plan.routing_table()
         assert [r["precision"] for r in json.loads(p["routing"])] == ALL3

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ChatGLM2Config
-from ..plan import Placement, Plan, Variant
+from ..plan import MODEL_NAME, Placement, Plan, Variant
 from ..profiles import GpuProfile
 
 
@@ -85,7 +85,8 @@ def plan_from_record(record: dict) -> Plan:
     if profile.get("compute_capability") is not None:
         profile["compute_capability"] = tuple(profile["compute_capability"])
     placements = tuple(Placement(
-        variant=Variant(p["precision"]), device=p["device"], max_tokens=p["max_tokens"],
+        variant=Variant(p["precision"], raw.get("model_name", MODEL_NAME)), device=p["device"],
+        max_tokens=p["max_tokens"],
         need_bytes=p["need_bytes"], min_need_bytes=p["min_need_bytes"],
         weights_bytes=p["weights_bytes"], dtype=p["dtype"], kv_blocks=p["kv_blocks"],
         max_batch_tokens=p["max_batch_tokens"]) for p in raw["placements"])

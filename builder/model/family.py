@@ -97,6 +97,15 @@ class Family:
 
     # -- names ----------------------------------------------------------------------------------
     @property
+    def display_name(self) -> str:
+        """How reports name it: ``ChatGLM2-6B``, ``GLM-4-9B-Chat``."""
+        def word(w: str) -> str:
+            if w.startswith("chatglm"):
+                return "ChatGLM" + w[len("chatglm"):]
+            return {"glm": "GLM", "chat": "Chat"}.get(w, w.upper())
+        return "-".join(word(w) for w in self.name.split("-"))
+
+    @property
     def router_name(self) -> str:
         return self.name
 

@@ -86,6 +86,7 @@ class VariantParameters:
     kv_page_size: int = 256  # tokens per KV block
     max_batch_tokens: int = 0  # tokens one batcher step may process
     max_running: int = 0  # requests in the running batch at once (0: no cap but the KV pool's)
+    family: str = "chatglm2-6b"  # the model's GLM family (builder.model.family): tokenizer, format
 
     @classmethod
     def from_model_config(cls, model_config: dict) -> "VariantParameters":
@@ -98,6 +99,7 @@ class RouterParameters:
     tokenizer: Path  # tokenizer.model, to count a request's tokens (relative to the model's folder)
     seq_length: int
     fallback: str = "lower"  # builder.routing.FALLBACKS
+    family: str = "chatglm2-6b"  # the model's GLM family: its tokenizer and chat format
 
     @classmethod
     def from_model_config(cls, model_config: dict) -> "RouterParameters":

@@ -24,7 +24,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
 from ..routing import RoutingTable, check_fallback
-from ..tokenizer import ChatGLM2Tokenizer
+from ..model.family import get_family
 from .cancel import CANCEL, CANCELLED, ROUTE_ID, CancelWatch, Ticket
 from .params import RouterParameters, resolve_path
 from .request import OUTPUTS, RequestError, parse_request, request_length
@@ -66,7 +66,8 @@ class TritonPythonModel:
         self.fallback = params.fallback
         self.table = RoutingTable.from_json(params.routing)
         self.seq_length = params.seq_length
-        self.tokenizer = ChatGLM2Tokenizer(resolve_path(params.tokenizer, Path(args["model_repository"])))
+        tokenizer = resolve_path(params.tokenizer, Path(args["model_repository"]))  # <folder>/<file>
+        self.tokenizer = get_family(params.family).load_tokenizer(tokenizer.parent)
         self.fallbacks = pb_utils.MetricFamily(
             name="glm_router_fallbacks_total", kind=pb_utils.MetricFamily.COUNTER,
             description="Requests sent to another variant than the one routing picked")

@@ -111,7 +111,8 @@ class TritonPythonModel:
         self.checkpoint = resolve_path(self.params.checkpoint, Path(args["model_repository"]))
         self.model, self.tokenizer = load_chatglm2(
             self.checkpoint, device=device, dtype=getattr(torch, self.params.dtype),
-            bits=self.params.bits, group_size=self.params.group_size or None)
+            bits=self.params.bits, group_size=self.params.group_size or None,
+            family=self.params.family)
         # A repository built before the plan sized pools: one request at seq_length.
         blocks = self.params.kv_blocks or -(-self.params.seq_length // self.params.kv_page_size)
         self.batcher = Batcher(self.model, self.tokenizer, BatcherConfig(
