@@ -116,3 +116,112 @@ def output_arrays(response: str, history, variant: str) -> dict[str, np.ndarray]
     return {"response": np.array([response.encode()], dtype=object),
             "history": pairs,
             "variant": np.array([variant.encode()], dtype=object)}
+
+
+# -- the optional ``messages`` input: a whole conversation in the family's own roles ---------------
+MESSAGES_INPUT = "messages"
+"""Optional TYPE_STRING [1]: ``{"messages": [{"role", "content", "metadata"?}, ...], "tools": [...]}``
+as JSON. When present, the router and the variant build the prompt from it with the family's
+``tokenizer.encode_messages(messages, tools)`` and ignore ``prompt``/``history``/``history_len``
+(still sent, as the contract requires them). Roles are the family's (``system``, ``user``,
+``assistant``, ``observation``), ``metadata`` is an assistant call's function name; ``tools`` are
+OpenAI tool objects (or bare function descriptions). ChatGLM3 and GLM-4 only: ChatGLM2 has no roles."""
+MESSAGE_ROLES = ("system", "user", "assistant", "observation")
+_MESSAGE_KEYS = {"role", "content", "metadata"}
+
+
+@dataclass(frozen=True)
+class ChatMessages:
+    """The ``messages`` input, checked: the conversation and the tools the prompt describes."""
+
+    messages: tuple[dict, ...]  # {"role", "content", "metadata"?}, oldest first; the last is answered
+    tools: tuple[dict, ...] = ()  # OpenAI tool objects; () for none
+
+    def prompt_ids(self, tokenizer) -> list[int]:
+        """The prompt's token ids (``tokenizer``: the family's, with ``encode_messages``)."""
+        encode = getattr(tokenizer, "encode_messages", None)
+        if encode is None:
+            raise RequestError(f"input {MESSAGES_INPUT!r}: this model's chat format has no roles "
+                               f"(ChatGLM2); send 'prompt' and 'history' instead")
+        return list(encode(list(self.messages), list(self.tools) or None))
+
+
+def messages_input(messages, tools=None) -> str:
+    """The ``messages`` input's text for ``messages`` (family message dicts) and ``tools``: what
+    the OpenAI gateway sends, and what :func:`parse_messages` reads back.
+
+    >>> messages_input([{"role": "user", "content": "你好"}])
+    '{"messages": [{"role": "user", "content": "你好"}], "tools": []}'
+    """
+    import json
+
+    return json.dumps({"messages": list(messages), "tools": list(tools or [])}, ensure_ascii=False)
+
+
+def parse_messages(inputs: Mapping[str, np.ndarray | None]) -> "ChatMessages | None":
+    """The optional ``messages`` input checked (:class:`ChatMessages`), or None when it is absent;
+    :class:`RequestError` names what is wrong. The last message must be a ``user`` or an
+    ``observation`` one (the model answers it).
+
+    >>> parse_messages({"messages": np.array([messages_input(msgs, tools).encode()], dtype=object)})
+    ChatMessages(messages=({'role': 'user', 'content': '北京天气？'},), tools=({'type': 'function', ...},))
+    """
+    import json
+
+    from ..model.tools import ToolFormatError, function_of
+
+    if inputs.get(MESSAGES_INPUT) is None:
+        return None
+    text = _scalar(inputs, MESSAGES_INPUT)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RequestError(f"input {MESSAGES_INPUT!r} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list):
+        raise RequestError(f"input {MESSAGES_INPUT!r} must be a JSON object "
+                           f'{{"messages": [...], "tools": [...]}}, got {text[:60]!r}')
+    messages = []
+    for i, m in enumerate(raw["messages"]):
+        where = f"input {MESSAGES_INPUT!r}: messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES:
+            raise RequestError(f"{where} must be an object with a role in {list(MESSAGE_ROLES)}, "
+                               f"got {json.dumps(m, ensure_ascii=False)[:60]}")
+        unknown = sorted(set(m) - _MESSAGE_KEYS)
+        if unknown:
+            raise RequestError(f"{where} has unknown keys {unknown}; allowed: {sorted(_MESSAGE_KEYS)}")
+        for key in ("content", "metadata"):
+            if not isinstance(m.get(key, ""), str):
+                raise RequestError(f"{where}.{key} must be a string")
+        messages.append(dict(m))
+    if not messages or messages[-1]["role"] not in ("user", "observation"):
+        raise RequestError(f"input {MESSAGES_INPUT!r}: the last message must be a user or an "
+                           f"observation message (the model answers it)")
+    tools = raw.get("tools") or []
+    if not isinstance(tools, list):
+        raise RequestError(f"input {MESSAGES_INPUT!r}: tools must be a list")
+    for i, tool in enumerate(tools):
+        try:
+            if not isinstance(tool, dict):
+                raise ToolFormatError(f"a tool must be an object, got {tool!r}")
+            function_of(tool)
+        except ToolFormatError as err:
+            raise RequestError(f"input {MESSAGES_INPUT!r}: tools[{i}]: {err}") from None
+    return ChatMessages(tuple(messages), tuple(tools))
+
+
+def messages_length(req: ChatRequest, chat: ChatMessages, tokenizer, seq_length: int
+                    ) -> tuple[int, int]:
+    """:func:`request_length` for a request with the ``messages`` input: ``(needed,
+    prompt_tokens)``. Nothing is dropped from a conversation (a tool call's context matters), so
+    a prompt that leaves no room to answer is refused, in the variant's words.
+
+    >>> messages_length(parse_request(inputs), parse_messages(inputs), tokenizer, seq_length=2048)
+    (64, 41)
+    """
+    budget = min(req.max_token, seq_length)
+    prompt_tokens = len(chat.prompt_ids(tokenizer))
+    if prompt_tokens >= budget:
+        raise RequestError(f"input 'max_token' = {req.max_token}: the conversation is "
+                           f"{prompt_tokens} tokens, which leaves no room to answer within "
+                           f"max_length={budget}")
+    return max(prompt_tokens + 1, budget), prompt_tokens

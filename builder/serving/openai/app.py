@@ -1,9 +1,11 @@
 """The OpenAI-compatible routes: ``GET /v1/models`` and ``POST /v1/chat/completions``.
 
 A protocol layer only: each request is checked, mapped onto the serving contract (prompt, history,
-temperature, ``max_token`` = prompt tokens + ``max_tokens``) and forwarded to Triton
+or for ChatGLM3 / GLM-4 the whole conversation as the ``messages`` input; temperature,
+``max_token`` = prompt tokens + ``max_tokens``) and forwarded to Triton
 (:class:`~.triton.TritonBackend`); routing, fallback, batching, metrics and cancellation stay there.
-Errors carry OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
+With ``tools``, a reply in the family's call format comes back as OpenAI ``tool_calls``
+(:mod:`.tool_calls`). Errors carry OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
 
 >>> app = create_app(GatewayConfig(repository=Path("generated_repo"), grpc_url="127.0.0.1:8001"))
 """
@@ -20,10 +22,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from .conversation import ConversationError, to_prompt
+from ...model.tools import parse_tool_calls
+from ..request import messages_input
+from .conversation import ConversationError, map_chat
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
                        Choice, ChunkChoice, Delta, ErrorBody, ErrorDetail, ModelCard, ModelList,
                        Unsupported, Usage, completion_id, now)
+from .tool_calls import call_deltas, call_state, tool_names
 from .triton import Piece, ServedModel, TritonBackend, TritonUnavailable
 
 MAX_BODY_BYTES = 4 * 2**20  # a longer request body is refused (413) before it is parsed
@@ -71,7 +76,7 @@ def validation_error(err: ValidationError) -> APIError:
     first = err.errors()[0]
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, Unsupported):
-        return APIError(400, str(cause), param=cause.param, code="unsupported_parameter")
+        return APIError(400, str(cause), param=cause.param, code=cause.code)
     loc = [str(part) for part in first["loc"] if not str(part).startswith(("function-", "tagged-"))]
     param = ".".join(loc) or None
     if first["type"] == "extra_forbidden":
@@ -205,16 +210,19 @@ def create_app(config: GatewayConfig) -> FastAPI:
             raise APIError(404, f"The model `{chat.model}` does not exist; served: "
                            f"{', '.join(models)}", param="model", code="model_not_found")
         try:
-            conversation = to_prompt(chat.messages)
+            conversation = map_chat(chat, backend.family)
         except ConversationError as err:
-            raise APIError(400, str(err), param=err.param, code="invalid_value") from None
+            raise APIError(400, str(err), param=err.param, code=err.code) from None
         tokenizer = backend.tokenizer
-        prompt_tokens = len(tokenizer.build_chat_input(conversation.prompt, conversation.history))
+        prompt_tokens = len(conversation.prompt_ids(tokenizer))
         max_token = (prompt_tokens + chat.new_tokens) if chat.new_tokens else model.max_tokens
         temperature = 1.0 if chat.temperature is None else chat.temperature  # OpenAI's default
+        messages = (None if conversation.messages is None else
+                    messages_input(conversation.messages, conversation.tools))
         answer = Answer(chat, model, tokenizer, prompt_tokens, max_token,
                         backend.generate(model, conversation.prompt, conversation.history,
-                                         temperature, max_token))
+                                         temperature, max_token, messages=messages),
+                        tool_format=backend.family.tool_format, tools=conversation.tools)
         first = await _until_disconnect(request, answer.first())
         headers = {VARIANT_HEADER: first.variant}
         if chat.stream:
@@ -234,18 +242,24 @@ class Answer:
     """One chat's answer as it streams from Triton, as OpenAI chunks or one completion.
 
     Stop sequences are applied here: the text is cut before the first one, and the Triton request
-    is cancelled (as for a client that left).
+    is cancelled (as for a client that left). With ``tools`` (the ones the model was shown), a
+    reply in ``tool_format`` is returned as ``tool_calls``; streamed, the reply is held back while
+    it may still be a call (:func:`~.tool_calls.call_state`).
     """
 
     def __init__(self, chat: ChatCompletionRequest, model: ServedModel, tokenizer, prompt_tokens: int,
-                 max_token: int, pieces: AsyncIterator[Piece]):
+                 max_token: int, pieces: AsyncIterator[Piece], *, tool_format: Optional[str] = None,
+                 tools=None):
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.prompt_tokens, self.max_token = prompt_tokens, max_token
         self.pieces = pieces
+        self.tool_format = tool_format if tools else None
+        self.tools = list(tools or [])
         self.id, self.created = completion_id(), now()
         self.text = ""  # the answer so far, stop sequences cut
         self.variant = ""
         self.stopped = False  # a stop sequence ended it
+        self.calls: Optional[list[dict]] = None  # the reply's tool calls, once parsed
 
     async def next(self) -> Optional[Piece]:
         """The next piece, None at the end; raises :class:`APIError` for Triton's refusal."""
@@ -300,9 +314,18 @@ class Answer:
                      total_tokens=self.prompt_tokens + completion)
 
     def finish_reason(self, usage: Usage) -> str:
+        if self.calls:
+            return "tool_calls"
         if self.stopped:
             return "stop"
         return "length" if self.prompt_tokens + usage.completion_tokens >= self.max_token else "stop"
+
+    def parse_calls(self) -> Optional[list[dict]]:
+        """The whole reply's calls in OpenAI's shape (kept in ``calls``), or None: plain text, or
+        no tools."""
+        if self.tool_format is not None:
+            self.calls = parse_tool_calls(self.tool_format, self.text, self.tools)
+        return self.calls
 
     @property
     def fingerprint(self) -> str:
@@ -312,10 +335,14 @@ class Answer:
         async for _ in self.deltas(first):
             pass
         usage = self.usage()
+        if self.parse_calls():
+            choice = Choice(message=AssistantMessage(content=None, tool_calls=self.calls),
+                            finish_reason="tool_calls")
+        else:
+            choice = Choice(message=AssistantMessage(content=self.text),
+                            finish_reason=self.finish_reason(usage))
         return ChatCompletion(id=self.id, created=self.created, model=self.chat.model,
-                              system_fingerprint=self.fingerprint, usage=usage,
-                              choices=[Choice(message=AssistantMessage(content=self.text),
-                                              finish_reason=self.finish_reason(usage))])
+                              system_fingerprint=self.fingerprint, usage=usage, choices=[choice])
 
     def chunk(self, delta: Delta, finish_reason=None, usage=None, choices=True) -> str:
         return _sse(ChatCompletionChunk(
@@ -324,11 +351,16 @@ class Answer:
             usage=usage))
 
     async def events(self, first: Piece) -> AsyncIterator[str]:
-        """Server-sent events: the role, the content deltas, the finish reason, (usage), [DONE]."""
-        yield self.chunk(Delta(role="assistant", content=""))
+        """Server-sent events: the role, the content deltas (or the tool calls), the finish
+        reason, (usage), [DONE]."""
         try:
-            async for delta in self.deltas(first):
-                yield self.chunk(Delta(content=delta))
+            if self.tool_format is None:
+                yield self.chunk(Delta(role="assistant", content=""))
+                async for delta in self.deltas(first):
+                    yield self.chunk(Delta(content=delta))
+            else:
+                async for event in self._tool_events(first):
+                    yield event
         except APIError as err:  # after the headers: OpenAI's error as an event, then the end
             yield f"data: {err.body.model_dump_json()}\n\n"
             return
@@ -337,3 +369,27 @@ class Answer:
         if self.chat.stream_options is not None and self.chat.stream_options.include_usage:
             yield self.chunk(Delta(), usage=usage, choices=False)
         yield "data: [DONE]\n\n"
+
+    async def _tool_events(self, first: Piece):
+        """The chunks of a reply that may be a call: nothing while it may still be one; text
+        from the moment it cannot be; at the end, the calls or the text held back."""
+        names = tool_names(self.tools)
+        plain = False
+        async for delta in self.deltas(first):
+            if plain:
+                yield self.chunk(Delta(content=delta))
+            elif call_state(self.tool_format, self.text, names) == "plain":
+                plain = True
+                yield self.chunk(Delta(role="assistant", content=""))
+                yield self.chunk(Delta(content=self.text))
+        if plain:
+            return
+        if self.parse_calls():
+            first_delta, *rest = call_deltas(self.calls)
+            yield self.chunk(Delta(role="assistant", content=None, tool_calls=first_delta))
+            for tool_calls in rest:
+                yield self.chunk(Delta(tool_calls=tool_calls))
+            return
+        yield self.chunk(Delta(role="assistant", content=""))
+        if self.text:
+            yield self.chunk(Delta(content=self.text))

@@ -3,8 +3,8 @@
 Everything goes through Triton's gRPC endpoint, asynchronously (tritonclient's asyncio client for
 readiness and model configs, its protobuf stubs on a ``grpc.aio`` channel for the stream), so one
 event loop carries any number of requests. A request is always streamed from a decoupled model
-(the router ``chatglm2-6b-stream``, or a variant asked with ``stream`` = "1"), non-streamed OpenAI
-requests included: cancelling the gRPC call is how a client that went away frees its request
+(the router's streaming twin, ``chatglm2-6b-stream`` or ``glm-4-9b-chat-stream``, or a variant asked
+with ``stream`` = "1"), non-streamed OpenAI requests included: cancelling the gRPC call is how a client that went away frees its request
 (the router then cancels it at the variant, :mod:`builder.serving.cancel`).
 
 >>> backend = TritonBackend(Path("generated_repo"), "127.0.0.1:8001")
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,47 @@ from typing import AsyncIterator, Optional, Sequence
 
 import grpc
 
-ROUTER = "chatglm2-6b"  # the name clients know (THUDM's seed deployment)
-STREAM_ROUTER = "chatglm2-6b-stream"  # what the gateway forwards ROUTER's requests to
+ROUTER = "chatglm2-6b"  # the name clients know (THUDM's seed deployment), when the repository says none
+STREAM_SUFFIX = "-stream"  # the router's streaming twin: what the gateway forwards its requests to
+DEFAULT_FAMILY = "chatglm2-6b"  # a router built before families were recorded
 FINAL_PARAMETER = "triton_final_response"
 _MAX_MESSAGE = 64 * 2**20  # bytes: a long history is a big request
 
 
 class TritonUnavailable(RuntimeError):
     """Triton, or the model asked for, cannot take requests now (not started, loading, gone)."""
+
+
+_ROUTING_PARAMETER = re.compile(r'key:\s*"routing"')
+
+
+def find_router(repository: Path) -> str:
+    """The router's name in ``repository``: the model folder whose streaming twin
+    (``NAME-stream``) is a router (its config.pbtxt has the ``routing`` parameter); the repository
+    is named after the model (``glm-4-9b-chat``), so this is read from the folder, not assumed.
+    :data:`ROUTER` when no folder says (a repository that cannot be read here yet).
+
+    >>> find_router(Path("generated_repo"))
+    'glm-4-9b-chat'
+    """
+    found = []
+    for config in sorted(Path(repository).glob(f"*{STREAM_SUFFIX}/config.pbtxt")):
+        name = config.parent.name.removesuffix(STREAM_SUFFIX)
+        try:
+            text = config.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        if _ROUTING_PARAMETER.search(text) and (Path(repository) / name / "config.pbtxt").is_file():
+            found.append(name)
+    if len(found) > 1:
+        raise TritonUnavailable(f"{repository} holds several routers {found}; the gateway serves one")
+    return found[0] if found else ROUTER
+
+
+def family_of(config: dict) -> str:
+    """The ``family`` parameter of a router's model config (JSON), or :data:`DEFAULT_FAMILY`."""
+    return (config.get("parameters", {}).get("family", {}).get("string_value")
+            or DEFAULT_FAMILY)
 
 
 @dataclass(frozen=True)
@@ -84,8 +118,21 @@ class TritonBackend:
         self._channel: Optional[grpc.aio.Channel] = None
         self._stub = None
         self._models: Optional[dict[str, ServedModel]] = None
-        self.tokenizer = None  # the router's ChatGLM2Tokenizer, once the catalog is read
+        self.tokenizer = None  # the router's tokenizer (its family's), once the catalog is read
+        self.family = None  # the router's builder.model.family.Family, once the catalog is read
         self._lock = asyncio.Lock()
+        self._router: Optional[str] = None
+
+    @property
+    def router(self) -> str:
+        """The name clients know (``glm-4-9b-chat``), read from the repository."""
+        if self._router is None or self._models is None:  # until the catalog is read, look again
+            self._router = find_router(self.repository)
+        return self._router
+
+    @property
+    def stream_router(self) -> str:
+        return self.router + STREAM_SUFFIX
 
     def _connect(self) -> None:
         if self._stub is None:
@@ -105,11 +152,11 @@ class TritonBackend:
             await self._channel.close()
         self._client = self._channel = self._stub = None
 
-    async def ready(self, model: str = STREAM_ROUTER) -> bool:
-        """Whether Triton is up and ``model`` ready (the gateway's readiness: the router's)."""
+    async def ready(self, model: Optional[str] = None) -> bool:
+        """Whether Triton is up and ``model`` ready (the gateway's readiness: the streaming router's)."""
         self._connect()
         try:
-            return bool(await self._client.is_model_ready(model))
+            return bool(await self._client.is_model_ready(model or self.stream_router))
         except Exception:  # not started yet, or gone: not ready
             return False
 
@@ -124,28 +171,35 @@ class TritonBackend:
         return self._models
 
     async def _read_catalog(self) -> dict[str, ServedModel]:
-        from ...tokenizer import ChatGLM2Tokenizer
+        from ...model.family import get_family
         from ..params import RouterParameters
 
-        if not await self.ready():
-            raise TritonUnavailable(f"the router {STREAM_ROUTER} is not ready")
+        router, stream_router = self.router, self.stream_router
+        if not await self.ready(stream_router):
+            raise TritonUnavailable(f"the router {stream_router} is not ready")
         try:
-            config = (await self._client.get_model_config(STREAM_ROUTER, as_json=True))["config"]
+            config = (await self._client.get_model_config(stream_router, as_json=True))["config"]
         except Exception as err:
-            raise TritonUnavailable(f"cannot read {STREAM_ROUTER}'s config: {err}") from None
+            raise TritonUnavailable(f"cannot read {stream_router}'s config: {err}") from None
         params = RouterParameters.from_model_config(config)
-        self.tokenizer = ChatGLM2Tokenizer(self.repository / STREAM_ROUTER / params.tokenizer)
+        family = get_family(family_of(config))
+        # the router's own tokenizer, loaded as the router loads it
+        self.tokenizer = family.load_tokenizer((self.repository / stream_router / params.tokenizer).parent)
+        self.family = family
         routes = json.loads(params.routing)
         longest = max(route["max_tokens"] for route in routes)
-        models = {ROUTER: ServedModel(ROUTER, STREAM_ROUTER, "router", longest, direct=False)}
+        models = {router: ServedModel(router, stream_router, "router", longest, direct=False)}
         for route in routes:
             models[route["name"]] = ServedModel(route["name"], route["name"], route["precision"],
                                                 route["max_tokens"], direct=True)
         return models
 
     async def generate(self, model: ServedModel, prompt: str, history: Sequence[tuple[str, str]],
-                       temperature: float, max_token: int) -> AsyncIterator[Piece]:
+                       temperature: float, max_token: int, *, messages: Optional[str] = None
+                       ) -> AsyncIterator[Piece]:
         """Stream one chat from ``model``; each :class:`Piece` holds the answer so far.
+        ``messages``: the optional ``messages`` input (:func:`~..request.messages_input`), the
+        whole conversation for a family with roles; the router then reads it, not prompt + history.
 
         Raises :class:`TritonUnavailable` when Triton cannot be reached, and ``RuntimeError``
         with Triton's message for a request it refused. Leaving the loop early (``aclose()``, a
@@ -157,6 +211,8 @@ class TritonBackend:
                   "history_len": [str(len(history))]}
         if model.direct:
             inputs["stream"] = ["1"]
+        if messages is not None:
+            inputs["messages"] = [messages]
         request = stream_request(model.triton_model, inputs)
         done = asyncio.Event()
 
