@@ -350,14 +350,20 @@ def release_free_memory(device: torch.device) -> None:
 
 
 def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: int | None = None,
-                   progress=None) -> Path:
+                   progress=None, dtype: torch.dtype = torch.float16) -> Path:
     """Quantize checkpoint ``src`` once, offline, into ``dst`` in THUDM's int8/int4 format.
 
     ``dst`` gets ``config.json`` (with ``quantization_bit``), ``tokenizer.model`` and one
     safetensors file whose names and layout are THUDM's, so ``load_chatglm2(dst)`` and THUDM's own
     code both read it. Written to a temporary folder beside ``dst`` and moved into place at the end.
 
+    ``dtype``: the unquantized tensors' (embedding, output layer, norms, biases; scales stay float16).
+    float16 is THUDM's; ``torch.bfloat16`` for a repository served by the CPU variants, which compute
+    in bfloat16: they then use the embedding and output layer (1 GB of the 6B) straight from the
+    file's memory map instead of converting them at every start.
+
     >>> save_quantized("chatglm2-6b/", "chatglm2-6b-int4/", 4)
+    >>> save_quantized("chatglm2-6b/", "chatglm2-6b-int4-cpu/", 4, dtype=torch.bfloat16)
     """
     import dataclasses
     import shutil
@@ -369,8 +375,11 @@ def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: i
     if group_size is not None:
         raise ValueError(f"group_size={group_size}: THUDM's format stores one scale per row; "
                          "save group-wise weights is not supported (quantize at initialize instead)")
-    model, _ = load_chatglm2(src, bits=bits, dtype=torch.float16, progress=progress)
-    config = dataclasses.replace(check_checkpoint(src), quantization_bit=bits, torch_dtype="float16")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    model, _ = load_chatglm2(src, bits=bits, dtype=dtype, progress=progress)
+    config = dataclasses.replace(check_checkpoint(src), quantization_bit=bits,
+                                 torch_dtype=str(dtype).removeprefix("torch."))
     state = glm_to_thudm({k: v.detach().contiguous() for k, v in model.state_dict().items()})
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))

@@ -53,3 +53,27 @@ def test_prequantized_checkpoint_refuses_other_bits(tmp_path):
 def test_bad_bits_name_the_value():
     with pytest.raises(ValueError, match="bits=3"):
         load_chatglm2(TINY_CHECKPOINT, bits=3)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_bfloat16_repository_loads_its_float_tensors_as_they_are(tmp_path, bits):
+    """save_quantized(dtype=bfloat16), for the CPU variants: the embedding and output layer are
+    used from the file without a conversion, and the logits are the float16 repository's."""
+    from safetensors import safe_open
+
+    half = save_quantized(TINY_CHECKPOINT, tmp_path / "half", bits)
+    brain = save_quantized(TINY_CHECKPOINT, tmp_path / "brain", bits, dtype=torch.bfloat16)
+    assert json.loads((brain / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(brain / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("transformer.output_layer.weight").dtype == torch.bfloat16
+        assert f.get_tensor("transformer.encoder.layers.0.self_attention.query_key_value.weight_scale"
+                            ).dtype == torch.float16  # THUDM's scales whatever the float dtype
+    a, _ = load_chatglm2(half, dtype=torch.bfloat16)
+    b, _ = load_chatglm2(brain, dtype=torch.bfloat16)
+    with torch.no_grad():
+        la = a(input_ids=torch.tensor(IDS)).logits.float()
+        lb = b(input_ids=torch.tensor(IDS)).logits.float()
+    assert float((la - lb).norm() / la.norm()) < 1e-2
+    assert torch.equal(la.argmax(-1), lb.argmax(-1))
+    with pytest.raises(ValueError, match="dtype"):
+        save_quantized(TINY_CHECKPOINT, tmp_path / "f32", bits, dtype=torch.float32)
