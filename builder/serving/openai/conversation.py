@@ -62,15 +62,15 @@ def to_prompt(messages: Sequence[ChatMessage]) -> Conversation:
         offset = 1
     else:
         offset = 0
-    if not messages or messages[-1].role != "user":
-        index = offset + len(messages) - 1
-        raise ConversationError(f"messages[{max(index, 0)}]", "the last message must be the user's "
-                                "(ChatGLM2 answers a user's question)")
     for i, m in enumerate(messages):
         if m.role == "tool" or m.tool_calls:
             raise ConversationError(f"messages[{offset + i}]", f"messages[{offset + i}] is a tool "
                                     f"{'result' if m.role == 'tool' else 'call'}: ChatGLM2-6B has no "
                                     "tool calling (ChatGLM3-6B and GLM-4-9B-chat do)")
+    if not messages or messages[-1].role != "user":
+        index = offset + len(messages) - 1
+        raise ConversationError(f"messages[{max(index, 0)}]", "the last message must be the user's "
+                                "(ChatGLM2 answers a user's question)")
     *past, last = messages
     history = []
     for i in range(0, len(past), 2):
