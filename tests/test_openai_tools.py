@@ -346,3 +346,74 @@ def test_without_tools_nothing_is_held_back(glm4):
     assert log.index("event") < log.index("piece 1")
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert "tool_calls" not in json.dumps(chunks)
+
+
+# -- live: a GLM-4 random-weight repository behind the gateway ---------------------------------------
+GLM4_LIMIT = 1000  # tokens the fp16 variant serves: a request past it gets the router's count back
+
+
+@pytest.fixture(scope="module")
+def glm4_server(tmp_path_factory):
+    """A small GLM-4 checkpoint in THUDM's layout with a tiktoken tokenizer of its kind (as
+    test_family makes it), built (fp16), served by tritonserver with the gateway beside it."""
+    import httpx
+
+    from builder.build import BuildOptions, build
+    from builder.serving.openai import GatewayOptions, OpenAIGateway
+    from builder.serving.server import ServerOptions, TritonServer, free_port
+    from conftest import thudm_state
+    from test_family import CORPUS, GLM4_SMALL, thudm_checkpoint, train_bpe, write_tiktoken_file
+
+    base = tmp_path_factory.mktemp("glm4-openai")
+    tokenizer = write_tiktoken_file(base / "tokenizer.model", train_bpe(CORPUS, 100)[0])
+    checkpoint = thudm_checkpoint(base / "glm-4-small", GLM4_SMALL, thudm_state(GLM4_SMALL, seed=4),
+                                  tokenizer=tokenizer,
+                                  extra={"eos_token_id": [370, 377, 379], "pad_token_id": 370})
+    repo = build(BuildOptions(model=str(checkpoint), quant=("fp16",), gpu="cpu", out=base / "repo",
+                              limits={"fp16": GLM4_LIMIT}), progress=False).out
+    options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                            address="127.0.0.1", log_file=base / "server.log")
+    with TritonServer(options, ready_timeout=240) as server, OpenAIGateway(GatewayOptions(
+            repo, server.urls["grpc"], port=free_port(), address="127.0.0.1")) as gateway:
+        gateway.wait_ready(120)
+        with httpx.Client(base_url=gateway.url, timeout=120, trust_env=False) as http:
+            yield http, GLM4Tokenizer(repo / "glm-4-9b-chat-stream" / "1" / "tokenizer.model")
+
+
+GLM4_MESSAGES = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "北京天气怎么样？"},
+                 tool_call_message("glm4", "get_weather", {"city": "北京"}),
+                 {"role": "observation", "content": '{"temperature": 25}'}]
+
+
+@pytest.mark.server
+def test_a_request_with_tools_reaches_glm4_with_its_prompt(glm4_server):
+    http, tokenizer = glm4_server
+    assert [m["id"] for m in http.get("/models").json()["data"]] == ["glm-4-9b-chat", "glm-4-9b-chat-fp16"]
+    body = request(messages=TOOL_ROUND, tools=[WEATHER], temperature=0, max_tokens=8)
+    reply = http.post("/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    found = oai.ChatCompletion.model_validate(reply.json())
+    # the gateway counted the prompt GLM-4's template makes: tools block, roles, the observation
+    assert found.usage.prompt_tokens == len(tokenizer.encode_messages(GLM4_MESSAGES, [WEATHER]))
+    assert found.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    streamed = http.post("/chat/completions", json=body | {"stream": True})
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    # ChatGLM2-only refusals do not apply; a forced call still does
+    forced = http.post("/chat/completions", json=body | {"tool_choice": "required"})
+    assert forced.status_code == 400 and forced.json()["error"]["param"] == "tool_choice"
+
+
+@pytest.mark.server
+def test_the_router_counts_the_same_prompt(glm4_server):
+    """The router's own count, in its refusal of a request longer than any variant serves, is the
+    gateway's: it built the prompt from the ``messages`` input with the same template."""
+    from builder.serving import request as contract
+
+    if MESSAGES_INPUT not in contract.OPTIONAL_INPUTS:
+        pytest.skip("the router does not read the 'messages' input yet (request.OPTIONAL_INPUTS)")
+    http, tokenizer = glm4_server
+    refused = http.post("/chat/completions", json=request(messages=TOOL_ROUND, tools=[WEATHER],
+                                                          max_tokens=GLM4_LIMIT * 2))
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    expected = len(tokenizer.encode_messages(GLM4_MESSAGES, [WEATHER]))
+    assert f"prompt with its kept history: {expected} tokens" in refused.json()["error"]["message"]
