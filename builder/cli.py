@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--spec", choices=sorted(SPECS),
                         help="plan the real model from its config alone, without weights "
                         "(only with --dry-run)")
+    parser.add_argument("--family", choices=sorted(SPECS), metavar="NAME",
+                        help="the checkpoint's GLM family, instead of detecting it from config.json, "
+                        "the tokenizer file and tokenizer_config.json; one of: "
+                        + ", ".join(sorted(SPECS)))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help="output repository (default: %(default)s); written only when the "
                         "whole build succeeded")
@@ -118,7 +122,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
                         quantize_at=args.quantize_at, dry_run=args.dry_run, force=args.force,
                         limits=args.limits, profile_dir=args.profile_dir,
                         fallback=args.fallback, weights=args.weights,
-                        weights_uri=args.weights_uri, cpu_dtype=args.cpu_dtype)
+                        weights_uri=args.weights_uri, cpu_dtype=args.cpu_dtype,
+                        family=args.family)
 
 
 def _error(message: str, status: int) -> int:

@@ -99,23 +99,47 @@ def file_hashes(directory: Path) -> dict[str, dict]:
 
 
 # -- the table comparison ---------------------------------------------------------------------------
+def published_rows(family) -> list:
+    """The family's published memory figures as :class:`~builder.model.family.PublishedRow`\ s
+    (ChatGLM2's table for the ChatGLM2 family)."""
+    from .model.family import PublishedRow
+
+    if family.published:
+        return list(family.published)
+    if family.kind != "chatglm2":
+        return []
+    return [PublishedRow(precision, tokens, value / TABLE_UNIT_BYTES, "GB",
+                         "one A100, THUDM's runtime (transformers 4.30, torch 2.0 SDPA)",
+                         "THUDM/ChatGLM2-6B README", phase=phase)
+            for precision, phases in PUBLISHED_TABLE.items()
+            for phase, (tokens, value) in phases.items()]
+
+
 def table_comparison(plan: Plan) -> list[dict]:
-    """ChatGLM2-6B, per asked precision and table workload: published, estimated in the table's
-    conditions (A100, THUDM's runtime), and the same phase on this plan's profile in this
-    runtime (its per-process overhead; logits of the last position only)."""
+    """The plan's model family (ChatGLM2-6B's table for the embedded demo), per asked precision and
+    published row: published, estimated in the table's conditions (its GPU and runtime), and the
+    same phase on this plan's profile in this runtime (its per-process overhead; logits of the
+    last position only). A row without a length is compared at 2048 tokens."""
+    from .model.family import get_family
+
+    family = get_family(plan.model_name)
     rows = []
     for placement in plan.placements:
         variant = placement.variant
-        for phase, default_tokens in (("encode", 2048), ("generate", 8192)):
-            tokens, published = PUBLISHED_TABLE.get(variant.precision, {}).get(
-                phase, (default_tokens, None))
-            estimated = estimate_memory(CHATGLM2_6B, variant.bits, tokens, phase,
-                                        group_size=variant.group_size)
+        for row in published_rows(family):
+            if row.precision != variant.precision:
+                continue
+            tokens = row.input_tokens or 2048
+            estimated = estimate_memory(family.spec, variant.bits, tokens, row.phase,
+                                        group_size=row.group_size or variant.group_size,
+                                        all_logits=row.all_logits)
+            published = row.memory_bytes
             rows.append({
-                "variant": variant.name, "precision": variant.precision, "phase": phase,
-                "tokens": tokens, "published_bytes": published, "estimated_bytes": estimated,
-                "error": None if published is None else (estimated - published) / published,
-                "on_profile_bytes": phase_breakdown(CHATGLM2_6B, variant, tokens, phase,
+                "variant": variant.name, "precision": variant.precision, "phase": row.phase,
+                "tokens": tokens, "length_given": row.input_tokens is not None,
+                "published_bytes": published, "estimated_bytes": estimated,
+                "error": (estimated - published) / published,
+                "on_profile_bytes": phase_breakdown(family.spec, variant, tokens, row.phase,
                                                     plan.profile).total})
     return rows
 
@@ -186,16 +210,18 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str
 
 def plan_lines(plan: Plan, markdown: bool = False) -> list[str]:
     """The placement table and one fit line per device."""
+    from .model.family import get_family
     from .plan import CONCURRENCY_LENGTHS, KV_PAGE_SIZE
 
+    chatglm2 = get_family(plan.model_name).kind == "chatglm2"  # the 6B's table, beside each variant
     rows = [[p.variant.name, p.device_label, p.dtype, _gib(p.weights_bytes), _gib(p.need_bytes),
              str(p.max_tokens), f"{p.kv_blocks} × {KV_PAGE_SIZE}",
              " / ".join(str(p.concurrency(t)) for t in (*CONCURRENCY_LENGTHS, p.max_tokens)),
-             _published_cell(p.variant)] for p in plan.placements]
+             *([_published_cell(p.variant)] if chatglm2 else [])] for p in plan.placements]
     lines = _table(["variant", "device", "dtype", "weights", "need at limit", "limit tokens",
                     "KV pool (blocks × tokens)",
                     "concurrent at " + " / ".join(map(str, CONCURRENCY_LENGTHS)) + " / limit",
-                    "6B published enc 2048 / gen 8192"], rows, markdown)
+                    *(["6B published enc 2048 / gen 8192"] if chatglm2 else [])], rows, markdown)
     lines.append("")
     for d in plan.devices:
         at_floor = sum(p.min_need_bytes for p in plan.placements if p.device == d.index)
@@ -210,7 +236,7 @@ def plan_lines(plan: Plan, markdown: bool = False) -> list[str]:
 
 
 def comparison_lines(plan: Plan, markdown: bool = False) -> list[str]:
-    rows = [[r["precision"], f"{r['phase']} {r['tokens']}",
+    rows = [[r["precision"], f"{r['phase']} {r['tokens']}{'' if r.get('length_given', True) else ' (no length given)'}",
              "—" if r["published_bytes"] is None else f"{r['published_bytes'] / GIB:.1f}",
              f"{r['estimated_bytes'] / GIB:.2f}",
              "—" if r["error"] is None else f"{r['error']:+.1%}",
@@ -244,11 +270,15 @@ def format_summary(plan: Plan, source: ModelSource) -> str:
              f"{'host memory' if profile.kind == 'cpu' else f'{profile.count} ×'} "
              f"{_gib(profile.memory_bytes)})", ""]
     lines += plan_lines(plan)
-    lines += ["", f"ChatGLM2-6B, estimated vs published in the table's conditions (A100, THUDM's "
-                  f"runtime), and the same workload in this runtime on {profile.name}:"]
+    from .model.family import get_family
+
+    family = get_family(plan.model_name)
+    lines += ["", f"{family.display_name}, estimated vs published in the table's conditions (its GPU "
+                  f"and runtime), and the same workload in this runtime on {profile.name}:"]
     lines += comparison_lines(plan)
-    lines += ["", UNIT_NOTE]
-    if plan.config != CHATGLM2_6B:
+    if any(r.unit == "GB" for r in published_rows(family)):
+        lines += ["", UNIT_NOTE]
+    if plan.config != CHATGLM2_6B and family.kind == "chatglm2":  # the demo: what the 6B would need
         lines.append(chatglm2_6b_fit_line(plan))
     if (note := demo_note(source)):
         lines += ["", "NOTE: " + note]

@@ -63,6 +63,10 @@ class PublishedRow:
     unit: str  # "MiB" or "GB" (the ChatGLM READMEs' GB is read as GiB, like builder.memory)
     conditions: str  # GPU, runtime and what was measured
     source: str  # where it is published
+    # the table's runtime, for an estimate in its conditions (builder.memory.estimate_memory):
+    phase: str = "encode"  # the measurement's largest forward: the prompt's prefill
+    all_logits: bool = True  # False: its runtime keeps the last position's logits only
+    group_size: Optional[int] = None  # its int4/int8 scheme's group (None: ChatGLM's per row)
 
     @property
     def memory_bytes(self) -> int:
@@ -192,8 +196,12 @@ GLM_4_9B_CHAT_1M = dataclasses.replace(GLM_4_9B_CHAT, seq_length=1048576, rope_r
 # -- the published memory figures ------------------------------------------------------------------
 _GLM4_SOURCE = "THUDM/GLM-4 README (basic_demo), GLM-4-9B-Chat"
 _GLM4_CONDITIONS = "one A100, THUDM's transformers runtime, batch 1; input length as given"
+# GLM-4's own modeling code computes the prefill's logits for the last position only
+# (return_last_logit), and its demo's INT4 is bitsandbytes 4-bit: one fp32 absmax per 64 weights,
+# which the estimate counts as a 64-weight group.
 GLM_4_PUBLISHED = tuple(
-    PublishedRow(precision, tokens, mib, "MiB", _GLM4_CONDITIONS, _GLM4_SOURCE)
+    PublishedRow(precision, tokens, mib, "MiB", _GLM4_CONDITIONS, _GLM4_SOURCE, all_logits=False,
+                 group_size=64 if precision == "int4" else None)
     for precision, tokens, mib in (
         ("fp16", 1000, 19047), ("fp16", 8000, 20629), ("fp16", 32000, 27779),
         ("fp16", 128000, 57379),  # BF16 in the table; the 16-bit variant compares with it
