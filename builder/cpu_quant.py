@@ -22,35 +22,16 @@ does not hold, and callers keep the weight-only kernel.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import warnings
 
 import torch
 
-# Toggling oneDNN warns once about an Intel-GPU feature this torch build lacks (as in cpu_runtime).
-warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+from .cpu_runtime import onednn_matmuls
 
 DENSE_BLOCK_ELEMENTS = 1 << 21
 """Weights dequantized at once (4 MiB of bfloat16): large enough that a block's matmul is efficient,
 small enough that the block is still in cache when the matmul reads it."""
-
-
-@contextlib.contextmanager
-def _onednn():
-    """oneDNN on for the matmuls below: a process whose bfloat16 attention needs it off
-    (:func:`builder.cpu_runtime.bf16_attention_needs_onednn_off`, a capability forced below the CPU's)
-    would otherwise run them on torch's own bfloat16 GEMM, ~25x slower; a matmul does not take the
-    packed attention path that fails there. (A process-wide switch: the model runs in one thread.)"""
-    if torch.backends.mkldnn.enabled:
-        yield
-        return
-    torch.backends.mkldnn.enabled = True
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = False
 
 
 def _blocks(rows: int, cols: int, multiple: int = 1):
@@ -67,7 +48,7 @@ def int8_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
     y = x.new_empty(x.shape[0], out_features)
     weight = torch.empty(min(out_features, DENSE_BLOCK_ELEMENTS // in_features + 1), in_features,
                          dtype=torch.bfloat16)  # one reused block
-    with _onednn():
+    with onednn_matmuls():
         for start, stop in _blocks(out_features, in_features):
             w = weight[:stop - start]
             w.copy_(codes[start:stop])  # int8 -> bfloat16, exact
@@ -131,7 +112,7 @@ def int4_rows(x: torch.Tensor, int4pack: torch.Tensor, scale: torch.Tensor, bloc
     y = x.new_empty(x.shape[0], out_features)
     flat = int4pack.view(torch.uint8).flatten()
     blocks = list(_blocks(out_features, in_features, block_n))
-    with _onednn():
+    with onednn_matmuls():
         _int4_blocks(x, flat, scale, block_n, blocks, y)
     if scale.dim() == 1:
         y *= scale

@@ -12,12 +12,15 @@ CPU with AVX-512 bfloat16/AMX, torch 2.13's bfloat16 flash-attention kernel stil
 packed path, which only its AVX-512 build has ("pack_vnni2 is only supported when avx512 is
 supported"). A one-off probe finds that case, and the process then runs with oneDNN off (a
 process-wide switch: transformers' continuous batching runs its own paged attention, so a
-per-call wrapper would not reach it). A real AVX2 host never needs it.
+per-call wrapper would not reach it), except around the model's own matmuls
+(:func:`onednn_matmuls`): without oneDNN a bfloat16 matmul runs on torch's own GEMM, ~25x slower
+for a prefill and 4x for the output layer's GEMV. A real AVX2 host never needs any of it.
 
 >>> model = prepare_for_cpu(model, torch.bfloat16)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -28,12 +31,29 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
 
 
+@contextlib.contextmanager
+def onednn_matmuls():
+    """oneDNN on inside the ``with``, where the process turned it off for attention (above); the
+    matmuls inside do not take the attention's failing path. One thread runs the model, so the
+    process-wide switch is safe."""
+    if torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = True
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = False
+
+
 class RowsLinear(torch.nn.Linear):
-    """``nn.Linear`` that calls the matmul on ``[tokens, in_features]`` rows."""
+    """``nn.Linear`` that calls the matmul on ``[tokens, in_features]`` rows, with oneDNN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [tokens, in]: strides (in, 1)
-        return F.linear(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        with onednn_matmuls():
+            y = F.linear(rows, self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def use_row_inputs(model: torch.nn.Module) -> torch.nn.Module:
