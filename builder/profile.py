@@ -30,12 +30,12 @@ from typing import Callable, Iterable, Optional
 
 from .config import CHATGLM2_6B, ChatGLM2Config
 from .memory import PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
-from .measure import PROMPT_TOKENS, RunFailedError
+from .measure import PROMPT_TOKENS, RunFailedError  # noqa: F401  (re-exported)
+from .model.family import SPECS  # --spec NAME: random weights with that model's shapes
 from .plan import Variant, batch_pool, batcher_buffer_bytes, variants_of
 
 DEFAULT_WORKLOADS = "encode:2048,generate:8192"  # the published table's
 DEFAULT_OUT = Path("profile")
-SPECS = {"chatglm2-6b": CHATGLM2_6B}  # --spec NAME: random weights with this config's shapes
 DEVICES = ("cpu", "cuda")
 SYNTHETIC_DIR = "glm-synthetic-{layers}l"  # under cache_dir; scripts/bench_decode.py shares it
 # A profile kind whose Variant.dtype rule applies to the device (CPU: bf16 for int8/int4).
@@ -186,6 +186,7 @@ class Target:
     checkpoint: Path
     label: str  # "ChatGLM2-6B", "ChatGLM2-6B shapes, 2 of 28 layers (random weights)", ...
     synthetic: bool  # the checkpoint is written from the spec when missing
+    family: str = "chatglm2-6b"  # its GLM family (builder.model.family)
 
     @property
     def is_6b(self) -> bool:
@@ -200,14 +201,20 @@ def resolve_target(options: ProfileOptions) -> Target:
     from .checkpoint import check_checkpoint
 
     if options.spec is not None:
-        spec = SPECS[options.spec]
+        from .model.family import get_family
+
+        family = get_family(options.spec)
+        spec = family.spec
         layers = options.layers or spec.num_layers
         config = dataclasses.replace(spec, num_layers=layers)
         cache = options.cache_dir or Path(tempfile.gettempdir())
-        label = "ChatGLM2-6B" if layers == spec.num_layers else \
-            f"ChatGLM2-6B shapes, {layers} of {spec.num_layers} layers"
-        return Target(config, cache / SYNTHETIC_DIR.format(layers=layers),
-                      f"{label} (random weights)", synthetic=True)
+        label = family.display_name if layers == spec.num_layers else \
+            f"{family.display_name} shapes, {layers} of {spec.num_layers} layers"
+        folder = SYNTHETIC_DIR.format(layers=layers)
+        if family.name != "chatglm2-6b":
+            folder = f"{family.name}-{folder}"
+        return Target(config, cache / folder, f"{label} (random weights)", synthetic=True,
+                      family=family.name)
     path = Path(options.model) if options.model is not None else Path(TINY_CHECKPOINT)
     config = check_checkpoint(path)
     if options.model is None:
@@ -233,7 +240,7 @@ def ensure_checkpoint(target: Target, say: Callable[[str], None] = print) -> Pat
     say(f"writing a {target.config.num_layers}-layer checkpoint with random weights "
         f"({size / 1e9:.1f} GB) to {target.checkpoint}")
     return write_synthetic_checkpoint(target.checkpoint, num_layers=target.config.num_layers,
-                                      config=target.config)
+                                      config=target.config, family=target.family)
 
 
 def _synthetic_ready(path: Path, config: ChatGLM2Config) -> bool:

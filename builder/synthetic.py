@@ -46,19 +46,35 @@ def layer_tensors(config: ChatGLM2Config, layer: int, g: torch.Generator,
     return out
 
 
-def _output_layer(vocab: int, hidden: int, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """N(0, 0.02²) rows for the ids the embedded tokenizer has pieces for, zero rows past them
-    and for the stop ids: greedy decoding then picks ids it can decode, so answers (noise) stream
-    as text, as a real model's would, and never stop before ``max_length`` (a fixed amount of
-    work), while every matmul keeps the 6B's shape."""
-    from . import TINY_CHECKPOINT
-    from .tokenizer import ChatGLM2Tokenizer
-
-    tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")
+def _output_layer(vocab: int, hidden: int, g: torch.Generator, dtype: torch.dtype,
+                  tokenizer) -> torch.Tensor:
+    """N(0, 0.02²) rows for the ids ``tokenizer`` has text for, zero rows past them and for the
+    stop ids: greedy decoding then picks ids it can decode, so answers (noise) stream as text, as a
+    real model's would, and never stop before ``max_length`` (a fixed amount of work), while every
+    matmul keeps the real model's shape."""
     weight = _normal((vocab, hidden), 0.02, g, dtype)
-    weight[tokenizer.n_sp:] = 0
+    weight[getattr(tokenizer, "n_sp", None) or tokenizer.n_ranks:] = 0
     weight[[i for i in tokenizer.stop_ids if i < vocab]] = 0
     return weight
+
+
+def write_tokenizer(path: Path, family: str) -> None:
+    """A small tokenizer of ``family``'s kind into ``path``: the embedded tiny model's
+    sentencepiece ``tokenizer.model`` (with ChatGLM3's ``tokenizer_config.json``), or for GLM-4 a
+    byte-level tiktoken ``tokenizer.model`` (256 ranks: every text encodes, one id per byte)."""
+    import base64
+
+    from . import TINY_CHECKPOINT
+    from .model.family import TOKENIZER_CONFIG_FILE, get_family
+
+    kind = get_family(family).kind
+    if kind == "glm4":
+        (path / "tokenizer.model").write_text(
+            "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+        return
+    shutil.copy(TINY_CHECKPOINT / "tokenizer.model", path / "tokenizer.model")
+    if kind == "chatglm3":
+        (path / TOKENIZER_CONFIG_FILE).write_text(json.dumps({"name_or_path": f"THUDM/{family}"}))
 
 
 def _normal(shape: tuple[int, ...], std: float, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -68,18 +84,19 @@ def _normal(shape: tuple[int, ...], std: float, g: torch.Generator, dtype: torch
 def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
                                config: ChatGLM2Config = CHATGLM2_6B, seed: int = 0,
                                dtype: torch.dtype = torch.float16, shard_layers: int = 1,
-                               layout: str = "per-layer") -> Path:
-    """Write a random ChatGLM2 checkpoint with ``config``'s shapes and ``num_layers`` layers.
+                               layout: str = "per-layer", family: str = "chatglm2-6b") -> Path:
+    """Write a random checkpoint of ``family`` (THUDM's layout) with ``config``'s shapes and
+    ``num_layers`` layers.
 
-    ``path`` gets ``config.json``, the tiny model's ``tokenizer.model`` (its vocabulary is far
-    smaller than 65024: feed token ids directly), safetensors shards and
-    ``model.safetensors.index.json``. Deterministic for a given ``seed``.
+    ``path`` gets ``config.json``, a small tokenizer of the family's kind (:func:`write_tokenizer`:
+    its vocabulary is far smaller than the model's, so feed token ids directly), safetensors shards
+    and ``model.safetensors.index.json``. Deterministic for a given ``seed``.
 
     >>> write_synthetic_checkpoint("/tmp/glm-4l", num_layers=4)
     """
     from safetensors.torch import save_file
 
-    from . import TINY_CHECKPOINT
+    from .model.family import get_family
 
     if num_layers < 1 or shard_layers < 1:
         raise ValueError(f"num_layers and shard_layers must be ≥ 1, got {num_layers} and {shard_layers}")
@@ -89,6 +106,8 @@ def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
                                  torch_dtype=str(dtype).removeprefix("torch."))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(path, family)
+    tokenizer = get_family(family).load_tokenizer(path)
     g = torch.Generator().manual_seed(seed)
     H, V = config.hidden_size, config.padded_vocab_size
     layer_groups = [range(i, min(i + shard_layers, num_layers)) for i in range(0, num_layers, shard_layers)]
@@ -120,7 +139,7 @@ def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
         write(number, shard)
         del shard
     write(count, {"transformer.encoder.final_layernorm.weight": 1 + _normal((H,), 0.05, g, dtype),
-                  "transformer.output_layer.weight": _output_layer(V, H, g, dtype)})
+                  "transformer.output_layer.weight": _output_layer(V, H, g, dtype, tokenizer)})
     if layout == "single":
         save_file(single, str(path / "model.safetensors"), metadata={"format": "pt"})
         del single
@@ -128,6 +147,6 @@ def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
         (path / (BIN_INDEX_FILE if layout == "bin" else INDEX_FILE)).write_text(json.dumps(
             {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
             indent=2))
-    (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    shutil.copy(TINY_CHECKPOINT / "tokenizer.model", path / "tokenizer.model")
+    raw = {k: v for k, v in config.to_dict().items() if k != "rope_scheme"}  # not a THUDM field
+    (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return path

@@ -25,7 +25,8 @@ ALL3 = ["fp16", "int8", "int4"]
 REPO = Path(__file__).resolve().parents[1]
 pb = model_config_pb2.ModelConfig
 INPUTS = [("prompt", [1]), ("history", [-1]), ("temperature", [1]), ("max_token", [1]),
-          ("history_len", [1]), ("stream", [1])]  # stream: optional, set by the routers
+          ("history_len", [1]), ("stream", [1]),  # stream: optional, set by the routers
+          ("messages", [1])]  # optional: a conversation in the family's roles (tools)
 OUTPUTS = [("response", [1]), ("history", [-1, 2]), ("variant", [1])]
 
 

@@ -367,6 +367,27 @@ class Batcher:
         ``max_length`` counts prompt and answer tokens, as in ``stream_chat``; the oldest rounds
         of ``history`` are dropped when the prompt does not fit.
         """
+        sampling = self._check(max_length, temperature, top_p)
+        prompt_ids, _ = fit_history(self.tokenizer, prompt, history, max_length)
+        return self._add(prompt, history, prompt_ids, max_length, sampling, on_update,
+                         list(self._stop_ids))
+
+    def submit_prompt_ids(self, prompt_ids: Sequence[int], query: str = "",
+                          history: Sequence[tuple[str, str]] = (), *, max_length: int,
+                          temperature: float = 0.8, top_p: float = 0.8,
+                          on_update: OnUpdate) -> BatchRequest:
+        """:meth:`submit` for a prompt already in token ids (a conversation in the family's roles,
+        tools included: ``tokenizer.encode_messages``); nothing is dropped from it. ``query`` and
+        ``history`` only make the answer's history."""
+        sampling = self._check(max_length, temperature, top_p)
+        if len(prompt_ids) >= max_length:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens, which leaves no room to "
+                             f"answer within max_length={max_length}")
+        return self._add(query, history, list(prompt_ids), max_length, sampling, on_update,
+                         list(self._stop_ids))
+
+    def _check(self, max_length, temperature, top_p) -> dict:
+        """The request's sampling arguments, after checking its values (``ValueError``)."""
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
         if max_length > self.config.max_tokens:
@@ -377,13 +398,9 @@ class Batcher:
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        prompt_ids, _ = fit_history(self.tokenizer, prompt, history, max_length)
         if temperature > 0:
-            sampling = {"greedy": False, "temperature": float(temperature), "top_p": float(top_p)}
-        else:  # the warpers leave the single kept logit alone
-            sampling = {"greedy": True, "temperature": 1.0, "top_p": 1.0}
-        return self._add(prompt, history, prompt_ids, max_length, sampling, on_update,
-                         list(self._stop_ids))
+            return {"greedy": False, "temperature": float(temperature), "top_p": float(top_p)}
+        return {"greedy": True, "temperature": 1.0, "top_p": 1.0}  # the warpers leave the kept logit
 
     def submit_ids(self, prompt_ids: Sequence[int], *, max_length: int,
                    ignore_stop: bool = False) -> BatchRequest:

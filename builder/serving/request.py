@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 REQUIRED_INPUTS = ("prompt", "history", "temperature", "max_token", "history_len")
-OPTIONAL_INPUTS = ("stream",)
+OPTIONAL_INPUTS = ("stream", "messages")  # messages: MESSAGES_INPUT, below
 OUTPUTS = ("response", "history", "variant")
 
 

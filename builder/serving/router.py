@@ -27,7 +27,8 @@ from ..routing import RoutingTable, check_fallback
 from ..model.family import get_family
 from .cancel import CANCEL, CANCELLED, ROUTE_ID, CancelWatch, Ticket
 from .params import RouterParameters, resolve_path
-from .request import OUTPUTS, RequestError, parse_request, request_length
+from .request import (OUTPUTS, RequestError, messages_length, parse_messages, parse_request,
+                      request_length)
 from .variant import BUSY, FINAL, error_response, request_inputs
 
 log = logging.getLogger("glm-build.router")
@@ -83,7 +84,9 @@ class TritonPythonModel:
         """The variants to try for this request, in order, and the inputs to forward."""
         inputs = request_inputs(request)
         req = parse_request(inputs)
-        needed, prompt_tokens = request_length(req, self.tokenizer, self.seq_length)
+        chat = parse_messages(inputs)  # a conversation in the family's roles (tools), if sent
+        needed, prompt_tokens = (messages_length(req, chat, self.tokenizer, self.seq_length) if chat
+                                 else request_length(req, self.tokenizer, self.seq_length))
         routes = self.table.candidates(needed, self.fallback)
         if not routes:
             raise RequestError(f"{self.table.refusal(needed)} (prompt with its kept history: "

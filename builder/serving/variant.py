@@ -24,7 +24,8 @@ import triton_python_backend_utils as pb_utils  # provided by the Python-backend
 
 from .cancel import CANCEL, CANCELLED, POLL_INTERVAL_S, ROUTE_ID, CancelRegistry, client_gone, request_parameters
 from .params import VariantParameters, resolve_path
-from .request import OPTIONAL_INPUTS, REQUIRED_INPUTS, RequestError, output_arrays, parse_request
+from .request import (OPTIONAL_INPUTS, REQUIRED_INPUTS, RequestError, messages_length, output_arrays,
+                      parse_messages, parse_request)
 
 log = logging.getLogger("glm-build.variant")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -152,7 +153,8 @@ class TritonPythonModel:
         from ..generation import PromptTooLongError
         from .batcher import BatcherFullError
 
-        req = parse_request(request_inputs(request))
+        inputs = request_inputs(request)
+        req, chat = parse_request(inputs), parse_messages(inputs)
         max_length = min(req.max_token, self.params.seq_length)  # as documented: clamped
         state = {"handle": None, "first": True}
         started = time.perf_counter()
@@ -174,9 +176,15 @@ class TritonPythonModel:
                 sender.send(to_response(text, history, self.params.precision))
 
         try:
-            handle = state["handle"] = self.batcher.submit(
-                req.prompt, req.history, max_length=max_length, temperature=req.temperature,
-                on_update=on_update)
+            if chat is None:
+                handle = self.batcher.submit(req.prompt, req.history, max_length=max_length,
+                                             temperature=req.temperature, on_update=on_update)
+            else:  # the family's roles, tools included: nothing is dropped from it
+                messages_length(req, chat, self.tokenizer, self.params.seq_length)
+                handle = self.batcher.submit_prompt_ids(
+                    chat.prompt_ids(self.tokenizer), req.prompt, req.history,
+                    max_length=max_length, temperature=req.temperature, on_update=on_update)
+            state["handle"] = handle
         except PromptTooLongError as err:
             raise RequestError(f"input 'max_token' = {req.max_token}: {err}") from None
         except BatcherFullError as err:
