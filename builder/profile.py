@@ -153,7 +153,16 @@ class ProfileOptions:
 
     @property
     def variants(self) -> tuple[Variant, ...]:
-        return tuple(Variant(p) for p in self.quant)
+        """The asked precisions, named after the model's family (``glm-4-9b-chat-int4``)."""
+        from .model.family import FamilyError, detect_family
+
+        family = self.spec or "chatglm2-6b"
+        if self.model is not None:
+            try:
+                family = detect_family(self.model).name
+            except FamilyError:  # resolve_target's check_checkpoint says what is wrong
+                pass
+        return tuple(Variant(p, family) for p in self.quant)
 
     def command_line(self) -> str:
         """The ``glm-build profile`` command asking for exactly this (quoted in profile.md).
