@@ -14,12 +14,12 @@ from pathlib import Path
 TINY_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-chatglm2"
 
 _LAZY = {
-    "chat": "generation", "stream_chat": "generation",
-    "load_chatglm2": "checkpoint",
-    "CHATGLM2_6B": "config", "ChatGLM2Config": "config",
-    "estimate_memory": "memory",
-    "load_profile": "profiles",
-    "quantize": "quantization",
+    "chat": "model.generation", "stream_chat": "model.generation",
+    "load_chatglm2": "model.checkpoint",
+    "CHATGLM2_6B": "model.config", "ChatGLM2Config": "model.config",
+    "estimate_memory": "plan.memory",
+    "load_profile": "plan.profiles",
+    "quantize": "model.quantization",
 }
 
 __all__ = ["TINY_CHECKPOINT", *_LAZY]

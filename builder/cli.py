@@ -6,8 +6,8 @@
     glm-build deploy --repo generated_repo --replicas 2             # Dockerfile, Kubernetes, KServe
     glm-build capacity --rate 4/s --prompt-tokens 300 --output-tokens 200 --ttft-p95 1.5s --curves c.json
 
-The CLI only parses and calls one library function per command (:func:`builder.build.build`,
-``builder.profile.run_profile``, :func:`builder.deploy.deploy`,
+The CLI only parses and calls one library function per command (:func:`builder.build.pipeline.build`,
+``builder.profile.run.run_profile``, :func:`builder.deploy.deploy`,
 ``builder.deploy.capacity.plan_capacity``). Exit status: 0 done, 2 bad input or variants that do not
 fit (nothing written), 1 anything else that went wrong.
 """
@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .build import DEFAULT_OUT, SPECS, BuildError, BuildOptions, build, parse_limits
-from .plan import CPU_DTYPES, MODEL_NAME, PRECISIONS, PlacementError
-from .render import QUANTIZE_AT, WEIGHTS, OutputExistsError
-from .routing import FALLBACKS
+from .build.pipeline import DEFAULT_OUT, SPECS, BuildError, BuildOptions, build, parse_limits
+from .plan.placement import CPU_DTYPES, MODEL_NAME, PRECISIONS, PlacementError
+from .build.render import QUANTIZE_AT, WEIGHTS, OutputExistsError
+from .plan.routing import FALLBACKS
 
 PROG = "glm-build"
 
@@ -157,7 +157,7 @@ def build_profile_parser() -> argparse.ArgumentParser:
     >>> build_profile_parser().parse_args(["--quant", "int4", "--device", "cpu"]).workloads
     'encode:2048,generate:8192'
     """
-    from .profile import DEFAULT_OUT as PROFILE_OUT, DEFAULT_WORKLOADS, SPECS as PROFILE_SPECS
+    from .profile.run import DEFAULT_OUT as PROFILE_OUT, DEFAULT_WORKLOADS, SPECS as PROFILE_SPECS
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} profile",
@@ -196,8 +196,8 @@ def build_profile_parser() -> argparse.ArgumentParser:
 
 
 def profile_options_from_args(args: argparse.Namespace):
-    """The :class:`builder.profile.ProfileOptions` for parsed arguments."""
-    from .profile import ProfileOptions
+    """The :class:`builder.profile.run.ProfileOptions` for parsed arguments."""
+    from .profile.run import ProfileOptions
 
     return ProfileOptions(quant=args.quant, device=args.device, model=args.model, spec=args.spec,
                           layers=args.layers, workloads=args.workloads, out=args.out,
@@ -214,7 +214,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Nam
 
 def profile_main(argv: Sequence[str]) -> int:
     """``glm-build profile ...``: 0 done, 2 bad input, 1 a run failed."""
-    from . import profile
+    from .profile import run as profile
 
     args = _parse(build_profile_parser(), argv)
     if isinstance(args, int):

@@ -35,7 +35,7 @@ def answer_locally() -> None:
     import torch
 
     from . import chat, load_chatglm2
-    from .quantization import QuantizedLinear
+    from .model.quantization import QuantizedLinear
 
     banner(f"The embedded demo model (a tiny ChatGLM2, NOT ChatGLM2-6B): {TINY_CHECKPOINT}")
     for label, bits, dtype in (("fp32", 16, torch.float32), ("int8", 8, torch.bfloat16),
@@ -57,7 +57,7 @@ def answer_locally() -> None:
 
 
 def build_repository():
-    from .build import BuildOptions, build
+    from .build.pipeline import BuildOptions, build
 
     banner("glm-build --quant fp16,int8,int4 --gpu p40 --spec chatglm2-6b --dry-run  (the real model's plan)")
     try:
@@ -83,7 +83,7 @@ def write_deploy(repo: Path) -> None:
 
 
 def serve_and_ask(repo: Path) -> None:
-    from .client import ChatGLMClient
+    from .client.chat import ChatGLMClient
     from .serving.server import ServerOptions, TritonServer, free_port
 
     banner(f"glm-serve {repo}  (Triton Inference Server on this machine's CPU)")
@@ -121,7 +121,7 @@ def ask_together(url: str) -> None:
     """A few questions at once: each variant answers them in one running batch."""
     import concurrent.futures
 
-    from .client import ChatGLMClient
+    from .client.chat import ChatGLMClient
 
     banner(f"{len(TOGETHER)} questions at once (continuous batching in the variant)")
 

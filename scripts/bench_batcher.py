@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder import TINY_CHECKPOINT  # noqa: E402
-from builder.checkpoint import load_chatglm2  # noqa: E402
-from builder.generation import fit_history, generate_ids  # noqa: E402
+from builder.model.checkpoint import load_chatglm2  # noqa: E402
+from builder.model.generation import fit_history, generate_ids  # noqa: E402
 from builder.serving.batcher import Batcher, BatcherConfig  # noqa: E402
 
 QUESTIONS = ["你好", "Who are you?", "3只鸡和2只兔子一共有几条腿？", "What is 2 plus 3?",
@@ -97,7 +97,7 @@ def main() -> None:
 
     path = TINY_CHECKPOINT
     if args.layers:
-        from builder.synthetic import write_synthetic_checkpoint
+        from builder.model.synthetic import write_synthetic_checkpoint
 
         path = args.checkpoint
         if not (path / "config.json").exists():

@@ -38,10 +38,10 @@ import tritonclient.grpc as grpcclient
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder import TINY_CHECKPOINT  # noqa: E402
-from builder.build import BuildOptions, build  # noqa: E402
-from builder.config import ChatGLM2Config  # noqa: E402
+from builder.build.pipeline import BuildOptions, build  # noqa: E402
+from builder.model.config import ChatGLM2Config  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
-from builder.synthetic import write_synthetic_checkpoint  # noqa: E402
+from builder.model.synthetic import write_synthetic_checkpoint  # noqa: E402
 
 LIMITS = {"fp16": 600, "int8": 1200, "int4": 2000}
 PROMPT = "1加1等于多少？"

@@ -3,7 +3,7 @@
 
 Batch-1 decode reads every weight once per token, so its floor is (weight bytes read per token) /
 (memory read bandwidth). This loads a synthetic checkpoint with ChatGLM2-6B's real layer shapes
-(`builder.synthetic`, default 2 layers) as fp32, bf16, fp16, int8 and int4, measures ms/token after
+(`builder.model.synthetic`, default 2 layers) as fp32, bf16, fp16, int8 and int4, measures ms/token after
 warm-up, then measures the same model with its decoder layers removed (the fixed part: embedding
 row, final norm, the 65024×4096 output layer, sampling, Python) to split the time into per-layer and
 fixed costs and extrapolate to 28 layers.
@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchdoc import OtherCpu, machine, publish, wait_for_quiet  # noqa: E402
-from builder.generation import generate_ids  # noqa: E402
-from builder.checkpoint import load_chatglm2  # noqa: E402
-from builder.quantization import QuantizedLinear  # noqa: E402
-from builder.synthetic import write_synthetic_checkpoint  # noqa: E402
+from builder.model.generation import generate_ids  # noqa: E402
+from builder.model.checkpoint import load_chatglm2  # noqa: E402
+from builder.model.quantization import QuantizedLinear  # noqa: E402
+from builder.model.synthetic import write_synthetic_checkpoint  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FULL_LAYERS = 28  # ChatGLM2-6B

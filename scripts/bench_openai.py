@@ -42,7 +42,7 @@ QUESTION = "3只鸡和2只兔子一共有几条腿？"
 
 
 def start(base: Path):
-    from builder.build import BuildOptions, build
+    from builder.build.pipeline import BuildOptions, build
     from builder.serving.server import free_port
     from conftest import LIVE_LIMITS
 
@@ -139,7 +139,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
     args = parser.parse_args()
-    from builder.tokenizer import ChatGLM2Tokenizer
+    from builder.model.tokenizer import ChatGLM2Tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench-openai-") as tmp:
         process, repo, ports = start(Path(tmp))

@@ -3,7 +3,7 @@
 
 chatglm.cpp is what a ChatGLM2 user without a GPU picks, so it is the bar for our CPU speed. This
 writes random-weight checkpoints with ChatGLM2-6B's real layer shapes at two depths (default 2 and 4
-layers, `builder.synthetic`), converts each with chatglm.cpp's own converter (q4_0, q8_0, f16),
+layers, `builder.model.synthetic`), converts each with chatglm.cpp's own converter (q4_0, q8_0, f16),
 and times both engines in fresh processes, interleaved, per precision:
 
 - decode: ms/token, the median step of a greedy run after a short prompt (best of the rounds);
@@ -52,11 +52,11 @@ PEER_MAX_LENGTH = 4096  # chatglm.cpp sizes its KV cache for this many tokens
 
 def served_dtype(precision: str):
     """The torch dtype the variant of ``precision`` computes in on the `cpu` profile
-    (builder.plan.Variant.dtype with the table's ``--cpu-dtype``)."""
+    (builder.plan.placement.Variant.dtype with the table's ``--cpu-dtype``)."""
     import torch
 
-    from builder.plan import Variant
-    from builder.profiles import load_profile
+    from builder.plan.placement import Variant
+    from builder.plan.profiles import load_profile
 
     cpu_dtype = PRECISIONS[precision][1]
     return getattr(torch, Variant(precision.split("-")[0]).dtype(load_profile("cpu"), cpu_dtype))
@@ -64,7 +64,7 @@ def served_dtype(precision: str):
 
 # -- files ----------------------------------------------------------------------------------------
 def checkpoint(cache: Path, layers: int) -> Path:
-    from builder.synthetic import write_synthetic_checkpoint
+    from builder.model.synthetic import write_synthetic_checkpoint
 
     path = cache / f"glm-{layers}l"
     if not (path / "config.json").is_file():
@@ -86,7 +86,7 @@ def ggml_file(ckpt: Path, ggml_type: str) -> Path:
     import sentencepiece as spm
     from chatglm_cpp import convert
 
-    from builder.checkpoint import iter_checkpoint_tensors
+    from builder.model.checkpoint import iter_checkpoint_tensors
 
     config = SimpleNamespace(**json.loads((ckpt / "config.json").read_text()))
     model = SimpleNamespace(config=config, state_dict=lambda: dict(iter_checkpoint_tensors(ckpt)))
@@ -122,7 +122,7 @@ def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, thread
     import torch
 
     from bench_decode import decode_seconds
-    from builder.checkpoint import load_chatglm2
+    from builder.model.checkpoint import load_chatglm2
 
     torch.set_num_threads(threads)
     bits, _, output_bits, _ = PRECISIONS[precision]
@@ -137,7 +137,7 @@ def load(path: Path, precision: str, threads: int) -> dict:
     of two passes after one to warm it), and seconds for ``load_chatglm2`` to make it ready."""
     import torch
 
-    from builder.checkpoint import load_chatglm2, weight_files
+    from builder.model.checkpoint import load_chatglm2, weight_files
 
     torch.set_num_threads(threads)
     files = weight_files(path)
@@ -375,7 +375,7 @@ def main(argv=None) -> None:
             bits = PRECISIONS[precision][0]
             pre = args.cache / f"glm-{args.layer_counts[1]}l-{precision}"
             if not (pre / "config.json").is_file():
-                from builder.checkpoint import save_quantized
+                from builder.model.checkpoint import save_quantized
 
                 print(f"writing {pre} (quantized once, as --quantize-at build does)", flush=True)
                 save_quantized(checkpoint(args.cache, args.layer_counts[1]), pre, bits)

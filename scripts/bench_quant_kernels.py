@@ -1,5 +1,5 @@
 """Time one quantized projection by rows: torch's weight-only CPU kernel, the dense path of
-builder.cpu_quant (a block of weight rows dequantized to bfloat16, oneDNN's matmul) and a plain
+builder.model.cpu_quant (a block of weight rows dequantized to bfloat16, oneDNN's matmul) and a plain
 bfloat16 matmul of the same shape, side by side in one process (interleaved, min / median of
 ``--repeats``). Prints where the dense path starts to win: the row threshold of cpu_quant.DENSE_ROWS.
 
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from builder import cpu_quant
-from builder.quantization import QuantizedLinear
+from builder.model import cpu_quant
+from builder.model.quantization import QuantizedLinear
 
 SHAPES = {"query_key_value": (4608, 4096), "dense": (4096, 4096),
           "dense_h_to_4h": (27392, 4096), "dense_4h_to_h": (4096, 13696)}

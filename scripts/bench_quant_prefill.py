@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prefill and decode of the quantized CPU variants, before and after the dense path, beside bfloat16.
 
-Loads a synthetic checkpoint with ChatGLM2-6B's real layer shapes (``builder.synthetic``, 2 layers by
+Loads a synthetic checkpoint with ChatGLM2-6B's real layer shapes (``builder.model.synthetic``, 2 layers by
 default: ~1.9 GB of fp16, written under /tmp if missing) once per precision (bf16, int8, int4; one
 model resident at a time) and times, in the same process with the paths interleaved:
 
@@ -9,7 +9,7 @@ model resident at a time) and times, in the same process with the paths interlea
 - a decode step of 1 sequence and of 8 sequences (8 rows: a batched step);
 
 *weight-only* sends every quantized projection through torch's int8/int4 kernels (as before issue
-25: ``DENSE_ROWS`` 0), *now* through what ``builder.cpu_quant`` chooses (the dense path from its row
+25: ``DENSE_ROWS`` 0), *now* through what ``builder.model.cpu_quant`` chooses (the dense path from its row
 threshold, the decode probe below it). min / median of ``--repeats`` in ms. Also prints which path
 each projection shape took at one row (the decode probe).
 
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder import cpu_quant  # noqa: E402
-from builder.checkpoint import load_chatglm2  # noqa: E402
-from builder.synthetic import write_synthetic_checkpoint  # noqa: E402
+from builder.model.checkpoint import load_chatglm2  # noqa: E402
+from builder.model.synthetic import write_synthetic_checkpoint  # noqa: E402
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -29,7 +29,7 @@ def one_round(path: str, threads: int) -> dict:
     import torch
 
     import transformers.models.glm.modeling_glm  # noqa: F401
-    from builder.checkpoint import load_chatglm2, weight_files
+    from builder.model.checkpoint import load_chatglm2, weight_files
     imports = time.perf_counter() - start
     torch.set_num_threads(threads)
 

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchdoc import command_line, machine, write_section  # noqa: E402
 
-from builder.build import BuildOptions, build  # noqa: E402
-from builder.client import STREAM_ROUTER, ChatGLMClient  # noqa: E402
+from builder.build.pipeline import BuildOptions, build  # noqa: E402
+from builder.client.chat import STREAM_ROUTER, ChatGLMClient  # noqa: E402
 from builder.deploy.curves import curve_record  # noqa: E402
 from builder.stats import percentile  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
@@ -112,12 +112,12 @@ def batched(args) -> None:
     import json
 
     from builder import TINY_CHECKPOINT
-    from builder.loadtest import run_load
-    from builder.tokenizer import ChatGLM2Tokenizer
+    from builder.client.loadtest import run_load
+    from builder.model.tokenizer import ChatGLM2Tokenizer
 
     checkpoint = args.checkpoint or TINY_CHECKPOINT
     if args.checkpoint and not (checkpoint / "config.json").is_file():
-        from builder.synthetic import write_synthetic_checkpoint
+        from builder.model.synthetic import write_synthetic_checkpoint
 
         write_synthetic_checkpoint(checkpoint, num_layers=2)
     levels = [int(x) for x in args.levels.split(",")]

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Time to first token on CPU: one prefill (last-position logits) per precision and prompt length,
-with the output layer fed plain rows (``builder.cpu_runtime.RowsLinear``, what the loader does now)
+with the output layer fed plain rows (``builder.model.cpu_runtime.RowsLinear``, what the loader does now)
 and, side by side in the same process, fed the ``hidden[:, -1:, :]`` view as before.
 
     .venv/bin/python scripts/bench_ttft.py [--checkpoint /tmp/glm-2l-per-layer] [--lengths 16,256,2048]
@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchdoc import machine, publish  # noqa: E402
-from builder.checkpoint import load_chatglm2  # noqa: E402
-from builder.cpu_runtime import RowsLinear  # noqa: E402
-from builder.plan import Variant  # noqa: E402
-from builder.profiles import load_profile  # noqa: E402
+from builder.model.checkpoint import load_chatglm2  # noqa: E402
+from builder.model.cpu_runtime import RowsLinear  # noqa: E402
+from builder.plan.placement import Variant  # noqa: E402
+from builder.plan.profiles import load_profile  # noqa: E402
 
-# (bits, dtype) as each variant serves on the `cpu` profile by default (builder.plan.Variant.dtype)
+# (bits, dtype) as each variant serves on the `cpu` profile by default (builder.plan.placement.Variant.dtype)
 VARIANTS = {name: (Variant(name).bits, getattr(torch, Variant(name).dtype(load_profile("cpu"))))
             for name in ("fp16", "int8", "int4")}
 
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (args.checkpoint / "config.json").is_file():
-        from builder.synthetic import write_synthetic_checkpoint
+        from builder.model.synthetic import write_synthetic_checkpoint
 
         write_synthetic_checkpoint(args.checkpoint, num_layers=2)
     lengths = [int(n) for n in args.lengths.split(",")]

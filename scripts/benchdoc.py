@@ -17,7 +17,7 @@ INTRO = """# Benchmarks
 Measured on the development machine (CPU only, no GPU) with the scripts in `scripts/`. Each section
 starts with the exact command that wrote it; rerun it to refresh the section. The real ChatGLM2-6B
 cannot be downloaded here, so the speed and memory figures use a random-weight checkpoint with
-ChatGLM2-6B's real layer shapes and fewer layers (`builder.synthetic`), extrapolated to 28 layers.
+ChatGLM2-6B's real layer shapes and fewer layers (`builder.model.synthetic`), extrapolated to 28 layers.
 """
 
 

@@ -28,13 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder import TINY_CHECKPOINT  # noqa: E402
-from builder.build import BuildOptions, build  # noqa: E402
-from builder.client import STREAM_ROUTER  # noqa: E402
+from builder.build.pipeline import BuildOptions, build  # noqa: E402
+from builder.client.chat import STREAM_ROUTER  # noqa: E402
 from builder.deploy.capacity import simulate_fleet  # noqa: E402
 from builder.deploy.curves import ServiceCurve, curve_record  # noqa: E402
-from builder.loadtest import run_arrivals, run_load  # noqa: E402
+from builder.client.loadtest import run_arrivals, run_load  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
-from builder.tokenizer import ChatGLM2Tokenizer  # noqa: E402
+from builder.model.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 
 QUESTION = "3只鸡和2只兔子一共有几条腿？"
 MAX_TOKEN = 64

@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder import TINY_CHECKPOINT  # noqa: E402
-from builder.corpus import DEMO_FAMILIES, by_family, dialogues, family  # noqa: E402
-from builder.evaluate import fidelity_table  # noqa: E402
+from builder.evaluate.corpus import DEMO_FAMILIES, by_family, dialogues, family  # noqa: E402
+from builder.evaluate.score import fidelity_table  # noqa: E402
 
 
 def main(argv=None) -> None:

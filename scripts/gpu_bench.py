@@ -12,9 +12,9 @@ CUDA GPU, and the one table the check prints.
 ``bench`` runs each precision in a fresh process (its own CUDA context, so peaks do not mix):
 greedy decode of ``--new-tokens`` from a 16-token prompt (ms/token: the median gap between
 tokens), for int8/int4 once with the fused kernel and once with row-block extraction
-(``builder.cuda_quant``), then ``--batch`` sequences decoded together (tokens/s), and the peak
+(``builder.model.cuda_quant``), then ``--batch`` sequences decoded together (tokens/s), and the peak
 (CUDA context + caching allocator's peak reserved) beside the plan's need for that batch
-(``builder.plan.phase_need`` with the detected GPU profile's per-process overhead).
+(``builder.plan.placement.phase_need`` with the detected GPU profile's per-process overhead).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def detect_profile(fallback: str | None = FALLBACK_PROFILE) -> str | None:
     """The name of the GPU profile matching cuda:0, else ``fallback``."""
     import torch
 
-    from builder.profiles import match_device
+    from builder.plan.profiles import match_device
 
     index = torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(index)
@@ -96,7 +96,7 @@ def _decode_ms(model, vocab: int, new_tokens: int) -> float:
     """Median ms between greedy tokens of one sequence (its prefill excluded)."""
     import torch
 
-    from builder.generation import generate_ids
+    from builder.model.generation import generate_ids
 
     prompt = torch.randint(3, vocab, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0))
     stamps = [time.perf_counter()]
@@ -134,11 +134,12 @@ def bench_one(checkpoint: Path, precision: str, new_tokens: int, batch: int,
     """One precision in this process: speeds, the peak, and the plan's need beside it."""
     import torch
 
-    from builder import cuda_quant, measure
-    from builder.checkpoint import check_checkpoint, load_chatglm2
-    from builder.memory import weight_bytes
-    from builder.plan import Variant, phase_need
-    from builder.profiles import load_profile
+    from builder.model import cuda_quant
+    from builder.profile import measure
+    from builder.model.checkpoint import check_checkpoint, load_chatglm2
+    from builder.plan.memory import weight_bytes
+    from builder.plan.placement import Variant, phase_need
+    from builder.plan.profiles import load_profile
 
     variant = Variant(precision)
     config = check_checkpoint(checkpoint)
@@ -187,7 +188,7 @@ def serve_round_trip(repo: Path, prompt: str, timeout: float, log: Path | None =
     import signal
     import urllib.request
 
-    from builder.client import ChatGLMClient
+    from builder.client.chat import ChatGLMClient
     from builder.serving.server import free_port
 
     ports = set()
@@ -243,14 +244,14 @@ def profile_cells(records: list[dict]) -> dict[tuple[str, str], str]:
     the measured card's profile overhead (``details["profile_overhead_bytes"]``) in place of the
     A100's that ``glm-build profile`` uses.
 
-    >>> from builder.memory import DEFAULT_CUDA_PROCESS_OVERHEAD as A100
+    >>> from builder.plan.memory import DEFAULT_CUDA_PROCESS_OVERHEAD as A100
     >>> r = {"precision": "int4", "phase": "encode", "tokens": 2048, "measured_bytes": 5 * GIB,
     ...      "estimated_bytes": 5 * GIB + A100, "published_bytes": None,
     ...      "details": {"profile_overhead_bytes": 0}}
     >>> profile_cells([r])
     {('int4', 'encode:2048'): '5.00 / 5.00 / –'}
     """
-    from builder.memory import DEFAULT_CUDA_PROCESS_OVERHEAD
+    from builder.plan.memory import DEFAULT_CUDA_PROCESS_OVERHEAD
 
     cells = {}
     for r in records:
@@ -336,8 +337,8 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0 if result["ok"] else 1
     if args.command == "checkpoint":  # the same folder `glm-build profile --spec` looks in
-        from builder.profile import SYNTHETIC_DIR
-        from builder.synthetic import write_synthetic_checkpoint
+        from builder.profile.run import SYNTHETIC_DIR
+        from builder.model.synthetic import write_synthetic_checkpoint
 
         path = args.cache / SYNTHETIC_DIR.format(layers=args.layers)
         if not (path / "config.json").is_file():

@@ -9,7 +9,7 @@ concurrencies, per precision, with CUDA graphs on and off (issue 22).
 ``run`` starts ``glm-serve REPO`` (``GLM_BUILD_CUDA_GRAPHS=0`` in its environment for ``--graphs
 off``: every variant's batcher decodes eagerly), waits until it is ready, then for each target
 (the streaming router, which routes a short chat to the highest precision, and each variant's own
-model) and each concurrency runs :func:`builder.loadtest.run_load` with greedy chats of
+model) and each concurrency runs :func:`builder.client.loadtest.run_load` with greedy chats of
 ``--max-token`` tokens, counting answer tokens with the model's tokenizer, and stops the server.
 The repository is the 28-layer random-weight checkpoint built with ``--quantize-at build``, so
 loading fits the check's time.
@@ -70,7 +70,7 @@ def requests_at(concurrency: int) -> int:
 
 def server_env(graphs: bool, base: dict | None = None) -> dict:
     """glm-serve's environment: CUDA graphs off through the switch the batchers read."""
-    from builder.generation import GRAPHS_ENV
+    from builder.model.generation import GRAPHS_ENV
 
     env = dict(os.environ if base is None else base)
     env.pop(GRAPHS_ENV, None)
@@ -122,8 +122,8 @@ def serving(repo: Path, *, graphs: bool, timeout: float, log: Path | None = None
 
 def targets(precisions: list[str]) -> list[tuple[str, str]]:
     """``(label, Triton model)`` pairs: the streaming router, then each variant's own model."""
-    from builder.client import STREAM_ROUTER
-    from builder.plan import MODEL_NAME
+    from builder.client.chat import STREAM_ROUTER
+    from builder.plan.placement import MODEL_NAME
 
     return [("router", STREAM_ROUTER)] + [(p, f"{MODEL_NAME}-{p}") for p in precisions]
 
@@ -132,8 +132,8 @@ def measure(url: str, precisions: list[str], levels: list[int], max_token: int,
             graphs: bool) -> list[dict]:
     """One row per (target, concurrency): :meth:`LoadResult.as_dict` plus what was measured."""
     from builder import TINY_CHECKPOINT
-    from builder.loadtest import run_load
-    from builder.tokenizer import ChatGLM2Tokenizer
+    from builder.client.loadtest import run_load
+    from builder.model.tokenizer import ChatGLM2Tokenizer
 
     tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")  # the same vocabulary
     rows = []

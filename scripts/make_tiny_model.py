@@ -6,7 +6,7 @@ on a fixed number of threads, so rerunning on the same software and CPU gives th
 
     .venv/bin/python scripts/make_tiny_model.py [--steps N] [--out DIR] [--threads 2] [--probe-every N]
 
-It generates bilingual chat dialogues (builder.corpus), trains a byte-fallback sentencepiece
+It generates bilingual chat dialogues (builder.evaluate.corpus), trains a byte-fallback sentencepiece
 tokenizer on them with identity normalization (so decode(encode(x)) == x), trains a small
 GlmForCausalLM on the answers, and writes the checkpoint in THUDM's layout (fp16 safetensors).
 """
@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder import TINY_CHECKPOINT  # noqa: E402
-from builder.checkpoint import glm_to_thudm  # noqa: E402
-from builder.config import ChatGLM2Config  # noqa: E402
-from builder.corpus import DEMO_FAMILIES, FAMILIES, by_family, dialogues, family  # noqa: E402
-from builder.evaluate import answer_example, answer_is_right, heldout_perplexity  # noqa: E402
-from builder.tokenizer import ChatGLM2Tokenizer, build_prompt  # noqa: E402
+from builder.model.checkpoint import glm_to_thudm  # noqa: E402
+from builder.model.config import ChatGLM2Config  # noqa: E402
+from builder.evaluate.corpus import DEMO_FAMILIES, FAMILIES, by_family, dialogues, family  # noqa: E402
+from builder.evaluate.score import answer_example, answer_is_right, heldout_perplexity  # noqa: E402
+from builder.model.tokenizer import ChatGLM2Tokenizer, build_prompt  # noqa: E402
 
 SEED = 0
 SP_VOCAB = 1024
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
 
         accuracy = {}
         if not args.quick:
-            from builder.checkpoint import load_chatglm2
+            from builder.model.checkpoint import load_chatglm2
 
             for label, bits in (("fp32", 16), ("int8", 8), ("int4", 4)):
                 wait_while_paused()
@@ -281,7 +281,7 @@ def main(argv=None) -> None:
                 "perplexity": len(scored), "accuracy": len(scored),
                 "accuracy_by_family": {f: sum(family(d) == f for d in scored) for f in FAMILIES},
                 "accuracy_with_history": sum(bool(d.history) for d in scored)},
-            "accuracy_note": "greedy exact-match answers (builder.evaluate.answer_accuracy) of the "
+            "accuracy_note": "greedy exact-match answers (builder.evaluate.score.answer_accuracy) of the "
                              "fp16 weights, loaded in fp32 or quantized at load (int8, int4); the "
                              "first held-out dialogues of each family (corpus.by_family); "
                              "demo_families: leg counts of two kinds and of one, and sums, "

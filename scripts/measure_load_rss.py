@@ -4,7 +4,7 @@
 Each measurement runs in a fresh subprocess: it imports everything the load needs, records its RSS
 (the baseline), loads, and reports its peak RSS (`ru_maxrss`), the model's resident bytes and the
 load time. Cases: the embedded tiny model, and synthetic checkpoints with ChatGLM2-6B's real layer
-shapes (`builder.synthetic`, one shard per layer) at a few depths; peak RSS is fitted as
+shapes (`builder.model.synthetic`, one shard per layer) at a few depths; peak RSS is fitted as
 a + b × layers and extrapolated to 28 layers.
 
     .venv/bin/python scripts/measure_load_rss.py [--layers 2,4] [--repeats 3] [--out docs/benchmarks.md]
@@ -38,8 +38,8 @@ def child(case: dict) -> None:
     import torch
     import transformers.models.glm.modeling_glm  # noqa: F401
 
-    from builder.checkpoint import load_chatglm2
-    from builder.quantization import QuantizedLinear  # noqa: F401
+    from builder.model.checkpoint import load_chatglm2
+    from builder.model.quantization import QuantizedLinear  # noqa: F401
 
     torch.set_num_threads(case["threads"])
     baseline = psutil.Process().memory_info().rss

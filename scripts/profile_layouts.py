@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measured vs estimated CPU memory for the same model cut into three shard layouts.
 
-Writes a 2-layer checkpoint with ChatGLM2-6B's real shapes three ways (`builder.synthetic`):
+Writes a 2-layer checkpoint with ChatGLM2-6B's real shapes three ways (`builder.model.synthetic`):
 one safetensors shard per layer, one 1.9 GB `model.safetensors`, and `.bin` shards named like
 THUDM's (`pytorch_model-0000N-of-0000M.bin`), then runs `glm-build profile` on each and prints, per
 variant and workload, measured and estimated peak memory and what stays resident after loading
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the checkpoints")
     parser.add_argument("--quant", default="fp16,int8,int4", help="precisions to profile")
     parser.add_argument("--workloads", default="encode:512,encode:1024", help="as glm-build profile takes them")
-    parser.add_argument("--layouts", default="per-layer,single,bin", help="builder.synthetic layouts")
+    parser.add_argument("--layouts", default="per-layer,single,bin", help="builder.model.synthetic layouts")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each run")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the checkpoints are cached (glm-<layers>l-<layout>) and profiles written")
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from builder.profile import ProfileOptions, run_profile
-    from builder.synthetic import write_synthetic_checkpoint
+    from builder.profile.run import ProfileOptions, run_profile
+    from builder.model.synthetic import write_synthetic_checkpoint
 
     capability = torch.backends.cpu.get_cpu_capability()
     rows, worst = [], 0.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from builder import TINY_CHECKPOINT
-from builder.config import ChatGLM2Config
+from builder.model.config import ChatGLM2Config
 
 # Small, but every architectural feature of ChatGLM2: 2 layers, 4 heads over 2 K/V groups, QKV bias.
 SMALL = ChatGLM2Config(num_layers=2, hidden_size=64, ffn_hidden_size=96, kv_channels=16,
@@ -89,7 +89,7 @@ def serve_tiny_repository(out: Path, **build_options):
     """Build the tiny repository (fp16/int8/int4, `cpu` profile, :data:`LIVE_LIMITS`) into ``out``
     and start a real tritonserver on free loopback ports; the caller stops it. ``server.repo`` is
     ``out``."""
-    from builder.build import BuildOptions, build
+    from builder.build.pipeline import BuildOptions, build
     from builder.serving.server import ServerOptions, TritonServer, free_port
 
     build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=out, limits=LIVE_LIMITS,

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from builder.config import ChatGLM2Config
+from builder.model.config import ChatGLM2Config
 
 
 def rms_norm(x, weight, eps):

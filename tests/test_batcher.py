@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
-from builder.generation import PromptTooLongError
+from builder.model.generation import PromptTooLongError
 from builder.serving.batcher import (Batcher, BatcherConfig, BatcherFullError, BatcherStoppedError,
                                      GreedyRows)
 

@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
-from builder.client import ChatGLMClient
+from builder.client.chat import ChatGLMClient
 
 from conftest import serve_tiny_repository
 
@@ -151,9 +151,9 @@ def test_without_fallback_a_killed_variant_fails_its_requests(server):
 
 
 def test_glm_chat_concurrency_reports_ttft_and_tokens_per_second(server, capsys):
-    from builder.client import main as glm_chat_main
+    from builder.client.chat import main as glm_chat_main
 
-    from builder.tokenizer import ChatGLM2Tokenizer
+    from builder.model.tokenizer import ChatGLM2Tokenizer
 
     answer = ask(server, QUESTIONS[0]).response  # greedy: each of the 6 answers is this one
     tokens = 6 * len(ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model").encode(answer))
@@ -176,7 +176,7 @@ def test_glm_chat_concurrency_reports_ttft_and_tokens_per_second(server, capsys)
 
 
 def test_glm_chat_concurrency_needs_grpc_and_a_prompt(capsys):
-    from builder.client import main as glm_chat_main
+    from builder.client.chat import main as glm_chat_main
 
     with pytest.raises(SystemExit) as exit_info:
         glm_chat_main(["hi", "--protocol", "http", "-j", "2"])
@@ -185,7 +185,7 @@ def test_glm_chat_concurrency_needs_grpc_and_a_prompt(capsys):
 
 
 def test_run_load_ramp_staggers_the_clients_starts(server):
-    from builder.loadtest import run_load
+    from builder.client.loadtest import run_load
 
     # Three clients, one request each, spread over 1.5 s: they start 0.5 s apart; every request
     # is still answered.

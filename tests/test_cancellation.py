@@ -18,9 +18,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from builder import TINY_CHECKPOINT
-from builder.build import BuildOptions, build
+from builder.build.pipeline import BuildOptions, build
 from builder.serving.server import ServerOptions, TritonServer, free_port
-from builder.tokenizer import ChatGLM2Tokenizer
+from builder.model.tokenizer import ChatGLM2Tokenizer
 
 from conftest import SMALL, thudm_state, write_checkpoint
 

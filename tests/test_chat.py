@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from builder import chat, stream_chat
-from builder.generation import PromptTooLongError, fit_history, sample_next
+from builder.model.generation import PromptTooLongError, fit_history, sample_next
 
 
 def test_answers_a_training_question_word_for_word(tiny):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from builder import CHATGLM2_6B, load_chatglm2
-from builder.checkpoint import CheckpointError, glm_to_thudm
-from builder.config import ChatGLM2Config, UnsupportedCheckpointError
+from builder.model.checkpoint import CheckpointError, glm_to_thudm
+from builder.model.config import ChatGLM2Config, UnsupportedCheckpointError
 
 from conftest import SMALL, thudm_state, write_checkpoint
 from reference import forward

@@ -7,7 +7,7 @@ import pytest
 
 import builder.cli
 from builder import CHATGLM2_6B, TINY_CHECKPOINT
-from builder.build import BuildError, BuildOptions, build, resolve_model
+from builder.build.pipeline import BuildError, BuildOptions, build, resolve_model
 from builder.cli import build_parser, main, options_from_args
 
 from conftest import SMALL
@@ -193,8 +193,8 @@ def test_quantize_at_build_saves_weights_that_give_the_load_time_logits(tmp_path
     import torch
 
     from builder import load_chatglm2
-    from builder.quantization import QuantizedLinear
-    from builder.tokenizer import ChatGLM2Tokenizer
+    from builder.model.quantization import QuantizedLinear
+    from builder.model.tokenizer import ChatGLM2Tokenizer
     from test_render import params, parse
 
     out = tmp_path / "repo"

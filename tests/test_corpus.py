@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from builder.corpus import FAMILIES, by_family, dialogues, family, is_heldout, single_rounds
+from builder.evaluate.corpus import FAMILIES, by_family, dialogues, family, is_heldout, single_rounds
 
 
 def test_heldout_questions_never_appear_in_training():
@@ -23,7 +23,7 @@ def test_the_demo_question_is_held_out_and_answered_in_full():
     ("鸡兔同笼，共有10个头，28只脚，鸡和兔子各有几只？", "cage"), ("What is 2 plus 3?", "add"),
     ("7乘以8等于多少？", "times"), ("你好", "other")])
 def test_family_names_the_template_of_the_scored_question(query, expected):
-    from builder.corpus import Dialogue
+    from builder.evaluate.corpus import Dialogue
 
     assert family(Dialogue(((query, ""),))) == expected
 

@@ -10,9 +10,9 @@ import torch
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
-from builder.cuda_quant import FUSED_MAX_TOKENS
+from builder.model.cuda_quant import FUSED_MAX_TOKENS
 from builder.serving import batcher as batcher_module
-from builder.generation import (GRAPHS_ENV, StaticDecoder, decode_step_kind, generate_ids,
+from builder.model.generation import (GRAPHS_ENV, StaticDecoder, decode_step_kind, generate_ids,
                                 sample_next, static_cache_tokens)
 from builder.serving.batcher import (KV_BUCKETS, Q_PADDING_TOKENS, Batcher, BatcherConfig,
                                      continuous_batching_config, cuda_graphs_decision,
@@ -213,8 +213,8 @@ def test_our_loop_replays_one_graph_with_the_eager_loops_answers_on_cuda(bits, m
 
 # -- int8/int4 projections inside a capture ---------------------------------------------------------
 def test_a_capture_that_meets_the_unloaded_kernel_extracts_and_says_so_once(monkeypatch, caplog):
-    from builder import cuda_quant
-    from builder.quantization import QuantizedLinear
+    from builder.model import cuda_quant
+    from builder.model.quantization import QuantizedLinear
 
     layer = QuantizedLinear.from_float(torch.randn(64, 128), None, 8)
     x = torch.randn(2, 128, dtype=torch.float16)
@@ -242,7 +242,7 @@ def test_a_capture_that_meets_the_unloaded_kernel_extracts_and_says_so_once(monk
 @needs_gpu
 @pytest.mark.parametrize("bits, tokens", [(8, 1), (4, 1), (4, 8), (8, 16)])
 def test_a_quantized_projection_replays_from_a_graph_as_it_ran_eagerly(bits, tokens):
-    from builder.quantization import QuantizedLinear
+    from builder.model.quantization import QuantizedLinear
 
     layer = QuantizedLinear.from_float(torch.randn(4608, 4096), torch.randn(4608), bits,
                                        device="cuda")
@@ -261,7 +261,7 @@ def test_a_quantized_projection_replays_from_a_graph_as_it_ran_eagerly(bits, tok
 # -- the plan counts what graphs cost ----------------------------------------------------------------
 def test_the_graph_term_counts_the_largest_step_and_the_second_inputs():
     from builder import CHATGLM2_6B
-    from builder.memory import activation_bytes, cuda_graph_bytes
+    from builder.plan.memory import activation_bytes, cuda_graph_bytes
 
     sync = cuda_graph_bytes(CHATGLM2_6B, 4, 512, 2048, 65536, async_batching=False)
     assert sync == (activation_bytes(CHATGLM2_6B, 4, 512, "encode", all_logits=False)
@@ -278,7 +278,7 @@ def test_the_graph_term_counts_the_largest_step_and_the_second_inputs():
 def test_gpu_pools_make_room_for_the_graphs_and_cpu_pools_do_not_change(profile, precisions,
                                                                         monkeypatch):
     from builder import CHATGLM2_6B, load_profile
-    from builder import plan as plan_module
+    from builder.plan import placement as plan_module
 
     gpu = load_profile(profile)
     counted = plan_module.make_plan(CHATGLM2_6B, precisions, gpu)

@@ -1,4 +1,4 @@
-"""The CUDA forward of int8/int4 layers (builder.cuda_quant): row-block extraction runs here on the
+"""The CUDA forward of int8/int4 layers (builder.model.cuda_quant): row-block extraction runs here on the
 CPU (it is plain torch), the fused kernel's source runs here one thread per lane (g++), and on a GPU
 both are checked against each other and the formula."""
 from __future__ import annotations
@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from builder import CHATGLM2_6B, cuda_quant, memory
-from builder.memory import cuda_extract_bytes, cuda_extract_rows, estimate_breakdown
-from builder.quantization import QuantizedLinear, dequantize, quantize_weight, unpack_int4
+from builder.model import cuda_quant
+from builder.plan import memory
+from builder import CHATGLM2_6B
+from builder.plan.memory import cuda_extract_bytes, cuda_extract_rows, estimate_breakdown
+from builder.model.quantization import QuantizedLinear, dequantize, quantize_weight, unpack_int4
 
 from test_memory import TINY
 

@@ -20,9 +20,9 @@ from builder.deploy import DeployError, DeployOptions, deploy
 from builder.deploy.image import CU126, TRITON_IMAGE, runs_as, torch_build
 from builder.deploy.pod import GPU_PRODUCTS, SHM_PER_STUB_BYTES, pod_plan
 from builder.deploy.repository import BuiltRepository
-from builder.plan import make_plan
-from builder.profiles import load_profile
-from builder.render import ROUTER_INSTANCES
+from builder.plan.placement import make_plan
+from builder.plan.profiles import load_profile
+from builder.build.render import ROUTER_INSTANCES
 from builder.serving.cli import build_parser as serve_parser
 from builder.serving.cli import options_from_args as serve_options, parse_args as serve_args
 

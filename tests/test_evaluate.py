@@ -1,4 +1,4 @@
-"""Exact-answer scoring of the tiny model (builder.evaluate), as the fidelity report and
+"""Exact-answer scoring of the tiny model (builder.evaluate.score), as the fidelity report and
 scripts/make_tiny_model.py use it."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from builder import TINY_CHECKPOINT, load_chatglm2
-from builder.corpus import Dialogue
-from builder.evaluate import _accuracies, answer_accuracy, answer_is_right
+from builder.evaluate.corpus import Dialogue
+from builder.evaluate.score import _accuracies, answer_accuracy, answer_is_right
 
 QUESTION = "3只鸡和2只兔子一共有几条腿？"
 RIGHT = Dialogue(((QUESTION, "3只鸡有6条腿，2只兔子有8条腿，一共有14条腿。"),))
@@ -28,7 +28,7 @@ def test_an_answer_is_right_only_when_it_matches_exactly(tiny):
 
 
 def test_accuracies_group_each_answer_once(tiny, monkeypatch):
-    import builder.evaluate as evaluate
+    import builder.evaluate.score as evaluate
 
     model, tokenizer = tiny
     asked = []

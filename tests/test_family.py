@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from builder import TINY_CHECKPOINT, load_chatglm2
-from builder.checkpoint import check_checkpoint
-from builder.config import ChatGLM2Config
+from builder.model.checkpoint import check_checkpoint
+from builder.model.config import ChatGLM2Config
 from builder.model.family import FAMILIES, SPECS, FamilyError, detect_family, explain_family
 from builder.model.tokenizers import ChatGLM3Tokenizer, GLM4Tokenizer
 from builder.model.tools import (chatglm3_system_message, from_openai_messages, parse_tool_calls,
@@ -265,7 +265,7 @@ def test_specs_are_the_published_configs():
     rows = FAMILIES["glm-4-9b-chat"].published
     assert [(r.precision, r.input_tokens, r.value) for r in rows][:2] == [("fp16", 1000, 19047), ("fp16", 8000, 20629)]
     assert rows[-1].memory_bytes == 16065 * 2**20
-    assert FAMILIES["chatglm2-6b"].published_ref == "builder.memory.PUBLISHED_TABLE"
+    assert FAMILIES["chatglm2-6b"].published_ref == "builder.plan.memory.PUBLISHED_TABLE"
 
 
 # -- logits against THUDM's forward --------------------------------------------------------------
@@ -388,7 +388,7 @@ def test_glm4_tokenizer_json_matches_tiktoken(checkpoints, glm4):
 def test_glm4_chat_stops_at_its_end_tokens(checkpoints, answer):
     """The model's answer is made one fixed token (an output layer whose bias picks it): chat()
     stops at once at GLM-4's three end tokens, and runs to max_length on any other."""
-    from builder.generation import chat
+    from builder.model.generation import chat
 
     model, tok = load_chatglm2(checkpoints["glm-4-9b-chat"][0])
     prompt = tok.build_chat_input("你好")

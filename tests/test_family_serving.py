@@ -13,8 +13,8 @@ import re
 
 import pytest
 
-from builder.build import BuildOptions, build
-from builder.client import ChatGLMClient
+from builder.build.pipeline import BuildOptions, build
+from builder.client.chat import ChatGLMClient
 from builder.serving.server import ServerOptions, TritonServer, free_port
 
 from conftest import thudm_state

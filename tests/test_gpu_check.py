@@ -222,7 +222,7 @@ def record(precision, phase, tokens, measured, estimated, published, overhead):
 
 
 def test_table_puts_every_result_in_one_row_per_precision(tmp_path, capsys):
-    from builder.memory import DEFAULT_CUDA_PROCESS_OVERHEAD as A100
+    from builder.plan.memory import DEFAULT_CUDA_PROCESS_OVERHEAD as A100
 
     p40 = 736 * 2**20
     encode = [record("fp16", "encode", 2048, 13 * GIB, 13 * GIB, int(13.1 * GIB), p40),

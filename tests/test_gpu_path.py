@@ -10,12 +10,14 @@ import types
 import pytest
 import torch
 
-from builder import checkpoint, measure, quantization
-from builder.checkpoint import build_empty_model, check_dtype, load_chatglm2
-from builder.plan import PRECISIONS, Variant
-from builder.profiles import (GpuProfile, ProfileError, list_profiles, load_profile, match_device,
+from builder.model import checkpoint
+from builder.profile import measure
+from builder.model import quantization
+from builder.model.checkpoint import build_empty_model, check_dtype, load_chatglm2
+from builder.plan.placement import PRECISIONS, Variant
+from builder.plan.profiles import (GpuProfile, ProfileError, list_profiles, load_profile, match_device,
                               profile_from_dict)
-from builder.quantization import QuantizedLinear, make_load_hook
+from builder.model.quantization import QuantizedLinear, make_load_hook
 
 from conftest import SMALL
 

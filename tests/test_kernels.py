@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from builder import TINY_CHECKPOINT, load_chatglm2
-from builder.checkpoint import iter_checkpoint_tensors
-from builder.config import ChatGLM2Config
-from builder.quantization import QuantizedLinear, owned_aligned
+from builder.model.checkpoint import iter_checkpoint_tensors
+from builder.model.config import ChatGLM2Config
+from builder.model.quantization import QuantizedLinear, owned_aligned
 
 from conftest import write_checkpoint
 
@@ -128,7 +128,7 @@ def test_hand_made_thudm_checkpoint_matches_a_dequantized_reference(tmp_path, ti
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
-# -- the CPU runtime's workarounds (builder.cpu_runtime) ------------------------------------------------
+# -- the CPU runtime's workarounds (builder.model.cpu_runtime) ------------------------------------------------
 def _peak_growth_mib(call) -> float:
     """How far the resident high-water mark rises during ``call`` (Linux), in MiB."""
     def read(key):
@@ -144,7 +144,7 @@ def _peak_growth_mib(call) -> float:
 def test_the_last_position_logits_do_not_copy_the_output_layer():
     """lm_head on hidden[:, -1:, :] (a view with the prompt as its batch stride): torch's bf16
     matmul copied the whole weight for it (+508 MB on the 6B) unless it gets plain rows."""
-    from builder.cpu_runtime import RowsLinear, onednn_matmuls, use_row_inputs
+    from builder.model.cpu_runtime import RowsLinear, onednn_matmuls, use_row_inputs
 
     head = use_row_inputs(torch.nn.Sequential(torch.nn.Linear(4096, 32768, bias=False))).to(torch.bfloat16)[0]
     assert isinstance(head, RowsLinear)
@@ -177,7 +177,7 @@ def test_bfloat16_attention_at_the_6b_head_size(tmp_path):
 # -- quantizing by row blocks gives what one whole-layer pass gives ----------------------------------
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, None), (4, 64)])
 def test_row_blocks_change_nothing(monkeypatch, bits, group_size):
-    import builder.quantization as quantization
+    import builder.model.quantization as quantization
 
     g = torch.Generator().manual_seed(11)
     weight = torch.randn(64 * 5 + 16, 256, generator=g) * 0.05  # 5 whole 64-row groups and a tail
@@ -192,11 +192,11 @@ def test_row_blocks_change_nothing(monkeypatch, bits, group_size):
         assert torch.equal(state["weight"], expected[0]) and torch.equal(state["weight_scale"], expected[1])
 
 
-# -- many rows take the dense path (builder.cpu_quant), and it computes what the kernels compute -----
+# -- many rows take the dense path (builder.model.cpu_quant), and it computes what the kernels compute -----
 @pytest.fixture
 def dense_from(monkeypatch):
     """Set the row count from which quantized projections take the dense path (0: never)."""
-    from builder import cpu_quant
+    from builder.model import cpu_quant
 
     def set_rows(rows: int) -> None:
         table = {capability: {8: rows, 4: rows} for capability in cpu_quant.DENSE_ROWS}
@@ -209,7 +209,7 @@ def dense_from(monkeypatch):
 def test_int4_layout_is_read_for_this_capability():
     """AVX-512 and AVX2 pack k-major blocks the dense path reads; the DEFAULT capability packs row
     pairs, which it does not read: int4 then stays on the kernel at every row count."""
-    from builder import cpu_quant
+    from builder.model import cpu_quant
 
     expected = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
     assert cpu_quant.int4pack_layout() == expected
@@ -225,7 +225,7 @@ def test_dense_path_matches_the_weight_only_kernel(dense_from, bits, group_size,
                                                    in_features, rows):
     """Short last blocks (16, 48 rows), several dequantized blocks, group-wise scales: the dense
     path gives the kernel's result to bfloat16 rounding, and the formula's."""
-    from builder import cpu_quant
+    from builder.model import cpu_quant
 
     if bits == 4 and cpu_quant.int4pack_layout() is None:
         pytest.skip("this capability's int4 packing is not read by the dense path (kernels only)")
@@ -268,7 +268,7 @@ class monkeypatch_blocks:
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_prefill_takes_the_dense_path_and_a_decode_step_the_kernel(monkeypatch, bits):
     """Would fail if a quantized prefill went through the weight-only kernels again."""
-    from builder import cpu_quant
+    from builder.model import cpu_quant
 
     cpu_quant.dense_rows.cache_clear()
     if bits == 4 and cpu_quant.int4pack_layout() is None:
@@ -308,7 +308,7 @@ def test_a_prefill_takes_the_dense_path_and_a_decode_step_the_kernel(monkeypatch
 def test_decode_path_is_probed_once_per_shape(monkeypatch, bits):
     """A one-row call times both paths on the layer's own weight, once per shape; the answer is the
     same whichever path won."""
-    from builder import cpu_quant
+    from builder.model import cpu_quant
 
     if bits == 4 and cpu_quant.int4pack_layout() is None:
         pytest.skip("this capability's int4 packing is not read by the dense path (kernels only)")
@@ -360,7 +360,7 @@ def test_greedy_answers_unchanged_by_the_dense_path_and_by_batching(dense_from, 
     """The tiny model's greedy answers: weight-only kernels everywhere (as before the dense path)
     == the dense path for every prefill == prompts decoded as one batch (each step then has 4 rows
     and takes the dense path from 4)."""
-    from builder.generation import chat
+    from builder.model.generation import chat
 
     model, tokenizer = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=torch.bfloat16)
     answers = {}

@@ -2,8 +2,8 @@
 import pytest
 
 from builder import CHATGLM2_6B, ChatGLM2Config
-from builder import memory
-from builder.memory import (GIB, PRECISION_BITS, PUBLISHED_TABLE, TABLE_UNIT_BYTES,
+from builder.plan import memory
+from builder.plan.memory import (GIB, PRECISION_BITS, PUBLISHED_TABLE, TABLE_UNIT_BYTES,
                             estimate_breakdown, estimate_memory, kv_cache_bytes, weight_bytes)
 
 CELLS = [(precision, phase) for precision in PUBLISHED_TABLE for phase in ("encode", "generate")]

@@ -21,10 +21,10 @@ import httpx
 import openai
 import pytest
 
-from builder.client import ChatGLMClient
+from builder.client.chat import ChatGLMClient
 from builder.serving.openai import API_KEY_ENV, GatewayOptions, OpenAIGateway
 from builder.serving.server import free_port
-from builder.tokenizer import ChatGLM2Tokenizer
+from builder.model.tokenizer import ChatGLM2Tokenizer
 
 from conftest import LIVE_LIMITS
 from test_cancellation import metrics, total
@@ -39,7 +39,7 @@ VARIANTS = ["chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from builder.build import BuildOptions, build
+    from builder.build.pipeline import BuildOptions, build
 
     base = tmp_path_factory.mktemp("openai")
     repo = build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=base / "repo",

@@ -26,7 +26,7 @@ from builder.serving.openai.tool_calls import call_state
 from builder.serving.openai.triton import Piece, ServedModel, find_router
 from builder.serving.request import (MESSAGES_INPUT, RequestError, messages_input, messages_length,
                                      parse_messages, parse_request)
-from builder.tokenizer import ChatGLM2Tokenizer
+from builder.model.tokenizer import ChatGLM2Tokenizer
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "查询城市天气",
@@ -358,7 +358,7 @@ def glm4_server(tmp_path_factory):
     test_family makes it), built (fp16), served by tritonserver with the gateway beside it."""
     import httpx
 
-    from builder.build import BuildOptions, build
+    from builder.build.pipeline import BuildOptions, build
     from builder.serving.openai import GatewayOptions, OpenAIGateway
     from builder.serving.server import ServerOptions, TritonServer, free_port
     from conftest import thudm_state

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from builder import TINY_CHECKPOINT
-from builder.build import BuildOptions, build
-from builder.checkpoint import check_checkpoint
+from builder.build.pipeline import BuildOptions, build
+from builder.model.checkpoint import check_checkpoint
 from builder.serving import cli
 from builder.serving.load_causes import LoadCauses
 from builder.serving.params import resolve_path
@@ -209,7 +209,7 @@ def test_glm_serve_prints_the_cause_of_a_stub_that_cannot_start(tmp_path):
 def test_a_repository_in_an_odd_folder_builds_loads_and_answers(tmp_path):
     import tritonclient.grpc  # noqa: F401  (the real client, under ChatGLMClient)
 
-    from builder.client import ChatGLMClient
+    from builder.client.chat import ChatGLMClient
 
     checkpoint = odd_checkpoint(tmp_path)
     out = tmp_path / ODD / "生成的 repo"

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from builder import CHATGLM2_6B
-from builder.memory import GIB
-from builder.plan import (PRECISIONS, PlacementError, Variant, largest_fit, make_plan, need_bytes,
+from builder.plan.memory import GIB
+from builder.plan.placement import (PRECISIONS, PlacementError, Variant, largest_fit, make_plan, need_bytes,
                           pack_decreasing, place, variants_of)
-from builder.profiles import load_profile
-from builder.routing import Route, RoutingTable, choose_variant
+from builder.plan.profiles import load_profile
+from builder.plan.routing import Route, RoutingTable, choose_variant
 
 from conftest import SMALL
 
@@ -207,7 +207,7 @@ def test_routing_table_json_and_refusal():
 
 
 def test_routing_module_imports_no_torch():
-    path = Path(__file__).resolve().parents[1] / "builder" / "routing.py"
+    path = Path(__file__).resolve().parents[1] / "builder" / "plan" / "routing.py"
     code = ("import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('routing', {str(path)!r})\n"
             "module = sys.modules['routing'] = importlib.util.module_from_spec(spec)\n"
@@ -219,8 +219,8 @@ def test_routing_module_imports_no_torch():
 
 # -- the batchers' KV pools -------------------------------------------------------------------------
 def test_kv_pools_come_from_the_headroom_and_fit_with_a_full_batch():
-    from builder.memory import estimate_memory
-    from builder.plan import KV_PAGE_SIZE, MAX_RUNNING
+    from builder.plan.memory import estimate_memory
+    from builder.plan.placement import KV_PAGE_SIZE, MAX_RUNNING
 
     for profile_name, precisions in (("p40", "int4"), ("p40", "int8,int4"), ("p40x2", "fp16,int8,int4")):
         profile = load_profile(profile_name)
@@ -241,7 +241,7 @@ def test_kv_pools_come_from_the_headroom_and_fit_with_a_full_batch():
 
 
 def test_concurrency_grows_the_estimate_by_kv_and_decode_rows():
-    from builder.memory import estimate_breakdown, kv_cache_bytes
+    from builder.plan.memory import estimate_breakdown, kv_cache_bytes
 
     one = estimate_breakdown(CHATGLM2_6B, 4, 512, "generate")
     eight = estimate_breakdown(CHATGLM2_6B, 4, 512, "generate", concurrency=8)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from builder import TINY_CHECKPOINT, load_chatglm2
-from builder.checkpoint import save_quantized
-from builder.quantization import QuantizedLinear
+from builder.model.checkpoint import save_quantized
+from builder.model.quantization import QuantizedLinear
 
 IDS = [[819, 821, 723, 263, 705, 12, 40, 7]]
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import builder.profile
+import builder.profile.run
 from builder import CHATGLM2_6B
 from builder.cli import build_profile_parser, main, profile_options_from_args
-from builder.memory import PUBLISHED_TABLE
-from builder.plan import Variant
-from builder.profile import (DEFAULT_WORKLOADS, ProfileOptions, ProfileRecord, ProfilingError,
+from builder.plan.memory import PUBLISHED_TABLE
+from builder.plan.placement import Variant
+from builder.profile.run import (DEFAULT_WORKLOADS, ProfileOptions, ProfileRecord, ProfilingError,
                              Target, Workload, estimate_for, parse_workloads, published_for,
                              resolve_target, run_profile)
-from builder.profile_report import write_reports
+from builder.profile.report import write_reports
 
 RECORD_FIELDS = {f.name for f in dataclasses.fields(ProfileRecord)} | {"error"}
 
@@ -128,7 +128,7 @@ def captured(monkeypatch):
         calls.append(options)
         return []
 
-    monkeypatch.setattr(builder.profile, "run_profile", fake_run_profile)
+    monkeypatch.setattr(builder.profile.run, "run_profile", fake_run_profile)
     return calls
 
 

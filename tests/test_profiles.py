@@ -5,8 +5,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from builder import memory
-from builder.profiles import (PROFILES_DIR, GpuProfile, ProfileError, list_profiles, load_profile,
+from builder.plan import memory
+from builder.plan.profiles import (PROFILES_DIR, GpuProfile, ProfileError, list_profiles, load_profile,
                               profile_from_toml)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from builder.config import ChatGLM2Config
-from builder.quantization import (QuantizedLinear, dequantize, make_load_hook, make_prequantized_hook,
+from builder.model.config import ChatGLM2Config
+from builder.model.quantization import (QuantizedLinear, dequantize, make_load_hook, make_prequantized_hook,
                               pack_int4, quantize, quantize_rows, row_scales, unpack_int4)
 
 from conftest import SMALL, thudm_state
@@ -251,7 +251,7 @@ def write_weights(path, config, state):
 
 
 def load_with_hook(path, config, make_hook=None):
-    from builder.checkpoint import build_empty_model, finish_model, load_weights
+    from builder.model.checkpoint import build_empty_model, finish_model, load_weights
 
     model = build_empty_model(config, torch.float32)
     hook = make_hook(model) if make_hook else None
@@ -278,7 +278,7 @@ def test_load_hook_quantizes_while_streaming(small_weights, bits):
 
 
 def test_load_hook_pairs_weight_and_bias_in_either_order(tiny_model):
-    from builder.checkpoint import build_empty_model
+    from builder.model.checkpoint import build_empty_model
 
     model = build_empty_model(TINY, torch.float32)
     hook = make_load_hook(model, 8)
@@ -300,7 +300,7 @@ def test_load_hook_pairs_weight_and_bias_in_either_order(tiny_model):
 def test_prequantized_checkpoint_loads_as_it_is(small_weights, tmp_path):
     """A quantized model's state_dict, written in THUDM's layout (fused QKV, int4 packed), loads back
     through the pre-quantized hook and gives the same logits."""
-    from builder.checkpoint import glm_to_thudm
+    from builder.model.checkpoint import glm_to_thudm
 
     path, _ = small_weights
     model = quantize(load_with_hook(path, SMALL), 4)
@@ -338,7 +338,7 @@ def test_output_layer_int8_is_opt_in_and_close_to_float():
     """``output_bits=8`` swaps only ``lm_head`` for per-row int8 (the formula), and the logits stay
     close: every next-token choice over a prompt agrees with the float output layer's."""
     from builder import TINY_CHECKPOINT
-    from builder.checkpoint import load_chatglm2
+    from builder.model.checkpoint import load_chatglm2
 
     base, tokenizer = load_chatglm2(TINY_CHECKPOINT, bits=8)
     quant, _ = load_chatglm2(TINY_CHECKPOINT, bits=8, output_bits=8)
@@ -357,7 +357,7 @@ def test_output_layer_int8_is_opt_in_and_close_to_float():
 
 def test_output_bits_other_than_8_or_16_name_the_value():
     from builder import TINY_CHECKPOINT
-    from builder.checkpoint import load_chatglm2
+    from builder.model.checkpoint import load_chatglm2
 
     with pytest.raises(ValueError, match="output_bits must be 16 .* got 4"):
         load_chatglm2(TINY_CHECKPOINT, output_bits=4)

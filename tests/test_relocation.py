@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from builder import TINY_CHECKPOINT
-from builder.build import BuildError, BuildOptions, build
+from builder.build.pipeline import BuildError, BuildOptions, build
 from builder.cli import build_parser, options_from_args
-from builder.client import ChatGLMClient
+from builder.client.chat import ChatGLMClient
 from builder.serving.server import ServerOptions, TritonServer, free_port
 
 from test_render import fake_checkpoint, params, parse

@@ -10,14 +10,14 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-import builder.render
+import builder.build.render
 from builder import CHATGLM2_6B
-from builder.plan import make_plan
-from builder.profiles import load_profile
-from builder.render import (TEMPLATES_DIR, OutputExistsError, TemplateValueError, pbtxt_name,
+from builder.plan.placement import make_plan
+from builder.plan.profiles import load_profile
+from builder.build.render import (TEMPLATES_DIR, OutputExistsError, TemplateValueError, pbtxt_name,
                             pbtxt_path, pbtxt_string, render_repository)
-from builder.report import ModelSource
-from builder.routing import RoutingTable
+from builder.build.report import ModelSource
+from builder.plan.routing import RoutingTable
 
 from conftest import SMALL
 
@@ -110,7 +110,7 @@ def test_router_configs(cpu_repo, checkpoint):
         assert config.model_transaction_policy.decoupled is decoupled
         (group,) = config.instance_group
         assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-        assert group.count == (2 if decoupled else 8)  # see builder.render.ROUTER_INSTANCES
+        assert group.count == (2 if decoupled else 8)  # see builder.build.render.ROUTER_INSTANCES
         p = params(config)
         assert set(p) == {"routing", "tokenizer", "family", "seq_length", "fallback"}
         assert p["family"] == "chatglm2-6b"
@@ -232,7 +232,7 @@ def test_a_failure_midway_leaves_the_old_output(tmp_path, cpu_repo, checkpoint, 
     def fail(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(builder.render, "write_report", fail)
+    monkeypatch.setattr(builder.build.render, "write_report", fail)
     with pytest.raises(OSError, match="simulated"):
         render_repository(plan, checkpoint=checkpoint, out=out, force=True, progress=False)
     assert snapshot(out) == before and leftovers(tmp_path) == []
@@ -277,7 +277,7 @@ def test_report_compares_with_the_table_and_says_it_is_the_demo(tmp_path, checkp
 
 def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkpoint,
                                                                 monkeypatch):
-    import builder.checkpoint
+    import builder.model.checkpoint
 
     calls = []
 
@@ -287,7 +287,7 @@ def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkp
         Path(dst).mkdir(parents=True)
         (Path(dst) / "model.safetensors").write_bytes(b"quantized")
 
-    monkeypatch.setattr(builder.checkpoint, "save_quantized", save_quantized)
+    monkeypatch.setattr(builder.model.checkpoint, "save_quantized", save_quantized)
     plan = make_plan(SMALL, ALL3, load_profile("cpu"))
     out = render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo",
                             quantize_at="build", progress=False)
@@ -307,7 +307,7 @@ def test_quantize_at_build_writes_loadable_thudm_weights(tmp_path):
     import json
 
     from builder import TINY_CHECKPOINT, load_chatglm2
-    from builder.config import ChatGLM2Config
+    from builder.model.config import ChatGLM2Config
 
     config = ChatGLM2Config.from_json(TINY_CHECKPOINT / "config.json")
     plan = make_plan(config, ["int4"], load_profile("cpu"))
@@ -327,7 +327,7 @@ def test_variants_link_points_into_the_package():
 
 
 def test_the_fallback_policy_reaches_the_routers(tmp_path, checkpoint):
-    from builder.build import BuildError, BuildOptions, build
+    from builder.build.pipeline import BuildError, BuildOptions, build
 
     out = build(BuildOptions(quant=("int8", "int4"), gpu="cpu", model=str(checkpoint), out=tmp_path / "r",
                              fallback="none"), progress=False).out

@@ -9,7 +9,7 @@ import pytest
 
 from builder import TINY_CHECKPOINT
 from builder.serving.request import RequestError, parse_request, request_length
-from builder.tokenizer import ChatGLM2Tokenizer
+from builder.model.tokenizer import ChatGLM2Tokenizer
 
 PAIRS = [("1加1等于多少？", "1加1等于2。"), ("2加2等于多少？", "2加2等于4。"),
          ("3加3等于多少？", "3加3等于6。")]
@@ -36,7 +36,7 @@ def test_parsing_and_counting_need_neither_triton_nor_torch():
     code = ("import sys, numpy as np\n"
             "from builder import TINY_CHECKPOINT\n"
             "from builder.serving.request import parse_request, request_length\n"
-            "from builder.tokenizer import ChatGLM2Tokenizer\n"
+            "from builder.model.tokenizer import ChatGLM2Tokenizer\n"
             "b = lambda s: np.array([s.encode()], dtype=object)\n"
             "req = parse_request({'prompt': b('hi'), 'history': np.array([], dtype=object),\n"
             "                     'temperature': b('0'), 'max_token': b('64'), 'history_len': b('0')})\n"

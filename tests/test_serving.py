@@ -24,8 +24,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from builder.client import ChatError, ChatGLMClient
-from builder.client import main as glm_chat_main
+from builder.client.chat import ChatError, ChatGLMClient
+from builder.client.chat import main as glm_chat_main
 
 from conftest import LIVE_LIMITS, serve_tiny_repository
 
@@ -242,7 +242,7 @@ def test_langchain_chain_with_the_chat_model(server):
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import ChatPromptTemplate
 
-    from builder.langchain import ChatGLMTriton
+    from builder.client.langchain import ChatGLMTriton
 
     prompt = ChatPromptTemplate.from_messages([("human", "{a}加{b}等于多少？")])
     model = ChatGLMTriton(url=server.urls["grpc"], temperature=0, max_token=64)
@@ -257,7 +257,7 @@ def test_langchain_seed_style_llm(server):
     from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import PromptTemplate
 
-    from builder.langchain import ChatGLM
+    from builder.client.langchain import ChatGLM
 
     llm = ChatGLM(url=server.urls["grpc"], temperature=0, max_token=64)
     response, history = llm.chat(QUESTION, [])

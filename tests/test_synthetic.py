@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from builder.checkpoint import load_chatglm2
-from builder.config import ChatGLM2Config
-from builder.synthetic import INDEX_FILE, write_synthetic_checkpoint
+from builder.model.checkpoint import load_chatglm2
+from builder.model.config import ChatGLM2Config
+from builder.model.synthetic import INDEX_FILE, write_synthetic_checkpoint
 
 from conftest import SMALL, thudm_state
 
@@ -42,7 +42,7 @@ def test_synthetic_checkpoint_is_indexed_and_loads(tmp_path):
 
 
 def test_layouts_hold_the_same_tensors(tmp_path):
-    from builder.checkpoint import iter_checkpoint_tensors, weight_files
+    from builder.model.checkpoint import iter_checkpoint_tensors, weight_files
 
     per_layer = write_synthetic_checkpoint(tmp_path / "per-layer", num_layers=2, config=SMALL, seed=5)
     expected = {n: t for n, t in iter_checkpoint_tensors(per_layer)}

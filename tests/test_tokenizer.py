@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from builder import TINY_CHECKPOINT
-from builder.tokenizer import ChatGLM2Tokenizer, build_prompt
+from builder.model.tokenizer import ChatGLM2Tokenizer, build_prompt
 
 
 @pytest.fixture(scope="module")

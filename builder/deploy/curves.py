@@ -21,7 +21,7 @@ The JSON format, ``glm-build.service-curve/1`` (one object; units in the names):
       ]
     }
 
-Every benchmark writes this format (``builder.loadtest.LoadResult.as_level`` makes a level). Files
+Every benchmark writes this format (``builder.client.loadtest.LoadResult.as_level`` makes a level). Files
 from before, which ``scripts/bench_serving.py --curves`` wrote flat, are still read::
 
     {"checkpoint": "...", "new_tokens": 24, "prompt_tokens": [28, 70, 196],

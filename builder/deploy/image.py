@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..profiles import GpuProfile
+from ..plan.profiles import GpuProfile
 
 TRITON_RELEASE = "24.10"  # Triton 2.51.0
 TRITON_VERSION = "2.51.0"

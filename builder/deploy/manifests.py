@@ -31,10 +31,10 @@ from typing import Optional
 import jinja2
 import yaml
 
-from ..plan import CONCURRENCY_LENGTHS, MODEL_NAME
-from ..render import swap_into_place
-from ..render import template_environment as strict_environment
-from ..report import glm_build_version
+from ..plan.placement import CONCURRENCY_LENGTHS, MODEL_NAME
+from ..build.render import swap_into_place
+from ..build.render import template_environment as strict_environment
+from ..build.report import glm_build_version
 from . import image as img
 from .pod import GPU_PRODUCT_LABEL, PROBE_PERIOD_S, PodPlan, pod_plan, quantity
 from .repository import BuiltRepository
@@ -138,7 +138,7 @@ def yaml_quoted(value) -> str:
 
 
 def template_environment(templates_dir: Path | None = None) -> jinja2.Environment:
-    """The model templates' strict environment (``builder.render``) with the YAML filters."""
+    """The model templates' strict environment (``builder.build.render``) with the YAML filters."""
     return strict_environment(templates_dir or TEMPLATES_DIR, filters={"q": yaml_quoted, "mib": quantity})
 
 

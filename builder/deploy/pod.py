@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..memory import plain_parameters, weight_bytes
-from ..plan import MAX_BATCH_TOKENS, Placement, batch_bytes, pool_lengths
-from ..render import ROUTER_INSTANCES
+from ..plan.memory import plain_parameters, weight_bytes
+from ..plan.placement import MAX_BATCH_TOKENS, Placement, batch_bytes, pool_lengths
+from ..build.render import ROUTER_INSTANCES
 from .repository import BuiltRepository
 
 MIB, GIB = 2**20, 2**30

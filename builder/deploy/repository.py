@@ -1,6 +1,6 @@
 """A built repository as a deployment sees it: its plan, weights and name, read back from build.json.
 
-The deployment is made from the same :class:`~builder.plan.Plan` the repository was rendered from
+The deployment is made from the same :class:`~builder.plan.placement.Plan` the repository was rendered from
 (not a new plan on this machine: a ``cpu`` plan's budget is the host it was built on), so the pod asks
 for the GPUs the variants were placed on and the memory they were sized for.
 
@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ChatGLM2Config
-from ..plan import MODEL_NAME, Placement, Plan, Variant
-from ..profiles import GpuProfile
+from ..model.config import ChatGLM2Config
+from ..plan.placement import MODEL_NAME, Placement, Plan, Variant
+from ..plan.profiles import GpuProfile
 
 
 class RepositoryError(ValueError):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from builder.config import CHATGLM2_6B, ChatGLM2Config, UnsupportedCheckpointError
+from builder.model.config import CHATGLM2_6B, ChatGLM2Config, UnsupportedCheckpointError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -60,10 +60,10 @@ class PublishedRow:
     precision: str  # the variant it compares with: "fp16" (the 16-bit variant, BF16 in GLM-4's table), "int8", "int4"
     input_tokens: Optional[int]  # prompt length of the measurement; None: the source gives none
     value: float  # as printed
-    unit: str  # "MiB" or "GB" (the ChatGLM READMEs' GB is read as GiB, like builder.memory)
+    unit: str  # "MiB" or "GB" (the ChatGLM READMEs' GB is read as GiB, like builder.plan.memory)
     conditions: str  # GPU, runtime and what was measured
     source: str  # where it is published
-    # the table's runtime, for an estimate in its conditions (builder.memory.estimate_memory):
+    # the table's runtime, for an estimate in its conditions (builder.plan.memory.estimate_memory):
     phase: str = "encode"  # the measurement's largest forward: the prompt's prefill
     all_logits: bool = True  # False: its runtime keeps the last position's logits only
     group_size: Optional[int] = None  # its int4/int8 scheme's group (None: ChatGLM's per row)
@@ -214,7 +214,7 @@ CHATGLM3_6B_PUBLISHED = (PublishedRow(
 _ROLE_STOPS = ("<|user|>", "<|observation|>")
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("chatglm2-6b", "chatglm2", "sentencepiece", "rounds", ("eos", "eop"), CHATGLM2_6B,
-           "THUDM/chatglm2-6b", published_ref="builder.memory.PUBLISHED_TABLE"),
+           "THUDM/chatglm2-6b", published_ref="builder.plan.memory.PUBLISHED_TABLE"),
     Family("chatglm2-6b-32k", "chatglm2", "sentencepiece", "rounds", ("eos", "eop"),
            CHATGLM2_6B_32K, "THUDM/chatglm2-6b-32k"),
     Family("chatglm3-6b", "chatglm3", "sentencepiece", "roles", ("eos", *_ROLE_STOPS), CHATGLM3_6B,

@@ -2,7 +2,7 @@
 
 Every tokenizer here has ``encode``, ``decode``, ``stop_ids``, ``pad_id``, ``eos_id``,
 ``vocab_size`` and ``build_chat_input(query, history, system=None, tools=None)``, so
-``builder.generation`` and the batcher take any of them. ``history`` holds (query, answer) pairs,
+``builder.model.generation`` and the batcher take any of them. ``history`` holds (query, answer) pairs,
 like the router's, or message dicts (``{"role", "content", "metadata"}``) for tool calls and
 observations; :meth:`encode_messages` takes a whole conversation.
 
@@ -16,7 +16,7 @@ import base64
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from builder.tokenizer import ChatGLM2Tokenizer
+from builder.model.tokenizer import ChatGLM2Tokenizer
 
 ROLES = ("system", "user", "assistant", "observation")
 

@@ -31,8 +31,8 @@ from transformers.generation.continuous_batching import RequestStatus
 from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingLogitsProcessor)
 
-from ..cuda_quant import FUSED_MAX_TOKENS
-from ..generation import decode_answer, fit_history, graphs_switched_off
+from ..model.cuda_quant import FUSED_MAX_TOKENS
+from ..model.generation import decode_answer, fit_history, graphs_switched_off
 
 log = logging.getLogger("glm-build.batcher")
 
@@ -214,7 +214,7 @@ def continuous_batching_config(config: BatcherConfig, device) -> dict:
     replayed: the varlen path (every step under paged SDPA, whose mask would otherwise keep
     transformers from graphing it) and the decode fast path (flash attention, where installed),
     padded to :data:`Q_PADDING_TOKENS` query rows and :func:`kv_padding_tokens` keys, with async
-    batching (a second set of input buffers, counted by ``builder.memory.cuda_graph_bytes``). On a
+    batching (a second set of input buffers, counted by ``builder.plan.memory.cuda_graph_bytes``). On a
     CPU nothing is added: transformers' own defaults, which leave graphs off there.
 
     >>> continuous_batching_config(BatcherConfig(num_blocks=64), "cpu")["page_size"]

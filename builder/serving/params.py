@@ -98,7 +98,7 @@ class RouterParameters:
     routing: str  # JSON [{"name", "precision", "bits", "max_tokens"}], highest precision first
     tokenizer: Path  # tokenizer.model, to count a request's tokens (relative to the model's folder)
     seq_length: int
-    fallback: str = "lower"  # builder.routing.FALLBACKS
+    fallback: str = "lower"  # builder.plan.routing.FALLBACKS
     family: str = "chatglm2-6b"  # the model's GLM family: its tokenizer and chat format
 
     @classmethod

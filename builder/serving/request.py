@@ -90,7 +90,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None]) -> ChatRequest:
 
 def request_length(req: ChatRequest, tokenizer, seq_length: int) -> tuple[int, int]:
     """``(needed, prompt_tokens)``: the length the router routes ``req`` by, and its prompt's
-    length with the kept history (``tokenizer``: a :class:`~builder.tokenizer.ChatGLM2Tokenizer`).
+    length with the kept history (``tokenizer``: a :class:`~builder.model.tokenizer.ChatGLM2Tokenizer`).
 
     ``needed`` is ``max_token`` clamped to ``seq_length``, as the variant clamps it, or the prompt
     with its kept history plus one new token when that is longer. (A variant drops the oldest

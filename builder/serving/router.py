@@ -4,14 +4,14 @@ Each counts the request's tokens with the tokenizer (the prompt plus the history
 the highest-precision variant whose planned limit covers the request, and forwards it with a BLS
 call. When that variant cannot take it now (its batch is full, its stub is down or being
 reloaded) and nothing has been sent yet, the request goes to the next variant the ``fallback``
-policy allows (``builder.routing.RoutingTable.candidates``), and the ``variant`` output says which
+policy allows (``builder.plan.routing.RoutingTable.candidates``), and the ``variant`` output says which
 one served. The generated ``model.py`` only imports :class:`TritonPythonModel`; whether it
 streams comes from the model's ``model_transaction_policy``. Nothing here imports torch.
 
 The streaming router answers from a thread per request (a decoupled model may respond after
 ``execute()`` returns), so two instances carry any number of streams; the one-response router
 must answer from ``execute()`` and has one instance per request in flight (see
-``builder.render.ROUTER_INSTANCES``).
+``builder.build.render.ROUTER_INSTANCES``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
-from ..routing import RoutingTable, check_fallback
+from ..plan.routing import RoutingTable, check_fallback
 from ..model.family import get_family
 from .cancel import CANCEL, CANCELLED, ROUTE_ID, CancelWatch, Ticket
 from .params import RouterParameters, resolve_path
@@ -105,12 +105,14 @@ class TritonPythonModel:
                                          parameters={ROUTE_ID: ticket.route_id})
         ticket.variant = variant
         answered = False
+        ended = False  # the variant's stream ended (its last response, or an error, came)
         try:
             ticket.responses = call.exec(decoupled=True)
             for answer in ticket.responses:
                 if self.watch.check(ticket):
                     raise ClientGone(CANCELLED)
-                if answer.has_error():
+                if answer.has_error():  # a variant's error is its final response
+                    ended = True
                     message = answer.error().message()
                     if not answered and unavailable(message):
                         raise VariantUnavailable(f"variant {variant}: {message}")
@@ -119,10 +121,24 @@ class TritonPythonModel:
                 if all(t is not None for t in tensors):  # the empty final flag carries no outputs
                     answered = True
                     yield pb_utils.InferenceResponse(output_tensors=tensors)
+            ended = True
         except pb_utils.TritonModelException as err:  # the BLS call itself failed (model gone)
+            ended = True
             if answered or not unavailable(str(err)):
                 raise
             raise VariantUnavailable(f"variant {variant}: {err}") from None
+        finally:
+            if not ended and ticket.responses is not None:
+                # Never leave a BLS stream half read (Triton 2.51's Python backend has crashed
+                # on responses arriving for an iterator already gone): stop the variant's request
+                # if the client's cancel did not already, then read the stream to its end.
+                try:
+                    if not ticket.cancelled:
+                        send_cancel(variant, ticket.route_id)
+                    for _ in ticket.responses:
+                        pass
+                except Exception as err:  # the variant is gone: nothing left to read
+                    log.warning("%s: reading %s's stream to its end: %s", self.name, variant, err)
 
     def serve(self, request, send, sender=None):
         """Route ``request``, falling back as the policy allows; ``send(response)`` each answer.

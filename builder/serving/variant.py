@@ -98,7 +98,7 @@ class TritonPythonModel:
     def initialize(self, args):
         import torch
 
-        from ..checkpoint import load_chatglm2
+        from ..model.checkpoint import load_chatglm2
         from .batcher import Batcher, BatcherConfig
 
         config = json.loads(args["model_config"])
@@ -150,7 +150,7 @@ class TritonPythonModel:
 
     def submit(self, request, sender, route_id: str = "") -> None:
         """Queue one chat in the batch; ``route_id`` is the id a router forwarded it under."""
-        from ..generation import PromptTooLongError
+        from ..model.generation import PromptTooLongError
         from .batcher import BatcherFullError
 
         inputs = request_inputs(request)

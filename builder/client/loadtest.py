@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from .client import STREAM_ROUTER, ChatError, ChatGLMClient
-from .stats import percentile
+from .chat import STREAM_ROUTER, ChatError, ChatGLMClient
+from ..stats import percentile
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def weight_files(path: Path) -> list[Path]:
 def check_checkpoint(path: str | Path, family: str | None = None) -> ChatGLM2Config:
     """Check that ``path`` is a loadable GLM-family checkpoint and return its config, reading no
     weights. ``family``: a ``--family`` name instead of detecting it (builder.model.family)."""
-    from .model.family import detect_family
+    from .family import detect_family
 
     path = Path(path)
     if not path.is_dir():
@@ -297,7 +297,7 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
     ChatGLM3 and GLM-4 checkpoints (and glm-4-9b-chat-hf in transformers' layout) load the same
     way, with their family's tokenizer; ``family`` names it instead of detecting it.
     """
-    from .model.family import detect_family
+    from .family import detect_family
     from .quantization import check_bits, make_load_hook, make_prequantized_hook
 
     path = Path(path)

@@ -23,7 +23,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-PROFILES_DIR = Path(__file__).resolve().parent / "assets" / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "assets" / "profiles"
 
 # Listing order: the P40 this project is aimed at first, then roughly by generation.
 _ORDER = ("p40", "t4", "v100-16gb", "v100-32gb", "a10", "a100-40gb", "a100-80gb", "l4",

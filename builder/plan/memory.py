@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .config import ChatGLM2Config
+from ..model.config import ChatGLM2Config
 
 MIB = 2**20
 GIB = 2**30
@@ -81,7 +81,7 @@ DEFAULT_CUDA_PROCESS_OVERHEAD = CUDA_CONTEXT_BYTES + ALLOCATOR_RESERVE_BYTES
 
 CUDA_EXTRACT_BLOCK_BYTES = 64 * MIB
 """fp16 bytes of one projection's weight that this package's CUDA path dequantizes at once
-(:mod:`builder.cuda_quant`): the 6B's ``dense_h_to_4h`` (224 MB in fp16) in four blocks, its
+(:mod:`builder.model.cuda_quant`): the 6B's ``dense_h_to_4h`` (224 MB in fp16) in four blocks, its
 ``dense_4h_to_h`` in two, the rest in one. THUDM's ``cpm_kernels`` extract the whole weight."""
 
 CPU_PROCESS_OVERHEAD = 400 * MIB
@@ -315,7 +315,7 @@ def overhead_bytes(config: ChatGLM2Config, bits: int, *, dtype_bytes: int = 2,
     low. This package's CUDA path keeps less cached (its row blocks, :func:`cuda_extract_bytes`);
     the larger of the two is counted. Loading leaves nothing reserved: int8/int4 are quantized
     on the CPU and only finished tensors move to the GPU, and ``load_chatglm2`` empties the
-    caching allocator afterwards (``builder.checkpoint.release_free_memory``).
+    caching allocator afterwards (``builder.model.checkpoint.release_free_memory``).
 
     On a CPU: ``process_overhead`` or :data:`CPU_PROCESS_OVERHEAD`, the interpreter's resident
     set; glibc returns freed blocks of 32 MiB and more to the system, so there is no allocator
@@ -351,7 +351,7 @@ def cuda_extract_rows(rows: int, cols: int) -> int:
 
 def cuda_extract_bytes(rows: int, cols: int, bits: int, tokens: int = 0) -> int:
     """Temporaries of one int8/int4 projection's forward on this package's CUDA path
-    (:mod:`builder.cuda_quant`), beyond its input and output: one fp16 block of
+    (:mod:`builder.model.cuda_quant`), beyond its input and output: one fp16 block of
     :func:`cuda_extract_rows` rows (codes times scales written straight into it), for int4 one
     ``[block, cols/2]`` int8 nibble plane beside it, and, when the weight takes more than one
     block, the block's ``[tokens, block]`` fp16 output before it is copied into place.
@@ -384,7 +384,7 @@ def cuda_graph_bytes(config: ChatGLM2Config, bits: int, step: int, request_token
       plus K and V read back from the cache and expanded from the groups to every head
       (``2 × request_tokens × hidden``), as paged SDPA with a mask does;
     - with async batching, the second set of the step's inputs: the ``[step, pool + step]``
-      attention mask (counted in float32, as ``builder.plan.batcher_buffer_bytes`` counts the
+      attention mask (counted in float32, as ``builder.plan.placement.batcher_buffer_bytes`` counts the
       first) and the per-token index tensors (int32 inputs, int64 read/write indices).
 
     Per-graph driver memory (the instantiated graphs themselves) is not counted: unmeasured.

@@ -64,8 +64,8 @@ def write_tokenizer(path: Path, family: str) -> None:
     byte-level tiktoken ``tokenizer.model`` (256 ranks: every text encodes, one id per byte)."""
     import base64
 
-    from . import TINY_CHECKPOINT
-    from .model.family import TOKENIZER_CONFIG_FILE, get_family
+    from .. import TINY_CHECKPOINT
+    from .family import TOKENIZER_CONFIG_FILE, get_family
 
     kind = get_family(family).kind
     if kind == "glm4":
@@ -96,7 +96,7 @@ def write_synthetic_checkpoint(path: str | Path, *, num_layers: int = 2,
     """
     from safetensors.torch import save_file
 
-    from .model.family import get_family
+    from .family import get_family
 
     if num_layers < 1 or shard_layers < 1:
         raise ValueError(f"num_layers and shard_layers must be ≥ 1, got {num_layers} and {shard_layers}")

@@ -257,7 +257,7 @@ def _load(url: str, args) -> int:
 
     count_tokens = None
     if args.tokenizer:
-        from .tokenizer import ChatGLM2Tokenizer
+        from ..model.tokenizer import ChatGLM2Tokenizer
 
         tokenizer = ChatGLM2Tokenizer(args.tokenizer)
         count_tokens = lambda text: len(tokenizer.encode(text))  # noqa: E731

@@ -1,6 +1,6 @@
 """What ``glm-build profile`` writes: ``profile.json``, ``profile.md`` and ``profile.png``.
 
-``profile.json`` is the list of :class:`builder.profile.ProfileRecord` as dicts (bytes as
+``profile.json`` is the list of :class:`builder.profile.run.ProfileRecord` as dicts (bytes as
 integers, ``error`` = (estimated − measured) / measured). ``profile.md`` is the same as a table,
 with the command that made it and what each figure counts. ``profile.png`` puts measured,
 estimated and (where the table has the cell) published bytes side by side.
@@ -15,8 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-from .memory import GIB, MIB
-from .report import UNIT_NOTE
+from ..plan.memory import GIB, MIB
+from ..build.report import UNIT_NOTE
 
 MEASURED = {
     "cpu": "*measured*: the resident set's peak while the workload ran, minus the baseline: the "

@@ -28,7 +28,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from .config import CHATGLM2_6B, ChatGLM2Config
+from ..model.config import CHATGLM2_6B, ChatGLM2Config
 from .memory import (GIB, PHASES, MemoryEstimate, cuda_graph_bytes, estimate_breakdown,
                      kv_cache_bytes)
 from .profiles import GpuProfile, list_profiles, load_profile
@@ -404,7 +404,7 @@ def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: 
     True
     >>> make_plan(CHATGLM2_6B, "fp16,int8,int4", load_profile("p40"))
     Traceback (most recent call last):
-    builder.plan.PlacementError: cannot place fp16+int8+int4 of ChatGLM2-6B on p40 ...
+    builder.plan.placement.PlacementError: cannot place fp16+int8+int4 of ChatGLM2-6B on p40 ...
     """
     variants = variants_of(precisions, model_name)
     if model_label is None:

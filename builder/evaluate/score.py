@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .generation import chat
+from ..model.generation import chat
 from .corpus import Dialogue
 
 
@@ -77,7 +77,7 @@ def fidelity_table(checkpoint, dialogues: Sequence[Dialogue], *, accuracy_count:
 
     >>> fidelity_table(TINY_CHECKPOINT, dialogues("heldout"))
     """
-    from .checkpoint import load_chatglm2
+    from ..model.checkpoint import load_chatglm2
 
     reference, tokenizer = load_chatglm2(checkpoint)
     rows, base_ppl = [], None

@@ -19,7 +19,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Huma
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import BaseModel, PrivateAttr
 
-from .client import ChatGLMClient
+from .chat import ChatGLMClient
 
 
 def _cut_at_stop(text: str, stop: Optional[List[str]]) -> str:

@@ -3,10 +3,10 @@ CLI prints.
 
 Every report compares ChatGLM2-6B's estimates with THUDM's published table, on the chosen GPU,
 even when the build used the embedded demo model (then it says so plainly and shows both). The
-table's "GB" is read as GiB (2^30 bytes): see :data:`builder.memory.TABLE_UNIT_BYTES` for why.
+table's "GB" is read as GiB (2^30 bytes): see :data:`builder.plan.memory.TABLE_UNIT_BYTES` for why.
 
 >>> from builder import CHATGLM2_6B, load_profile
->>> from builder.plan import make_plan
+>>> from builder.plan.placement import make_plan
 >>> plan = make_plan(CHATGLM2_6B, "int4", load_profile("p40"))
 >>> print(format_summary(plan, ModelSource.spec()))       # doctest: +ELLIPSIS
 glm-build plan: ChatGLM2-6B ...
@@ -23,12 +23,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from .config import CHATGLM2_6B, ChatGLM2Config
-from .memory import GIB, PUBLISHED_TABLE, TABLE_UNIT_BYTES, estimate_memory, weight_bytes
-from .plan import Plan, PlacementError, Variant, make_plan, phase_breakdown
+from ..model.config import CHATGLM2_6B, ChatGLM2Config
+from ..plan.memory import GIB, PUBLISHED_TABLE, TABLE_UNIT_BYTES, estimate_memory, weight_bytes
+from ..plan.placement import Plan, PlacementError, Variant, make_plan, phase_breakdown
 
 UNIT_NOTE = ("The published table's \"GB\" is read as GiB (2^30 bytes): only that reading leaves "
-             "room above weights + KV cache for a CUDA context in every row (builder/memory.py, "
+             "room above weights + KV cache for a CUDA context in every row (builder/plan/memory.py, "
              "TABLE_UNIT_BYTES). GiB figures are binary; GB figures are 10^9 bytes.")
 
 
@@ -46,7 +46,7 @@ class ModelSource:
     @classmethod
     def spec(cls, name: str = "chatglm2-6b") -> "ModelSource":
         """``--spec NAME``: a published model from its config alone, no weights."""
-        from .model.family import get_family
+        from ..model.family import get_family
 
         family = get_family(name)
         return cls(family.spec, family.display_name, f"--spec {name}", family=name)
@@ -60,7 +60,7 @@ def glm_build_version() -> str:
     try:
         return metadata.version("glm-build")
     except metadata.PackageNotFoundError:  # run from a source checkout that is not installed
-        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
         match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"),
                           re.MULTILINE) if pyproject.is_file() else None
         return f"{match.group(1)} (source checkout)" if match else "unknown"
@@ -102,7 +102,7 @@ def file_hashes(directory: Path) -> dict[str, dict]:
 def published_rows(family) -> list:
     """The family's published memory figures as :class:`~builder.model.family.PublishedRow`\ s
     (ChatGLM2's table for the ChatGLM2 family)."""
-    from .model.family import PublishedRow
+    from ..model.family import PublishedRow
 
     if family.published:
         return list(family.published)
@@ -120,7 +120,7 @@ def table_comparison(plan: Plan) -> list[dict]:
     published row: published, estimated in the table's conditions (its GPU and runtime), and the
     same phase on this plan's profile in this runtime (its per-process overhead; logits of the
     last position only). A row without a length is compared at 2048 tokens."""
-    from .model.family import get_family
+    from ..model.family import get_family
 
     family = get_family(plan.model_name)
     rows = []
@@ -210,8 +210,8 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str
 
 def plan_lines(plan: Plan, markdown: bool = False) -> list[str]:
     """The placement table and one fit line per device."""
-    from .model.family import get_family
-    from .plan import CONCURRENCY_LENGTHS, KV_PAGE_SIZE
+    from ..model.family import get_family
+    from ..plan.placement import CONCURRENCY_LENGTHS, KV_PAGE_SIZE
 
     chatglm2 = get_family(plan.model_name).kind == "chatglm2"  # the 6B's table, beside each variant
     rows = [[p.variant.name, p.device_label, p.dtype, _gib(p.weights_bytes), _gib(p.need_bytes),
@@ -270,7 +270,7 @@ def format_summary(plan: Plan, source: ModelSource) -> str:
              f"{'host memory' if profile.kind == 'cpu' else f'{profile.count} ×'} "
              f"{_gib(profile.memory_bytes)})", ""]
     lines += plan_lines(plan)
-    from .model.family import get_family
+    from ..model.family import get_family
 
     family = get_family(plan.model_name)
     lines += ["", f"{family.display_name}, estimated vs published in the table's conditions (its GPU "

@@ -1,4 +1,4 @@
-"""Render a :class:`~builder.plan.Plan` into a Triton model repository, all or nothing.
+"""Render a :class:`~builder.plan.placement.Plan` into a Triton model repository, all or nothing.
 
 The Jinja2 templates live in ``builder/assets/variants/`` (``variants/`` at the top of the
 repository links there). A missing value fails the build (``StrictUndefined``), and every value
@@ -21,8 +21,8 @@ succeeded; an existing output is replaced only with ``force``, by renaming it as
 failed build leaves it untouched.
 
 >>> from builder import TINY_CHECKPOINT, load_profile
->>> from builder.checkpoint import check_checkpoint
->>> from builder.plan import make_plan
+>>> from builder.model.checkpoint import check_checkpoint
+>>> from builder.plan.placement import make_plan
 >>> plan = make_plan(check_checkpoint(TINY_CHECKPOINT), "fp16,int4", load_profile("cpu"))
 >>> render_repository(plan, checkpoint=TINY_CHECKPOINT, out=Path("generated_repo"), force=True)
 PosixPath('generated_repo')
@@ -41,10 +41,10 @@ from typing import Iterable
 
 import jinja2
 
-from .plan import KV_PAGE_SIZE, MODEL_NAME, Plan
+from ..plan.placement import KV_PAGE_SIZE, MODEL_NAME, Plan
 from .report import ModelSource, build_record, glm_build_version, write_report
 
-TEMPLATES_DIR = Path(__file__).resolve().parent / "assets" / "variants"
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "assets" / "variants"
 QUANTIZE_AT = ("initialize", "build")
 WEIGHTS = ("link", "copy")  # how the checkpoint gets into the repository (unless weights_uri)
 WEIGHTS_DIR = "1/weights"  # a variant's weights, relative to its model folder
@@ -209,7 +209,7 @@ def _quantize_weights(plan: Plan, checkpoint: Path, staging: Path, progress: boo
     precisions done."""
     from tqdm import tqdm
 
-    from .checkpoint import save_quantized
+    from ..model.checkpoint import save_quantized
 
     done = set()
     for placement in plan.placements:
@@ -227,8 +227,8 @@ def _quantize_weights(plan: Plan, checkpoint: Path, staging: Path, progress: boo
 def checkpoint_files(checkpoint: Path, family: str = MODEL_NAME) -> list[Path]:
     """What loading ``checkpoint`` reads: config, its family's tokenizer file (and
     ``tokenizer_config.json`` where there is one), index files and weight shards."""
-    from .checkpoint import CONFIG_FILE, weight_files
-    from .model.family import TOKENIZER_CONFIG_FILE, get_family
+    from ..model.checkpoint import CONFIG_FILE, weight_files
+    from ..model.family import TOKENIZER_CONFIG_FILE, get_family
 
     names = [CONFIG_FILE, get_family(family).tokenizer_file]
     names += [TOKENIZER_CONFIG_FILE] if (checkpoint / TOKENIZER_CONFIG_FILE).is_file() else []
@@ -293,7 +293,7 @@ def render_models(plan: Plan, staging: Path, *, checkpoint: Path, quantize_at: s
                   fallback: str = "lower", family: str = MODEL_NAME) -> None:
     """The variant and router models (config.pbtxt + 1/model.py, the routers' tokenizer) into
     ``staging``; ``quantized``: precisions whose weights ``quantize_at="build"`` wrote."""
-    from .model.family import get_family
+    from ..model.family import get_family
 
     env = template_environment(templates_dir)
     tokenizer_file = get_family(family).tokenizer_file
@@ -389,7 +389,7 @@ def render_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, fo
         weights_uri = check_weights_uri(weights_uri)
     source = source or ModelSource(plan.config, f"the checkpoint {checkpoint.name}",
                                    str(checkpoint), checkpoint, family=plan.model_name)
-    from .model.family import get_family
+    from ..model.family import get_family
 
     tokenizer_file = get_family(source.family).tokenizer_file
     if not (checkpoint / tokenizer_file).is_file():

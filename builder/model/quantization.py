@@ -9,7 +9,7 @@ int4 (``group_size`` 32/64/128: one scale per row per group) is offered beside i
 Kernels: on CPU torch's fused weight-only kernels (``_weight_int8pack_mm`` with bfloat16 activations,
 ``_weight_int4pack_mm_for_cpu``) for decode steps, and for a prefill or a large batch (from
 :func:`cpu_quant.dense_rows` rows) a block of weight rows dequantized to bfloat16 and oneDNN's matmul
-(:mod:`builder.cpu_quant`: those kernels cost linearly in rows, the matmul does not); on CUDA :mod:`builder.cuda_quant` (a fused weight-only GEMV for
+(:mod:`builder.model.cpu_quant`: those kernels cost linearly in rows, the matmul does not); on CUDA :mod:`builder.model.cuda_quant` (a fused weight-only GEMV for
 decode steps where CuPy is installed, else fp16 extraction by row blocks then cuBLAS); anywhere else
 (or for shapes the CPU kernels refuse) dequantize, then matmul. Quantizing runs where the float
 weight is, a block of rows at a time: at load that is the CPU, and only finished codes, scales and
@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import cpu_quant, cuda_quant
+from . import cpu_quant
+from . import cuda_quant
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -382,7 +383,7 @@ class QuantizedLinear(torch.nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [tokens, in], strides (in, 1): see builder.cpu_runtime
+        x2 = x.reshape(-1, self.in_features)  # [tokens, in], strides (in, 1): see builder.model.cpu_runtime
         if self.kernel in ("cpu_int8", "cpu_int4") and x.device.type != "cpu":
             raise RuntimeError(f"QuantizedLinear was built for the CPU kernels but got input on {x.device}; "
                                "rebuild it there with QuantizedLinear.from_thudm(**layer.thudm_state(), bits=...)")

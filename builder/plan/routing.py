@@ -1,6 +1,6 @@
 """Which variant serves a request: the router's rule, as a pure function and a small table.
 
-The plan (:mod:`builder.plan`) gives every variant a routing limit, its longest request (prompt +
+The plan (:mod:`builder.plan.placement`) gives every variant a routing limit, its longest request (prompt +
 ``max_token``, in tokens) that fits its memory headroom. The router model sends each request to
 the highest-precision variant whose limit covers it, and refuses a request no variant can serve.
 The table travels to the router as the ``routing`` parameter of its ``config.pbtxt`` (JSON).

@@ -15,7 +15,7 @@ can leak into the next). In it:
    loaded in its own dtype stays memory-mapped and only a server that has seen the whole
    vocabulary has all of its embedding resident;
 4. **workload**, after resetting the peak: ``encode`` one prefill of N tokens through
-   :func:`builder.generation.generate_ids` (logits of the last position only, as ``builder.chat``
+   :func:`builder.model.generation.generate_ids` (logits of the last position only, as ``builder.chat``
    does), ``generate`` greedy decoding from a 16-token prompt to N tokens, stop ids ignored.
 
 CPU readings come from ``/proc/self/status`` (``VmRSS``, and ``VmHWM`` reset through
@@ -42,7 +42,7 @@ from typing import Callable, Optional
 PROMPT_TOKENS = 16  # generate:N decodes from a prompt this long
 # What a run imports before its baseline; the fork server imports them once for every run.
 _PRELOAD = ["torch", "safetensors.torch", "transformers.models.glm.modeling_glm",
-            "builder.checkpoint", "builder.quantization", "builder.generation", "builder.measure"]
+            "builder.model.checkpoint", "builder.model.quantization", "builder.model.generation", "builder.profile.measure"]
 _MIB = 2**20
 
 
@@ -120,7 +120,7 @@ def _measure_cpu(run: Run, stage: Callable[[str], None]) -> dict:
 
     import torch
 
-    from .checkpoint import load_chatglm2
+    from ..model.checkpoint import load_chatglm2
 
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -153,7 +153,7 @@ def _measure_cpu(run: Run, stage: Callable[[str], None]) -> dict:
 def _measure_cuda(run: Run, stage: Callable[[str], None]) -> dict:
     import torch
 
-    from .checkpoint import load_chatglm2
+    from ..model.checkpoint import load_chatglm2
 
     index = torch.cuda.current_device()  # initializes CUDA, makes no context
     bus_id = _cuda_pci_bus_id(index)
@@ -206,8 +206,8 @@ def overhead_against_profile(context: int, peak_reserved: int, peak_allocated: i
     else the one matching ``device`` (name, compute capability, total bytes), else the A100's
     default (``profile_match`` says which).
     """
-    from .memory import DEFAULT_CUDA_PROCESS_OVERHEAD
-    from .profiles import load_profile, match_device
+    from ..plan.memory import DEFAULT_CUDA_PROCESS_OVERHEAD
+    from ..plan.profiles import load_profile, match_device
 
     profile = load_profile(profile_name) if profile_name else match_device(*device)
     expected = DEFAULT_CUDA_PROCESS_OVERHEAD if profile is None else profile.process_overhead_bytes
@@ -230,9 +230,9 @@ def _warm_up(run: Run) -> None:
 
     import torch
 
-    from . import TINY_CHECKPOINT
-    from .checkpoint import load_chatglm2
-    from .generation import generate_ids
+    from .. import TINY_CHECKPOINT
+    from ..model.checkpoint import load_chatglm2
+    from ..model.generation import generate_ids
 
     model, _ = load_chatglm2(TINY_CHECKPOINT, device=run.device,
                              dtype=getattr(torch, run.dtype), bits=run.bits,
@@ -248,7 +248,7 @@ def _run_workload(model, run: Run, stage: Callable[[str], None]) -> float:
     """Run ``encode:N`` or ``generate:N`` as ``builder.chat`` does; the seconds it took."""
     import torch
 
-    from .generation import generate_ids
+    from ..model.generation import generate_ids
 
     if run.concurrency > 1:
         return _run_batched(model, run, stage)
@@ -273,11 +273,11 @@ def _run_batched(model, run: Run, stage: Callable[[str], None]) -> float:
     variant's continuous batcher, its KV pool sized for exactly them); the seconds it took."""
     import torch
 
-    from .plan import KV_PAGE_SIZE, batch_pool
-    from .serving.batcher import Batcher, BatcherConfig
-    from .tokenizer import ChatGLM2Tokenizer
+    from ..plan.placement import KV_PAGE_SIZE, batch_pool
+    from ..serving.batcher import Batcher, BatcherConfig
+    from ..model.tokenizer import ChatGLM2Tokenizer
 
-    from . import TINY_CHECKPOINT
+    from .. import TINY_CHECKPOINT
 
     blocks, step = batch_pool(run.tokens, run.concurrency)
     tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")  # only its stop ids matter

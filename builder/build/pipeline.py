@@ -1,6 +1,6 @@
 """``glm-build`` as a library call: options in, a plan (and a written repository) out.
 
->>> from builder.build import BuildOptions, build
+>>> from builder.build.pipeline import BuildOptions, build
 >>> result = build(BuildOptions(quant="int4", gpu="p40", spec="chatglm2-6b", dry_run=True))
 >>> result.plan.limits()
 {'chatglm2-6b-int4': 32768}
@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from .model.family import FAMILIES, SPECS, FamilyError, detect_family
-from .plan import CPU_DTYPES, PRECISIONS, Plan, make_plan
-from .profiles import load_profile
+from ..model.family import FAMILIES, SPECS, FamilyError, detect_family
+from ..plan.placement import CPU_DTYPES, PRECISIONS, Plan, make_plan
+from ..plan.profiles import load_profile
 from .render import QUANTIZE_AT, WEIGHTS, check_weights_uri, render_repository
-from .routing import FALLBACKS
+from ..plan.routing import FALLBACKS
 from .report import ModelSource, format_summary
 
 DEFAULT_OUT = Path("generated_repo")
@@ -174,8 +174,8 @@ def resolve_hub_id(repo_id: str) -> Path:
 
 def resolve_model(options: BuildOptions) -> ModelSource:
     """The checkpoint folder (checked, no weights read) and config the options point at."""
-    from . import TINY_CHECKPOINT
-    from .checkpoint import check_checkpoint
+    from .. import TINY_CHECKPOINT
+    from ..model.checkpoint import check_checkpoint
 
     if options.spec is not None:
         return ModelSource.spec(options.spec)
@@ -216,9 +216,9 @@ def _check_prequantized(source: ModelSource, options: BuildOptions) -> None:
 def build(options: BuildOptions, *, progress: bool = True) -> BuildResult:
     """Plan, then (unless ``dry_run``) render the repository; see :class:`BuildOptions`.
 
-    Raises :class:`~builder.plan.PlacementError` before anything is written when the variants do
+    Raises :class:`~builder.plan.placement.PlacementError` before anything is written when the variants do
     not fit, :class:`BuildError` (a ``ValueError``) for bad input, and
-    :class:`~builder.render.OutputExistsError` for an existing output without ``force``.
+    :class:`~builder.build.render.OutputExistsError` for an existing output without ``force``.
     """
     profile = load_profile(options.gpu)
     source = resolve_model(options)

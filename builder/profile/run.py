@@ -1,10 +1,10 @@
 """Measured peak memory per variant and workload, beside the estimate and the published table.
 
 ``glm-build profile`` runs every variant × workload in a process of its own
-(:mod:`builder.measure` says how each run loads, warms up and reads its peak) and compares the
+(:mod:`builder.profile.measure` says how each run loads, warms up and reads its peak) and compares the
 measured bytes with :func:`builder.estimate_memory` for the same device, counting the same things
 (:func:`estimate_for`), and with THUDM's table where it has the cell (:func:`published_for`).
-:mod:`builder.profile_report` writes ``profile.json``, ``profile.md`` and ``profile.png``.
+:mod:`builder.profile.report` writes ``profile.json``, ``profile.md`` and ``profile.png``.
 
 - ``measured_bytes`` on a CPU: the resident set's peak while the workload runs minus the baseline
   before loading: what the model costs while serving. The load's own peak (quantizing at load
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .config import CHATGLM2_6B, ChatGLM2Config
-from .memory import PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
+from ..model.config import CHATGLM2_6B, ChatGLM2Config
+from ..plan.memory import PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
 from .measure import PROMPT_TOKENS, RunFailedError  # noqa: F401  (re-exported)
-from .model.family import SPECS  # --spec NAME: random weights with that model's shapes
-from .plan import Variant, batch_pool, batcher_buffer_bytes, variants_of
+from ..model.family import SPECS  # --spec NAME: random weights with that model's shapes
+from ..plan.placement import Variant, batch_pool, batcher_buffer_bytes, variants_of
 
 DEFAULT_WORKLOADS = "encode:2048,generate:8192"  # the published table's
 DEFAULT_OUT = Path("profile")
@@ -58,7 +58,7 @@ class Workload:
     'generate:512x8'
     """
 
-    phase: str  # "encode" or "generate" (builder.memory.PHASES)
+    phase: str  # "encode" or "generate" (builder.plan.memory.PHASES)
     tokens: int  # prefill length, or total length with the prompt
     concurrency: int = 1  # requests at once (continuous batching)
 
@@ -154,7 +154,7 @@ class ProfileOptions:
     @property
     def variants(self) -> tuple[Variant, ...]:
         """The asked precisions, named after the model's family (``glm-4-9b-chat-int4``)."""
-        from .model.family import FamilyError, detect_family
+        from ..model.family import FamilyError, detect_family
 
         family = self.spec or "chatglm2-6b"
         if self.model is not None:
@@ -206,11 +206,11 @@ class Target:
 
 def resolve_target(options: ProfileOptions) -> Target:
     """The config and checkpoint folder the options point at (no weights read or written)."""
-    from . import TINY_CHECKPOINT
-    from .checkpoint import check_checkpoint
+    from .. import TINY_CHECKPOINT
+    from ..model.checkpoint import check_checkpoint
 
     if options.spec is not None:
-        from .model.family import get_family
+        from ..model.family import get_family
 
         family = get_family(options.spec)
         spec = family.spec
@@ -242,8 +242,8 @@ def ensure_checkpoint(target: Target, say: Callable[[str], None] = print) -> Pat
     """The target's checkpoint folder, writing the synthetic one first when it is missing."""
     if not target.synthetic or _synthetic_ready(target.checkpoint, target.config):
         return target.checkpoint
-    from .memory import weight_bytes
-    from .synthetic import write_synthetic_checkpoint
+    from ..plan.memory import weight_bytes
+    from ..model.synthetic import write_synthetic_checkpoint
 
     size = weight_bytes(target.config, 16)
     say(f"writing a {target.config.num_layers}-layer checkpoint with random weights "
@@ -253,7 +253,7 @@ def ensure_checkpoint(target: Target, say: Callable[[str], None] = print) -> Pat
 
 
 def _synthetic_ready(path: Path, config: ChatGLM2Config) -> bool:
-    from .checkpoint import CheckpointError, check_checkpoint
+    from ..model.checkpoint import CheckpointError, check_checkpoint
 
     try:
         found = check_checkpoint(path)
@@ -333,8 +333,8 @@ def published_for(target: Target, variant: Variant, workload: Workload) -> Optio
 
 
 def variant_dtype(variant: Variant, device: str) -> str:
-    """float16 for fp16; bfloat16 for int8/int4 on a CPU, float16 on a GPU (builder.plan)."""
-    from .profiles import load_profile
+    """float16 for fp16; bfloat16 for int8/int4 on a CPU, float16 on a GPU (builder.plan.placement)."""
+    from ..plan.profiles import load_profile
 
     return variant.dtype(load_profile(_DTYPE_PROFILE[device]))
 
@@ -384,7 +384,7 @@ def run_profile(options: ProfileOptions, progress: bool = True) -> list[ProfileR
                 run_seconds=round(result.pop("run_seconds"), 2), estimate=estimate.as_dict(),
                 details=result))
             bar.update(1)
-    from .profile_report import write_reports
+    from .report import write_reports
 
     write_reports(records, options.out, command=options.command_line(), model=target.label)
     return records

@@ -1,0 +1,1 @@
+"""The build: options → plan → weights → templates → records → swap into place."""

@@ -1,0 +1,1 @@
+"""Clients: glm-chat, load generation, LangChain."""

@@ -1,0 +1,1 @@
+"""Evaluation: the question corpus and how answers are scored."""

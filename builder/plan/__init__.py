@@ -1,0 +1,1 @@
+"""The planner: GPU profiles, the memory estimate, placement and routing limits."""

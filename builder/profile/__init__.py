@@ -1,0 +1,1 @@
+"""Profiling: measured peak memory per variant and workload, and its report."""
