@@ -151,7 +151,7 @@ def test_without_fallback_a_killed_variant_fails_its_requests(server):
 
 
 def test_glm_chat_concurrency_reports_ttft_and_tokens_per_second(server, capsys):
-    from builder.client.chat import main as glm_chat_main
+    from builder.client.cli import main as glm_chat_main
 
     from builder.model.tokenizer import ChatGLM2Tokenizer
 
@@ -176,7 +176,7 @@ def test_glm_chat_concurrency_reports_ttft_and_tokens_per_second(server, capsys)
 
 
 def test_glm_chat_concurrency_needs_grpc_and_a_prompt(capsys):
-    from builder.client.chat import main as glm_chat_main
+    from builder.client.cli import main as glm_chat_main
 
     with pytest.raises(SystemExit) as exit_info:
         glm_chat_main(["hi", "--protocol", "http", "-j", "2"])

@@ -13,7 +13,9 @@ import torch
 from builder.model import cuda_quant
 from builder.plan import memory
 from builder import CHATGLM2_6B
-from builder.plan.memory import cuda_extract_bytes, cuda_extract_rows, estimate_breakdown
+from builder.model import extraction
+from builder.model.extraction import cuda_extract_bytes, cuda_extract_rows
+from builder.plan.memory import estimate_breakdown
 from builder.model.quantization import QuantizedLinear, dequantize, quantize_weight, unpack_int4
 
 from test_memory import TINY
@@ -58,7 +60,7 @@ def peak_live_bytes(fn) -> int:
 @pytest.fixture
 def small_blocks(monkeypatch):
     """64 KiB extraction blocks: a 1000 × 512 layer takes 16 of 64 rows."""
-    monkeypatch.setattr(memory, "CUDA_EXTRACT_BLOCK_BYTES", 64 * 1024)
+    monkeypatch.setattr(extraction, "CUDA_EXTRACT_BLOCK_BYTES", 64 * 1024)
     assert cuda_extract_rows(1000, 512) == 64
 
 
@@ -66,7 +68,7 @@ def small_blocks(monkeypatch):
 @pytest.mark.parametrize("blocks", ["one", "many"])
 def test_extraction_matches_the_formula(bits, group_size, blocks, monkeypatch):
     if blocks == "many":
-        monkeypatch.setattr(memory, "CUDA_EXTRACT_BLOCK_BYTES", 64 * 1024)
+        monkeypatch.setattr(extraction, "CUDA_EXTRACT_BLOCK_BYTES", 64 * 1024)
     layer = extract_layer(bits, group_size)
     x = torch.randn(3, 5, 512).half()
     y = layer(x)
@@ -92,7 +94,7 @@ def test_extraction_temporaries_are_bounded_by_row_blocks_and_counted(bits, grou
     assert counted < 1000 * 512 * 2 // 4  # a quarter of the whole fp16 weight
     # on a CPU, a mixed-dtype multiply first copies its int8 input to fp16 (CUDA casts in the
     # kernel): at most one block's fp16 bytes more here
-    cpu_cast = memory.CUDA_EXTRACT_BLOCK_BYTES
+    cpu_cast = extraction.CUDA_EXTRACT_BLOCK_BYTES
     assert peak <= counted + output + cpu_cast, (
         f"peak {peak} > counted {counted} + output {output} + CPU cast {cpu_cast}")
 

@@ -25,7 +25,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from builder.client.chat import ChatError, ChatGLMClient
-from builder.client.chat import main as glm_chat_main
+from builder.client.cli import main as glm_chat_main
 
 from conftest import LIVE_LIMITS, serve_tiny_repository
 

@@ -13,7 +13,7 @@ Two ways, chosen per call:
 - **extract** (prefills, or no CuPy): dequantize a block of rows at a time straight into one fp16
   buffer (``torch.mul`` of the codes by the broadcast scales with ``out=``: no int-to-fp16 copy,
   no ``repeat_interleave``), then one cuBLAS matmul per block. Temporaries are bounded by
-  :data:`builder.plan.memory.CUDA_EXTRACT_BLOCK_BYTES` and counted by
+  :data:`.extraction.CUDA_EXTRACT_BLOCK_BYTES` and counted by
   :func:`builder.plan.memory.cuda_extract_bytes`.
 
 Both are plain torch ops or a CuPy launch on torch's current stream; :func:`extract_linear` runs
@@ -30,7 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..plan.memory import cuda_extract_rows
+from .extraction import cuda_extract_rows
 
 log = logging.getLogger("glm-build.cuda_quant")
 
