@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence
 
 from .build.pipeline import DEFAULT_OUT, SPECS, BuildError, BuildOptions, build, parse_limits
 from .plan.placement import CPU_DTYPES, MODEL_NAME, PRECISIONS, PlacementError
-from .build.render import QUANTIZE_AT, WEIGHTS, OutputExistsError
+from .build.output import OutputExistsError
+from .build.weights import QUANTIZE_AT, WEIGHTS
 from .plan.routing import FALLBACKS
 
 PROG = "glm-build"

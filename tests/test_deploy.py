@@ -22,7 +22,7 @@ from builder.deploy.pod import GPU_PRODUCTS, SHM_PER_STUB_BYTES, pod_plan
 from builder.deploy.repository import BuiltRepository
 from builder.plan.placement import make_plan
 from builder.plan.profiles import load_profile
-from builder.build.render import ROUTER_INSTANCES
+from builder.build.templates import ROUTER_INSTANCES
 from builder.serving.cli import build_parser as serve_parser
 from builder.serving.cli import options_from_args as serve_options, parse_args as serve_args
 

@@ -10,12 +10,13 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-import builder.build.render
+import builder.build.pipeline
 from builder import CHATGLM2_6B
 from builder.plan.placement import make_plan
 from builder.plan.profiles import load_profile
-from builder.build.render import (TEMPLATES_DIR, OutputExistsError, TemplateValueError, pbtxt_name,
-                            pbtxt_path, pbtxt_string, render_repository)
+from builder.build.output import OutputExistsError
+from builder.build.pipeline import write_repository
+from builder.build.templates import TEMPLATES_DIR, TemplateValueError, pbtxt_name, pbtxt_path, pbtxt_string
 from builder.build.report import ModelSource
 from builder.plan.routing import RoutingTable
 
@@ -64,7 +65,7 @@ def checkpoint(tmp_path):
 @pytest.fixture
 def cpu_repo(tmp_path, checkpoint):
     plan = make_plan(SMALL, ALL3, load_profile("cpu"))
-    out = render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False)
+    out = write_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False)
     return plan, out
 
 
@@ -110,7 +111,7 @@ def test_router_configs(cpu_repo, checkpoint):
         assert config.model_transaction_policy.decoupled is decoupled
         (group,) = config.instance_group
         assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-        assert group.count == (2 if decoupled else 8)  # see builder.build.render.ROUTER_INSTANCES
+        assert group.count == (2 if decoupled else 8)  # see builder.build.templates.ROUTER_INSTANCES
         p = params(config)
         assert set(p) == {"routing", "tokenizer", "family", "seq_length", "fallback"}
         assert p["family"] == "chatglm2-6b"
@@ -124,7 +125,7 @@ def test_router_configs(cpu_repo, checkpoint):
 
 def test_gpu_placement_reaches_instance_group(tmp_path, checkpoint):
     plan = make_plan(CHATGLM2_6B, ALL3, load_profile("p40x2"))
-    out = render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False)
+    out = write_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False)
     for placement in plan.placements:
         config = parse(out / placement.variant.name / "config.pbtxt")
         (group,) = config.instance_group
@@ -174,7 +175,7 @@ def test_a_weights_uri_that_would_break_the_syntax_is_refused(tmp_path):
     checkpoint = fake_checkpoint(tmp_path / "ckpt")
     plan = make_plan(SMALL, ["int4"], load_profile("cpu"))
     with pytest.raises(TemplateValueError, match="newlines"):
-        render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False,
+        write_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", progress=False,
                           weights_uri='/mnt/bad\nname')
     assert not (tmp_path / "repo").exists() and leftovers(tmp_path) == []
 
@@ -184,7 +185,7 @@ def test_existing_output_is_refused_without_force(cpu_repo, checkpoint):
     plan, out = cpu_repo
     before = snapshot(out)
     with pytest.raises(OutputExistsError, match="already exists.*--force"):
-        render_repository(plan, checkpoint=checkpoint, out=out, progress=False)
+        write_repository(plan, checkpoint=checkpoint, out=out, progress=False)
     assert snapshot(out) == before
 
 
@@ -193,10 +194,10 @@ def test_force_replaces_and_keeps_the_git_readme(tmp_path, checkpoint):
     out.mkdir()
     (out / "README.md").write_text("kept in git\n")
     first = make_plan(SMALL, ALL3, load_profile("cpu"))
-    render_repository(first, checkpoint=checkpoint, out=out, progress=False)  # README only: free
+    write_repository(first, checkpoint=checkpoint, out=out, progress=False)  # README only: free
     assert (out / "README.md").read_text() == "kept in git\n"
     second = make_plan(SMALL, ["int4"], load_profile("cpu"))
-    render_repository(second, checkpoint=checkpoint, out=out, force=True, progress=False)
+    write_repository(second, checkpoint=checkpoint, out=out, force=True, progress=False)
     assert not (out / "chatglm2-6b-fp16").exists() and (out / "chatglm2-6b-int4").is_dir()
     assert (out / "README.md").read_text() == "kept in git\n"
     assert leftovers(tmp_path) == []
@@ -208,7 +209,7 @@ def test_force_never_replaces_a_folder_that_is_not_a_build(tmp_path, checkpoint)
     (out / "thesis.tex").write_text("precious")
     plan = make_plan(SMALL, ["int4"], load_profile("cpu"))
     with pytest.raises(OutputExistsError, match="not a glm-build output"):
-        render_repository(plan, checkpoint=checkpoint, out=out, force=True, progress=False)
+        write_repository(plan, checkpoint=checkpoint, out=out, force=True, progress=False)
     assert (out / "thesis.tex").read_text() == "precious"
 
 
@@ -220,7 +221,7 @@ def test_a_template_with_an_undefined_value_leaves_the_old_output(tmp_path, cpu_
     with (broken / "router.config.pbtxt.j2").open("a") as f:
         f.write("# {{ not_a_value_anyone_passes }}\n")
     with pytest.raises(jinja2.UndefinedError, match="not_a_value_anyone_passes"):
-        render_repository(plan, checkpoint=checkpoint, out=out, force=True,
+        write_repository(plan, checkpoint=checkpoint, out=out, force=True,
                           templates_dir=broken, progress=False)
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
@@ -232,9 +233,9 @@ def test_a_failure_midway_leaves_the_old_output(tmp_path, cpu_repo, checkpoint, 
     def fail(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(builder.build.render, "write_report", fail)
+    monkeypatch.setattr(builder.build.pipeline, "write_report", fail)
     with pytest.raises(OSError, match="simulated"):
-        render_repository(plan, checkpoint=checkpoint, out=out, force=True, progress=False)
+        write_repository(plan, checkpoint=checkpoint, out=out, force=True, progress=False)
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
 
@@ -263,7 +264,7 @@ def test_report_compares_with_the_table_and_says_it_is_the_demo(tmp_path, checkp
     profiles = tmp_path / "profiling"
     profiles.mkdir()
     (profiles / "profile.md").write_text("# profile\n")
-    out = render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", source=source,
+    out = write_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo", source=source,
                             profile_dir=profiles, progress=False)
     report = (out / "report.md").read_text()
     assert "embedded demo model" in report and "NOT ChatGLM2-6B" in report
@@ -289,7 +290,7 @@ def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkp
 
     monkeypatch.setattr(builder.model.checkpoint, "save_quantized", save_quantized)
     plan = make_plan(SMALL, ALL3, load_profile("cpu"))
-    out = render_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo",
+    out = write_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo",
                             quantize_at="build", progress=False)
     assert calls == [(checkpoint.resolve(), "chatglm2-6b-int8/1/weights", 8, None),
                      (checkpoint.resolve(), "chatglm2-6b-int4/1/weights", 4, None)]
@@ -311,7 +312,7 @@ def test_quantize_at_build_writes_loadable_thudm_weights(tmp_path):
 
     config = ChatGLM2Config.from_json(TINY_CHECKPOINT / "config.json")
     plan = make_plan(config, ["int4"], load_profile("cpu"))
-    out = render_repository(plan, checkpoint=TINY_CHECKPOINT, out=tmp_path / "repo",
+    out = write_repository(plan, checkpoint=TINY_CHECKPOINT, out=tmp_path / "repo",
                             quantize_at="build", progress=False)
     weights = out / "chatglm2-6b-int4" / params(parse(out / "chatglm2-6b-int4" / "config.pbtxt"))["checkpoint"]
     assert weights == out / "chatglm2-6b-int4" / "1" / "weights"

@@ -1,5 +1,10 @@
 """``glm-build`` as a library call: options in, a plan (and a written repository) out.
 
+The build reads top to bottom: :func:`build` makes the plan, then :func:`write_repository` runs
+the stages, each in its own module, into a staging folder: weights (:mod:`.weights`: placed or
+quantized) → templates (:mod:`.templates`: the Triton models) → records (:mod:`.report`:
+build.json, report.md, memory.png) → swap into place (:mod:`.output`), all or nothing.
+
 >>> from builder.build.pipeline import BuildOptions, build
 >>> result = build(BuildOptions(quant="int4", gpu="p40", spec="chatglm2-6b", dry_run=True))
 >>> result.plan.limits()
@@ -9,7 +14,10 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -17,9 +25,11 @@ from typing import Mapping, Optional
 from ..model.family import FAMILIES, SPECS, FamilyError, detect_family
 from ..plan.placement import CPU_DTYPES, PRECISIONS, Plan, make_plan
 from ..plan.profiles import load_profile
-from .render import QUANTIZE_AT, WEIGHTS, check_weights_uri, render_repository
 from ..plan.routing import FALLBACKS
-from .report import ModelSource, format_summary
+from .output import check_output, swap_into_place
+from .report import ModelSource, build_record, format_summary, portable, portable_record, write_report
+from .templates import TEMPLATES_DIR, render_models
+from .weights import QUANTIZE_AT, WEIGHTS, check_weights_uri, place_weights, weights_record
 
 DEFAULT_OUT = Path("generated_repo")
 
@@ -218,7 +228,7 @@ def build(options: BuildOptions, *, progress: bool = True) -> BuildResult:
 
     Raises :class:`~builder.plan.placement.PlacementError` before anything is written when the variants do
     not fit, :class:`BuildError` (a ``ValueError``) for bad input, and
-    :class:`~builder.build.render.OutputExistsError` for an existing output without ``force``.
+    :class:`~builder.build.output.OutputExistsError` for an existing output without ``force``.
     """
     profile = load_profile(options.gpu)
     source = resolve_model(options)
@@ -229,9 +239,71 @@ def build(options: BuildOptions, *, progress: bool = True) -> BuildResult:
                      model_name=source.family)
     if options.dry_run:
         return BuildResult(plan, source, None)
-    out = render_repository(plan, checkpoint=source.checkpoint, out=options.out,
+    out = write_repository(plan, checkpoint=source.checkpoint, out=options.out,
                             force=options.force, quantize_at=options.quantize_at, source=source,
                             options=options.as_dict(), profile_dir=options.profile_dir,
                             progress=progress, fallback=options.fallback,
                             weights=options.weights, weights_uri=options.weights_uri)
     return BuildResult(plan, source, out)
+
+
+def write_repository(plan: Plan, *, checkpoint: str | Path, out: str | Path, force: bool = False,
+                      quantize_at: str = "initialize", source: ModelSource | None = None,
+                      options: dict | None = None, profile_dir: str | Path | None = None,
+                      templates_dir: str | Path | None = None, progress: bool = True,
+                      fallback: str = "lower", weights: str = "link",
+                      weights_uri: str | None = None) -> Path:
+    """Write the Triton repository for ``plan`` to ``out``, all or nothing; returns ``out``.
+
+    ``checkpoint``: the checkpoint folder the variants load (its ``tokenizer.model`` serves the
+    routers too). ``quantize_at="build"`` quantizes the int8/int4 weights now, into
+    ``out/<variant>/1/weights/``; ``"initialize"`` leaves it to each variant as it loads.
+    ``weights``: ``"link"`` (hard links where the file system allows, else copies) or ``"copy"``
+    puts the checkpoint into the repository; ``weights_uri`` instead names where the deployment
+    mounts it. ``source`` names the model in the reports; ``options`` are recorded in build.json;
+    ``profile_dir`` holding profile.md/profile.json is linked from report.md.
+    """
+    out = Path(out)
+    checkpoint = Path(checkpoint).resolve()
+    if quantize_at not in QUANTIZE_AT:
+        raise ValueError(f"quantize_at must be one of {', '.join(QUANTIZE_AT)}, "
+                         f"got {quantize_at!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights_uri is not None:
+        weights_uri = check_weights_uri(weights_uri)
+    source = source or ModelSource(plan.config, f"the checkpoint {checkpoint.name}",
+                                   str(checkpoint), checkpoint, family=plan.model_name)
+    from ..model.family import get_family
+
+    tokenizer_file = get_family(source.family).tokenizer_file
+    if not (checkpoint / tokenizer_file).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {tokenizer_file}")
+    check_output(out, force)
+    # the reports name what the user gave, not where it lies on this machine
+    label = source.label
+    for path in (source.source, str(checkpoint)):
+        if path and os.path.isabs(path):
+            label = label.replace(path, Path(path).name)
+    reported = dataclasses.replace(source, source=portable(source.source, out) or "", label=label)
+    templates_dir = Path(templates_dir or TEMPLATES_DIR)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    final = out.resolve()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        placed = place_weights(plan, checkpoint, staging, quantize_at=quantize_at, mode=weights,
+                               weights_uri=weights_uri, family=source.family, progress=progress)
+        render_models(plan, staging, checkpoint=checkpoint, weights=placed, quantize_at=quantize_at,
+                      model_label=reported.label, templates_dir=templates_dir, fallback=fallback,
+                      family=source.family)
+        record = build_record(plan, reported, quantize_at=quantize_at, options=options,
+                              templates_dir=templates_dir)
+        record["weights"] = weights_record(plan, staging, mode=weights, weights_uri=weights_uri,
+                                           quantized=placed.quantized, counts=placed.counts)
+        write_report(staging, plan, reported, portable_record(record, final), out=final,
+                     profile_dir=Path(profile_dir) if profile_dir else None)
+        swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

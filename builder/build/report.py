@@ -391,3 +391,26 @@ def write_report(directory: Path, plan: Plan, source: ModelSource, record: dict,
 __all__ = ["ModelSource", "UNIT_NOTE", "build_record", "chatglm2_6b_plan", "file_hashes",
            "format_summary", "package_versions", "plot_memory", "report_markdown",
            "table_comparison", "write_report"]
+
+
+# -- records without the build machine's paths ----------------------------------------------------
+def portable(text: str | None, out: Path) -> str | None:
+    """A path the user gave, without the build machine's folders: relative ones stay, absolute
+    ones keep their last part."""
+    if not text or not os.path.isabs(text):
+        return text
+    return Path(text).name
+
+
+def portable_record(record: dict, out: Path) -> dict:
+    """build.json without absolute paths of the build machine (file hashes identify the inputs)."""
+    model = record["inputs"]["model"]
+    for key in ("checkpoint", "source"):
+        model[key] = portable(model.get(key), out)
+    options = record["inputs"]["options"]
+    for key in ("model", "out"):
+        options[key] = portable(options.get(key), out)
+    if options.get("profile_dir"):
+        options["profile_dir"] = os.path.relpath(Path(options["profile_dir"]).resolve(),
+                                                 out.resolve())
+    return record

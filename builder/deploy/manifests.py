@@ -32,8 +32,8 @@ import jinja2
 import yaml
 
 from ..plan.placement import CONCURRENCY_LENGTHS, MODEL_NAME
-from ..build.render import swap_into_place
-from ..build.render import template_environment as strict_environment
+from ..build.output import swap_into_place
+from ..build.templates import template_environment as strict_environment
 from ..build.report import glm_build_version
 from . import image as img
 from .pod import GPU_PRODUCT_LABEL, PROBE_PERIOD_S, PodPlan, pod_plan, quantity
@@ -138,7 +138,7 @@ def yaml_quoted(value) -> str:
 
 
 def template_environment(templates_dir: Path | None = None) -> jinja2.Environment:
-    """The model templates' strict environment (``builder.build.render``) with the YAML filters."""
+    """The model templates' strict environment (``builder.build.templates``) with the YAML filters."""
     return strict_environment(templates_dir or TEMPLATES_DIR, filters={"q": yaml_quoted, "mib": quantity})
 
 

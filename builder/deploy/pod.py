@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ..plan.memory import plain_parameters, weight_bytes
 from ..plan.placement import MAX_BATCH_TOKENS, Placement, batch_bytes, pool_lengths
-from ..build.render import ROUTER_INSTANCES
+from ..build.templates import ROUTER_INSTANCES
 from .repository import BuiltRepository
 
 MIB, GIB = 2**20, 2**30

@@ -11,7 +11,7 @@ streams comes from the model's ``model_transaction_policy``. Nothing here import
 The streaming router answers from a thread per request (a decoupled model may respond after
 ``execute()`` returns), so two instances carry any number of streams; the one-response router
 must answer from ``execute()`` and has one instance per request in flight (see
-``builder.build.render.ROUTER_INSTANCES``).
+``builder.build.templates.ROUTER_INSTANCES``).
 """
 from __future__ import annotations
 
