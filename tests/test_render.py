@@ -282,9 +282,9 @@ def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkp
 
     calls = []
 
-    def save_quantized(src, dst, bits, group_size=None, progress=None):
+    def save_quantized(src, dst, bits, group_size=None, progress=None, dtype=None):
         calls.append((Path(src), Path(dst).relative_to(Path(dst).parents[2]).as_posix(), bits,
-                      group_size))
+                      group_size, str(dtype)))
         Path(dst).mkdir(parents=True)
         (Path(dst) / "model.safetensors").write_bytes(b"quantized")
 
@@ -292,8 +292,9 @@ def test_quantize_at_build_points_variants_at_the_saved_weights(tmp_path, checkp
     plan = make_plan(SMALL, ALL3, load_profile("cpu"))
     out = write_repository(plan, checkpoint=checkpoint, out=tmp_path / "repo",
                             quantize_at="build", progress=False)
-    assert calls == [(checkpoint.resolve(), "chatglm2-6b-int8/1/weights", 8, None),
-                     (checkpoint.resolve(), "chatglm2-6b-int4/1/weights", 4, None)]
+    # the float tensors in what the variants compute in: bfloat16 on a CPU
+    assert calls == [(checkpoint.resolve(), "chatglm2-6b-int8/1/weights", 8, None, "torch.bfloat16"),
+                     (checkpoint.resolve(), "chatglm2-6b-int4/1/weights", 4, None, "torch.bfloat16")]
     int4 = params(parse(out / "chatglm2-6b-int4" / "config.pbtxt"))
     assert int4["checkpoint"] == "1/weights" and int4["quantize_at"] == "build"
     assert (out / "chatglm2-6b-int4" / "1" / "weights" / "model.safetensors").is_file()

@@ -47,8 +47,10 @@ def place_weights(plan: Plan, checkpoint: Path, staging: Path, *, quantize_at: s
 
 
 def quantize_weights(plan: Plan, checkpoint: Path, staging: Path, progress: bool) -> set[str]:
-    """Quantize each int variant's weights into ``staging/<variant>/1/weights``; return the
-    precisions done."""
+    """Quantize each int variant's weights into ``staging/<variant>/1/weights``, its float tensors
+    stored in the dtype it computes in (bfloat16 on a CPU: they then load from the file's memory map
+    unconverted); return the precisions done."""
+    import torch
     from tqdm import tqdm
 
     from ..model.checkpoint import save_quantized
@@ -61,7 +63,8 @@ def quantize_weights(plan: Plan, checkpoint: Path, staging: Path, progress: bool
         # the bar is handed over whole: save_quantized sets its total and updates it per tensor
         with tqdm(desc=f"quantizing {variant.name}", unit="tensor", disable=not progress) as bar:
             save_quantized(checkpoint, staging / variant.name / WEIGHTS_DIR, variant.bits,
-                           group_size=variant.group_size, progress=bar)
+                           group_size=variant.group_size, progress=bar,
+                           dtype=getattr(torch, placement.dtype))
         done.add(variant.precision)
     return done
 
