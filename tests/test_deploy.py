@@ -18,7 +18,7 @@ from builder import CHATGLM2_6B
 from builder.cli import build_deploy_parser, main
 from builder.deploy import DeployError, DeployOptions, deploy
 from builder.deploy.image import CU126, TRITON_IMAGE, runs_as, torch_build
-from builder.deploy.pod import GPU_PRODUCTS, SHM_PER_STUB_BYTES, pod_plan
+from builder.deploy.pod import SHM_PER_STUB_BYTES, pod_plan
 from builder.deploy.repository import BuiltRepository
 from builder.plan.placement import make_plan
 from builder.plan.profiles import load_profile
@@ -145,7 +145,7 @@ def test_the_pod_asks_for_what_the_plan_placed(deployed):
         (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
             "nodeSelectorTerms"]
         assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product", "operator": "In",
-                                             "values": list(GPU_PRODUCTS[built.plan.profile.name])}]
+                                             "values": list(load_profile(built.plan.profile.name).gpu_products)}]
     else:
         assert "nvidia.com/gpu" not in resources["limits"] and "affinity" not in pod
     memory = resources["requests"]["memory"]

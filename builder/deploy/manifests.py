@@ -72,7 +72,7 @@ class DeployOptions:
     target_in_flight: Optional[float] = None  # HPA/KServe target per pod (default: from the plan)
     storage_uri: Optional[str] = None  # KServe STORAGE_URI (default: pvc://<name>-repository/<repo>)
     weights_claim: Optional[str] = None  # PVC holding the checkpoint of a --weights-uri build
-    gpu_products: tuple[str, ...] = ()  # node labels overriding builder.deploy.pod.GPU_PRODUCTS
+    gpu_products: tuple[str, ...] = ()  # node labels overriding the GPU profile's gpu_product
     force: bool = False  # replace an existing deploy folder
 
     def __post_init__(self):

@@ -3,7 +3,7 @@
 - **GPUs**: exactly the devices the plan placed variants on (``nvidia.com/gpu: 2`` for ``p40x2``);
   the variants' ``gpus: [i]`` index the pod's own GPUs from 0.
 - **Nodes**: by the GPU product label of NVIDIA's GPU Feature Discovery (``nvidia.com/gpu.product``,
-  the ``nvidia-smi`` name with dashes), one or more values per profile (:data:`GPU_PRODUCTS`).
+  the ``nvidia-smi`` name with dashes), one or more values per profile (its TOML's ``gpu_product``).
 - **Host memory**: on a ``cpu`` profile, each variant's need with its KV pool full (the plan's own
   figure); on a GPU, each variant process's host side plus the largest weight file it streams to the
   GPU; then the server, the router processes and ``/dev/shm``. Request = limit: the pod is never
@@ -33,22 +33,9 @@ from .repository import BuiltRepository
 MIB, GIB = 2**20, 2**30
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-GPU_PRODUCTS: dict[str, tuple[str, ...]] = {
-    "p40": ("Tesla-P40",),
-    "t4": ("Tesla-T4",),
-    "v100-16gb": ("Tesla-V100-SXM2-16GB", "Tesla-V100-PCIE-16GB"),
-    "v100-32gb": ("Tesla-V100-SXM2-32GB", "Tesla-V100-PCIE-32GB"),
-    "a10": ("NVIDIA-A10",),
-    "a100-40gb": ("NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB"),
-    "a100-80gb": ("NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"),
-    "l4": ("NVIDIA-L4",),
-    "rtx3090": ("NVIDIA-GeForce-RTX-3090",),
-    "rtx4090": ("NVIDIA-GeForce-RTX-4090",),
-    "h100-80gb": ("NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"),
-    "h200-141gb": ("NVIDIA-H200", "NVIDIA-H200-NVL"),
-}
-"""Profile → values of :data:`GPU_PRODUCT_LABEL` (GPU Feature Discovery writes the ``nvidia-smi``
-product name with spaces as dashes; SXM and PCIe boards of one profile are both accepted)."""
+"""The node label the pod's affinity selects on; each GPU profile lists its values (``gpu_product``
+in its TOML: GPU Feature Discovery writes the ``nvidia-smi`` product name with spaces as dashes; SXM
+and PCIe boards of one profile are both accepted)."""
 
 SERVER_HOST_BYTES = 512 * MIB
 """``tritonserver`` itself with the Python backend loaded (~50 MiB measured on this CPU machine; its
@@ -114,7 +101,7 @@ def load_seconds(built: BuiltRepository, p: Placement) -> float:
 
 
 def pod_plan(built: BuiltRepository, gpu_products: tuple[str, ...] | None = None) -> PodPlan:
-    """The pod for ``built``; ``gpu_products`` overrides :data:`GPU_PRODUCTS` (a custom profile)."""
+    """The pod for ``built``; ``gpu_products`` overrides the profile's node labels."""
     plan = built.plan
     routers = sum(ROUTER_INSTANCES.values())
     stubs = len(plan.placements) + routers
@@ -125,7 +112,7 @@ def pod_plan(built: BuiltRepository, gpu_products: tuple[str, ...] | None = None
               "/dev/shm": shm}
     memory = math.ceil(sum(parts.values()) / MIB) * MIB
     if plan.profile.kind == "gpu":
-        products = tuple(gpu_products or GPU_PRODUCTS.get(plan.profile.name, ()))
+        products = tuple(gpu_products or plan.profile.gpu_products)
         if not products:
             raise ValueError(f"no GPU product label is known for profile {plan.profile.name!r}; "
                              f"give the {GPU_PRODUCT_LABEL} value(s) of its nodes (--gpu-product)")

@@ -84,6 +84,13 @@ def plan_from_record(record: dict) -> Plan:
     profile = {k: v for k, v in record["inputs"]["profile"].items() if k in known}
     if profile.get("compute_capability") is not None:
         profile["compute_capability"] = tuple(profile["compute_capability"])
+    if "gpu_products" in profile:
+        profile["gpu_products"] = tuple(profile["gpu_products"])
+    elif profile.get("kind") == "gpu":  # a build.json from before profiles carried node labels
+        from ..plan.profiles import PROFILES_DIR, list_profiles, load_profile
+
+        if profile.get("name") in list_profiles(PROFILES_DIR):
+            profile["gpu_products"] = load_profile(profile["name"]).gpu_products
     placements = tuple(Placement(
         variant=Variant(p["precision"], raw.get("model_name", MODEL_NAME)), device=p["device"],
         max_tokens=p["max_tokens"],

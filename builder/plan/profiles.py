@@ -54,6 +54,9 @@ class GpuProfile:
     process_overhead_bytes: int  # per process: CUDA context + allocator reserve, or base RSS
     kind: str = "gpu"  # "gpu" or "cpu"
     count: int = 1  # identical devices: "p40x2" → 2
+    # Kubernetes node labels of this GPU: the values of nvidia.com/gpu.product (GPU feature
+    # discovery: the nvidia-smi name with dashes); () on a cpu profile
+    gpu_products: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -91,6 +94,12 @@ class GpuProfile:
             self._fail("process_overhead_bytes", f"must be below memory_bytes ({self.memory_bytes})")
         if not _positive_int(self.count):
             self._fail("count", "must be a positive integer")
+        if not (isinstance(self.gpu_products, tuple)
+                and all(isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v)
+                        for v in self.gpu_products)):
+            self._fail("gpu_products", "must be node label values ([A-Za-z0-9._-]+)")
+        if self.kind == "cpu" and self.gpu_products:
+            self._fail("gpu_products", "must be empty for a cpu profile")
 
     def _fail(self, field: str, why: str):
         raise ProfileError(f"GPU profile {self.name!r}: field {field!r} {why}, "
@@ -119,8 +128,8 @@ def _positive_int(value: Any) -> bool:
 
 # -- files --------------------------------------------------------------------------------------
 _TOML_KEYS = {"name", "description", "kind", "memory_gib", "compute_capability", "supports_bf16",
-              "bandwidth_gb_per_s", "process_overhead_mib"}
-_TOML_REQUIRED = _TOML_KEYS - {"compute_capability", "bandwidth_gb_per_s"}
+              "bandwidth_gb_per_s", "process_overhead_mib", "gpu_product"}
+_TOML_REQUIRED = _TOML_KEYS - {"compute_capability", "bandwidth_gb_per_s", "gpu_product"}
 
 
 def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> GpuProfile:
@@ -162,6 +171,7 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> GpuProfile
         bandwidth_bytes_per_s=_scaled(raw, "bandwidth_gb_per_s", _GB, source),
         process_overhead_bytes=_scaled(raw, "process_overhead_mib", _MIB, source),
         kind=raw["kind"],
+        gpu_products=tuple(raw.get("gpu_product", ())),
     )
 
 
