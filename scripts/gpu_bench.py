@@ -181,60 +181,28 @@ def bench_one(checkpoint: Path, precision: str, new_tokens: int, batch: int,
 
 
 def serve_round_trip(repo: Path, prompt: str, timeout: float, log: Path | None = None) -> dict:
-    """``glm-serve REPO`` on loopback ports, one chat request once it is ready, then SIGINT.
+    """glm-serve's server (``TritonServer``) on loopback ports, one chat request once it is ready,
+    then stopped.
 
     The result: ``ok``, ``seconds`` (the request), ``answer`` and ``variant``, or ``error``."""
-    import shutil
-    import signal
-    import urllib.request
-
     from builder.client.chat import ChatGLMClient
-    from builder.serving.server import free_port
+    from builder.serving.server import ServerOptions, TritonServer, free_port
 
-    ports = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    http, grpc, metrics = sorted(ports)
-    command = [shutil.which("glm-serve") or "glm-serve", str(repo), "--address", "127.0.0.1",
-               "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
-    if log is not None:
-        command += ["--log-file", str(log)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            if server.poll() is not None:
-                return {"ok": False, "error": f"glm-serve exited {server.returncode}: "
-                        + (server.stderr.read().strip().splitlines() or ["?"])[-1][:200]}
+        options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
+                                metrics_port=free_port(), address="127.0.0.1", log_file=log)
+        with TritonServer(options, ready_timeout=timeout) as server:
+            client = ChatGLMClient(url=server.urls["grpc"], temperature=0.0, max_token=64)
             try:
-                with opener.open(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                return {"ok": False, "error": f"not ready after {timeout:.0f} s"}
-            time.sleep(2)
-        client = ChatGLMClient(url=f"127.0.0.1:{grpc}", temperature=0.0, max_token=64)
-        try:
-            result = client.chat(prompt)
-        except Exception as err:  # noqa: BLE001 — reported in the table
-            return {"ok": False, "error": f"{type(err).__name__}: {err}"[:200]}
-        finally:
-            client.close()
-        return {"ok": True, "seconds": result.latency_s, "answer": result.response,
-                "variant": result.variant}
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+                result = client.chat(prompt)
+            finally:
+                client.close()
+    except Exception as err:  # noqa: BLE001 — reported in the table
+        return {"ok": False, "error": f"{type(err).__name__}: {err}"[:200]}
+    return {"ok": True, "seconds": result.latency_s, "answer": result.response,
+            "variant": result.variant}
 
 
-# -- the table ---------------------------------------------------------------------------------------
 def _gib(value) -> str:
     return "–" if value is None else f"{value / GIB:.2f}"
 
