@@ -28,6 +28,14 @@ def test_the_example_curve_is_a_real_measurement_in_the_format():
     c = ServiceCurve.read(EXAMPLE)
     assert [lv.concurrency for lv in c.levels] == [1, 2, 4, 8, 16]  # capacity_check's default levels
     assert all(lv.in_flight is not None for lv in c.levels)  # placed by Little's law
+    # The figures agree with each other as one measurement's must: a closed loop holds at most its
+    # clients (Little's law: requests/s x mean latency), the tokens/s are the requests/s times the
+    # answer's tokens, and a percentile is never below a lower one.
+    for lv in raw["levels"]:
+        in_flight = lv["requests_per_s"] * lv["latency_s"]["mean"]
+        assert 0.5 * lv["concurrency"] <= in_flight <= lv["concurrency"] * 1.01, lv
+        assert lv["tokens_per_s"] == pytest.approx(lv["requests_per_s"] * raw["output_tokens"], rel=0.05)
+        assert lv["ttft_s"]["p50"] <= lv["ttft_s"]["p95"] <= lv["latency_s"]["p95"]
 
 
 def test_bench_serving_points_are_read_too():
@@ -78,11 +86,16 @@ def test_processor_sharing_matches_the_m_g_1_ps_formula():
 
 def test_a_replica_that_never_saturates_is_m_g_infinity():
     """Each request at its own speed (tokens/s grows with n): mean in flight = λ · S (Little)."""
-    c = curve([(1, 50, 0.05, 0.1), (100, 5000, 0.05, 0.1)], output_tokens=25)  # 50 tokens/s each
+    # 50 tokens/s each; the time to first token grows with the requests in flight: 0.05 s alone,
+    # 1.05 s at 100
+    c = curve([(1, 50, 0.05, 0.1), (100, 5000, 1.05, 1.1)], output_tokens=25)
     result = simulate_fleet(c, replicas=1, rate=8, prompt_tokens=20, output_tokens=25,
                             requests=8000, seed=2)
     assert result.in_flight_per_replica == pytest.approx(8 * 25 / 50, rel=0.06)
-    assert result.ttft_p50_s == pytest.approx(0.05, rel=0.05)
+    # a request meets the replica holding ~4 others (Poisson around λ·S): its first token comes at
+    # the curve's figure there, well above the lone request's 0.05 s
+    assert result.ttft_p50_s == pytest.approx(c.ttft(8 * 25 / 50)[0], rel=0.3)
+    assert result.ttft_p50_s > 0.07
 
 
 def test_random_balance_splits_the_load():

@@ -120,17 +120,8 @@ def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency:
         time.sleep(first * ramp_s / concurrency)
         try:
             for index in range(first, requests, concurrency):
-                prompt = prompts[index % len(prompts)]
-                if isinstance(prompt, tuple):
-                    prompt, client.max_token = prompt
-                try:
-                    timing = _one(client, prompt, model, count_tokens, start)
-                except ChatError as err:
-                    with lock:
-                        result.errors.append(str(err))
-                    continue
-                with lock:
-                    result.timings.append(timing)
+                _measure(client, prompts[index % len(prompts)], model, count_tokens, start,
+                         result, lock)
         finally:
             client.close()
 
@@ -139,6 +130,23 @@ def run_load(url: str, prompts: Sequence[str | tuple[str, int]], *, concurrency:
             future.result()
     result.elapsed_s = time.perf_counter() - start
     return result
+
+
+def _measure(client: ChatGLMClient, prompt: str | tuple[str, int], model: str,
+             count_tokens: Optional[Callable[[str], int]], origin: float, result: LoadResult,
+             lock: threading.Lock) -> None:
+    """One request (a prompt, or a ``(prompt, max_token)`` pair) into ``result``: its timing, or
+    its error as a lost request."""
+    if isinstance(prompt, tuple):
+        prompt, client.max_token = prompt
+    try:
+        timing = _one(client, prompt, model, count_tokens, origin)
+    except ChatError as err:
+        with lock:
+            result.errors.append(str(err))
+        return
+    with lock:
+        result.timings.append(timing)
 
 
 def _one(client: ChatGLMClient, prompt: str, model: str,
@@ -177,17 +185,7 @@ def run_arrivals(url: str, prompts: Sequence[str | tuple[str, int]], *, rate: fl
             client = local.client = ChatGLMClient(url, "grpc", temperature, max_token, timeout_s=timeout_s)
             with lock:
                 clients.append(client)
-        prompt = prompts[index % len(prompts)]
-        if isinstance(prompt, tuple):
-            prompt, client.max_token = prompt
-        try:
-            timing = _one(client, prompt, model, count_tokens, start)
-        except ChatError as err:
-            with lock:
-                result.errors.append(str(err))
-            return
-        with lock:
-            result.timings.append(timing)
+        _measure(client, prompts[index % len(prompts)], model, count_tokens, start, result, lock)
 
     start = time.perf_counter()
     try:
