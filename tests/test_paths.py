@@ -195,7 +195,8 @@ def test_glm_serve_prints_the_cause_of_a_stub_that_cannot_start(tmp_path):
     command = [sys.executable, "-m", "builder.serving.cli", str(options.model_repository),
                "--address", "127.0.0.1", "--http-port", str(options.http_port),
                "--grpc-port", str(options.grpc_port), "--metrics-port", str(options.metrics_port),
-               "--log-file", str(options.log_file), "--start-timeout", "20"]
+               "--log-file", str(options.log_file), "--start-timeout", "20",
+               "--openai-port", "0"]  # no gateway here: tests/test_openai.py has its own
     result = subprocess.run(command, capture_output=True, text=True, timeout=90)
     assert result.returncode == 1
     assert "nostub: still loading after 20 s: its stub never started; logged meanwhile: no GPU driver here" \
@@ -221,7 +222,7 @@ def test_a_repository_in_an_odd_folder_builds_loads_and_answers(tmp_path):
     command = [sys.executable, "-m", "builder.serving.cli", str(out), "--address", "127.0.0.1",
                "--http-port", str(options.http_port), "--grpc-port", str(options.grpc_port),
                "--metrics-port", str(options.metrics_port), "--log-file", str(options.log_file),
-               "--start-timeout", "280"]
+               "--start-timeout", "280", "--openai-port", "0"]  # no gateway: test_openai.py
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime)))
     killer = threading.Timer(400, process.kill)  # never let a hung glm-serve hang the test run
