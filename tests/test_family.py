@@ -457,3 +457,13 @@ def test_openai_messages_become_family_messages():
         {"role": "observation", "content": '{"temperature": 25}'}]
     assert from_openai_messages("chatglm3", openai)[2]["content"] == "```python\ntool_call(city='北京')\n```"
     assert chatglm3_system_message([WEATHER])["tools"] == [WEATHER["function"]]
+
+
+def test_quantize_at_build_is_refused_for_the_transformers_layout(checkpoints, tmp_path):
+    from builder.build.pipeline import BuildError, BuildOptions, build
+
+    folder = checkpoints["glm-4-9b-chat-hf"][0]
+    with pytest.raises(BuildError, match="transformers' layout .*--quantize-at initialize"):
+        build(BuildOptions(quant=("int4",), gpu="cpu", model=str(folder), out=tmp_path / "repo",
+                           quantize_at="build"), progress=False)
+    assert not (tmp_path / "repo").exists()

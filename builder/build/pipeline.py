@@ -212,7 +212,15 @@ def resolve_model(options: BuildOptions) -> ModelSource:
 
 
 def _check_prequantized(source: ModelSource, options: BuildOptions) -> None:
-    """A THUDM pre-quantized checkpoint (chatglm2-6b-int4) serves only its own precision."""
+    """A THUDM pre-quantized checkpoint (chatglm2-6b-int4) serves only its own precision; weights
+    are quantized at build time only in THUDM's layout (the format ``save_quantized`` writes)."""
+    from ..model.family import get_family
+
+    if (options.quantize_at == "build" and any(PRECISIONS[q][0] < 16 for q in options.quant)
+            and get_family(source.family).layout != "thudm"):
+        raise BuildError(f"quantize_at: {source.source or source.label} is in transformers' layout "
+                         f"({source.family}); --quantize-at build writes THUDM's format only, so "
+                         f"quantize it at initialize (--quantize-at initialize, the default)")
     bits = source.config.quantization_bit
     if bits and any(PRECISIONS[q] != (bits, None) for q in options.quant):
         raise BuildError(f"quant: {source.source} is already quantized to int{bits} "
