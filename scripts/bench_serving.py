@@ -113,17 +113,21 @@ def batched(args) -> None:
 
     from builder import TINY_CHECKPOINT
     from builder.client.loadtest import run_load
-    from builder.model.tokenizer import ChatGLM2Tokenizer
+    from builder.model.family import detect_family, get_family
 
     checkpoint = args.checkpoint or TINY_CHECKPOINT
     if args.checkpoint and not (checkpoint / "config.json").is_file():
         from builder.model.synthetic import write_synthetic_checkpoint
 
-        write_synthetic_checkpoint(checkpoint, num_layers=2)
+        family = get_family(args.family)  # its real layer shapes, 2 layers
+        write_synthetic_checkpoint(checkpoint, num_layers=2, config=family.spec, family=family.name)
+    family = detect_family(checkpoint)
+    stream_router = family.stream_router_name
     levels = [int(x) for x in args.levels.split(",")]
-    tokenizer = ChatGLM2Tokenizer(checkpoint / "tokenizer.model")
+    tokenizer = family.load_tokenizer(checkpoint)
     prompts = mixed_prompts(tokenizer, args.new_tokens)
-    targets = args.targets.split(",")
+    targets = ([t.replace("chatglm2-6b", family.name, 1) for t in args.targets.split(",")]
+               if args.targets == ",".join(BATCHED_TARGETS) else args.targets.split(","))
     rows, curves = [], []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
@@ -154,7 +158,7 @@ def batched(args) -> None:
                     rows.append((target, point))
                     if args.ramp and level == 1:
                         ramp[target] = point["latency_p50_s"]
-                    if target == STREAM_ROUTER:  # the service curve: tokens/s as the variants count
+                    if target == stream_router:  # the service curve: tokens/s as the variants count
                         curves.append(result.as_level() | {"tokens_per_s": round(point["tokens_per_s"], 2)})
                     print(f"{target} c={level}: {point['tokens_per_s']:.1f} tokens/s, TTFT p50 "
                           f"{point['ttft_p50_s'] * 1000:.0f} p95 {point['ttft_p95_s'] * 1000:.0f} ms, "
@@ -168,7 +172,8 @@ def batched(args) -> None:
                      f"| {p['tokens_per_s']:.1f} | {ratio} "
                      f"| {p['ttft_p50_s'] * 1000:.0f} | {p['ttft_p95_s'] * 1000:.0f} "
                      f"| {p['tpot_p50_s'] * 1000:.0f} | {p['tpot_p95_s'] * 1000:.0f} |")
-    label = "tiny model" if checkpoint == TINY_CHECKPOINT else f"{checkpoint.name}, ChatGLM2-6B's layer shapes"
+    label = ("tiny model" if checkpoint == TINY_CHECKPOINT
+             else f"{checkpoint.name}, {family.display_name}'s layer shapes")
     body = "\n".join([
         f"## Serving many requests at once ({label}{', steady traffic' if args.ramp else ''})", "",
         f"Command: `{command_line()}`", "", f"Machine: {machine()}", "",
@@ -189,14 +194,15 @@ def batched(args) -> None:
         prompt_tokens = [m - args.new_tokens for _, m in prompts]
         record = curve_record(
             [{k: v for k, v in lv.items() if k != "output_tokens"} for lv in curves],
-            target=STREAM_ROUTER, profile="cpu",
+            target=stream_router, profile="cpu",
             prompt_tokens=sum(prompt_tokens) / len(prompt_tokens), output_tokens=args.new_tokens,
             machine=machine(), command=command_line(), model=label)
         args.curves.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.curves}")
     if args.out:
-        write_section(args.out, "serving-batched" + ("" if checkpoint == TINY_CHECKPOINT else "-6b-shapes")
-                      + ("-steady" if args.ramp else ""), body)
+        shapes = "" if checkpoint == TINY_CHECKPOINT else (
+            "-6b-shapes" if family.name == "chatglm2-6b" else f"-{family.name}-shapes")
+        write_section(args.out, "serving-batched" + shapes + ("-steady" if args.ramp else ""), body)
 
 
 def main(argv=None) -> None:
@@ -209,6 +215,9 @@ def main(argv=None) -> None:
     parser.add_argument("--levels", default="1,4,8,16", help="with --batched: concurrency levels")
     parser.add_argument("--new-tokens", type=int, default=24, help="with --batched: new tokens per chat")
     parser.add_argument("--curves", type=Path, help="with --batched: save the router's service curve (JSON)")
+    parser.add_argument("--family", default="chatglm2-6b",
+                        help="with --batched --checkpoint: the GLM family whose shapes a new synthetic "
+                        "checkpoint gets (default: %(default)s)")
     parser.add_argument("--targets", default=",".join(BATCHED_TARGETS),
                         help="with --batched: models to load (default: every variant and the streaming router)")
     parser.add_argument("--per-client", type=int, default=2, help="with --batched: requests per client")
