@@ -121,3 +121,14 @@ def test_a_failing_cancel_message_does_not_stop_the_watch():
         assert all(t.cancelled for t in tickets)
     finally:
         watch.close()
+
+
+def test_made_up_cancels_cannot_grow_the_registry_without_bound():
+    from builder.serving.cancel import EARLY_CANCEL_MAX
+
+    registry = CancelRegistry(clock=lambda: 0.0)
+    for i in range(EARLY_CANCEL_MAX + 100):
+        registry.cancel(f"made-up-{i}")
+    assert len(registry._early) == EARLY_CANCEL_MAX
+    assert registry.add("made-up-0", Handle().cancel)  # the oldest were forgotten first
+    assert not registry.add(f"made-up-{EARLY_CANCEL_MAX + 99}", Handle().cancel)

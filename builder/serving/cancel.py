@@ -30,6 +30,7 @@ CANCEL = "glm_cancel"  # request parameter: drop the forwarded request with this
 POLL_INTERVAL_S = 0.1  # how often a router (or a variant, for queued requests) asks whether
 # a client is still there: one query to the server per request in flight
 EARLY_CANCEL_TTL_S = 120.0  # how long a variant remembers a cancel that came before its request
+EARLY_CANCEL_MAX = 4096  # and how many at most (the port is open: a flood of made-up ids stays small)
 CANCELLED = "cancelled"  # the message of the error a cancelled request ends with
 
 
@@ -177,6 +178,8 @@ class CancelRegistry:
             if cancel is None:
                 now = self._clock()
                 self._early = {k: t for k, t in self._early.items() if now - t < EARLY_CANCEL_TTL_S}
+                while len(self._early) >= EARLY_CANCEL_MAX:  # the oldest first (insertion order)
+                    del self._early[next(iter(self._early))]
                 self._early[route_id] = now
                 return False
         return bool(cancel())
