@@ -101,3 +101,19 @@ def serve_tiny_repository(out: Path, **build_options):
     server.start().wait_ready()
     server.repo = out
     return server
+
+
+def glm_samples(server) -> list[tuple[str, dict, float]]:
+    """The server's ``glm_*`` metric samples: ``(name, labels, value)``, from its metrics port."""
+    import re
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://{server.urls['metrics']}/metrics", timeout=10).read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = re.match(r'^(glm_\w+)\{(.*)\} (\S+)$', line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples

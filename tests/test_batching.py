@@ -12,7 +12,6 @@ import queue
 import re
 import signal
 import time
-import urllib.request
 
 import numpy as np
 import psutil
@@ -24,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
 from builder.client.chat import ChatGLMClient
 
-from conftest import serve_tiny_repository
+from conftest import glm_samples, serve_tiny_repository
 
 pytestmark = pytest.mark.server
 
@@ -56,15 +55,9 @@ def served_dtype(server, model: str) -> str:
 
 
 def metrics(server) -> dict[str, float]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    text = opener.open(f"http://{server.urls['metrics']}/metrics", timeout=10).read().decode()
-    found = {}
-    for line in text.splitlines():
-        match = re.match(r'^(glm_\w+)\{(.*)\} (\S+)$', line)
-        if match:
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            found[f"{match.group(1)}[{labels.get('model', labels.get('served', ''))}]"] = float(match.group(3))
-    return found
+    """``glm_*`` samples by ``name[model]`` (variants) or ``name[served]`` (router fallbacks)."""
+    return {f"{name}[{labels.get('model', labels.get('served', ''))}]": value
+            for name, labels, value in glm_samples(server)}
 
 
 def test_eight_concurrent_requests_get_the_answers_chat_gives_each_alone(server):

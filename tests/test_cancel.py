@@ -4,19 +4,19 @@ from __future__ import annotations
 import threading
 import time
 
-from builder.serving.cancel import CancelRegistry, CancelWatch, client_gone, new_route_id, request_parameters
+from builder.serving.cancel import CancelRegistry, CancelWatch, client_gone, new_route_id, routed_id
 
 
 class Request:
-    def __init__(self, parameters: str = "{}"):
+    def __init__(self, request_id: str = ""):
         self.gone = False
-        self._parameters = parameters
+        self._request_id = request_id
 
     def is_cancelled(self) -> bool:
         return self.gone
 
-    def parameters(self) -> str:
-        return self._parameters
+    def request_id(self) -> str:
+        return self._request_id
 
 
 class Handle:
@@ -33,10 +33,11 @@ def test_route_ids_are_random_and_long():
     assert len(ids) == 1000 and all(len(i) == 32 for i in ids)
 
 
-def test_request_parameters_read_json_and_tolerate_none():
-    assert request_parameters(Request('{"glm_cancel": "abc"}')) == {"glm_cancel": "abc"}
-    assert request_parameters(Request("not json")) == {}
-    assert request_parameters(object()) == {}
+def test_routed_ids_are_told_apart_from_direct_clients():
+    assert routed_id(Request("glm-cancel:abc")) == ("cancel", "abc")
+    assert routed_id(Request("glm-route:abc")) == ("route", "abc")
+    assert routed_id(Request("1")) == routed_id(Request("glm-route:")) == ("", "")
+    assert routed_id(object()) == ("", "")
 
 
 def test_client_gone_asks_the_sender_first():

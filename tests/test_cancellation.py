@@ -9,9 +9,7 @@ that a fifth has to wait in the queue.
 from __future__ import annotations
 
 import queue
-import re
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from builder.build.pipeline import BuildOptions, build
 from builder.serving.server import ServerOptions, TritonServer, free_port
 from builder.model.tokenizer import ChatGLM2Tokenizer
 
-from conftest import SMALL, thudm_state, write_checkpoint
+from conftest import SMALL, glm_samples, thudm_state, write_checkpoint
 
 pytestmark = pytest.mark.server
 
@@ -57,16 +55,10 @@ def server(tmp_path_factory):
 
 def metrics(server) -> dict[str, float]:
     """``glm_*`` samples by ``name[model]`` (variants) or ``name[router/variant]`` (routers)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    text = opener.open(f"http://{server.urls['metrics']}/metrics", timeout=10).read().decode()
-    found = {}
-    for line in text.splitlines():
-        match = re.match(r'^(glm_\w+)\{(.*)\} (\S+)$', line)
-        if match:
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            key = labels.get("model") or f"{labels.get('router')}/{labels.get('variant')}"
-            found[f"{match.group(1)}[{key}]"] = float(match.group(3))
-    return found
+    def key(labels: dict) -> str:
+        return labels.get("model") or f"{labels.get('router')}/{labels.get('variant')}"
+
+    return {f"{name}[{key(labels)}]": value for name, labels, value in glm_samples(server)}
 
 
 def total(found: dict, name: str, prefix: str = "") -> float:
@@ -135,7 +127,7 @@ def answered(server, model="chatglm2-6b", max_token=40) -> str:
 
 def test_dropped_streams_through_the_stream_router_free_every_variant(server):
     # 48 streams: 22 routed to fp16, 22 to int8, 4 to int4 (its batch is capped at 4)
-    lengths = [500] * 22 + [1000] * 22 + [1900] * 4
+    lengths = [590] * 22 + [1150] * 22 + [1900] * 4
     before = metrics(server)
     streams = [Stream(server, "chatglm2-6b-stream", PROMPT, n) for n in lengths]
     assert all(stream.first_piece() for stream in streams)
@@ -154,16 +146,21 @@ def test_dropped_streams_through_the_stream_router_free_every_variant(server):
 
 def test_one_response_requests_whose_clients_leave_are_cancelled(server):
     """32 one-response requests through ``chatglm2-6b``, cancelled by their gRPC clients while the
-    router's 8 instances forward 8 of them and the rest wait in Triton's queue."""
+    router's 8 instances forward 8 of them (long answers, all to int4: 4 decode, 4 wait in its
+    batcher) and the rest wait in Triton's queue."""
     before = metrics(server)
     client = grpcclient.InferenceServerClient(server.urls["grpc"])
     done: queue.Queue = queue.Queue()
-    calls = [client.async_infer("chatglm2-6b", inputs(PROMPT, 500 if i % 2 else 1000),
+    calls = [client.async_infer("chatglm2-6b", inputs(PROMPT, 1900),
                                 callback=lambda result, error: done.put(error))
-             for i in range(32)]
+             for _ in range(32)]
     deadline = time.monotonic() + 60
-    while total(metrics(server), "glm_batch_running_requests") < 8:  # the forwarded ones decode
-        assert time.monotonic() < deadline, "the forwarded requests never started"
+    while True:  # the forwarded ones are in int4's batcher: none can finish before the cancel
+        found = metrics(server)
+        if (found["glm_batch_running_requests[chatglm2-6b-int4]"] == INT4_RUNNING
+                and found["glm_batch_queued_requests[chatglm2-6b-int4]"] == 8 - INT4_RUNNING):
+            break
+        assert time.monotonic() < deadline, f"the forwarded requests never reached int4: {found}"
         time.sleep(0.2)
     for call in calls:
         call.cancel()

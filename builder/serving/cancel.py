@@ -4,10 +4,13 @@ Triton 2.51 (the server in every ``nvidia-pytriton`` up to 0.7.0) lets a model s
 client cancelled (``is_cancelled()``) but gives it no way to cancel a BLS request it sent: the
 response iterator's ``cancel()`` came in 2.57. So the router tells the variant itself:
 
-- every request the router forwards carries a request parameter :data:`ROUTE_ID`, a random
-  128-bit id the router made (unguessable, so nobody else can cancel it);
+- every request the router forwards carries the request id ``glm-route:<id>``
+  (:data:`ROUTE_PREFIX`), ``<id>`` a random 128-bit id the router made (unguessable, so nobody
+  else can cancel it). Request ids, not BLS request parameters: under 48 concurrent streams Triton
+  2.51's Python backend crashed (SIGSEGV) within seconds when BLS requests carried parameters,
+  and never without them;
 - a router-side :class:`CancelWatch` polls its clients; when one went away it sends the variant a
-  small BLS request with the parameter :data:`CANCEL` naming that id, and the variant's
+  small BLS request whose request id is ``glm-cancel:<id>`` (:data:`CANCEL_PREFIX`), and the variant's
   :class:`CancelRegistry` cancels the batched request it maps to (or, when the cancel arrived
   first, refuses the request on arrival). Where the server has BLS ``cancel()``, it is called too.
 
@@ -15,7 +18,6 @@ Nothing here imports torch; the Triton parts are imported where they are used.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -25,8 +27,8 @@ from typing import Callable
 
 log = logging.getLogger("glm-build.cancel")
 
-ROUTE_ID = "glm_route_id"  # request parameter: the id of a request a router forwarded
-CANCEL = "glm_cancel"  # request parameter: drop the forwarded request with this id
+ROUTE_PREFIX = "glm-route:"  # request id of a request a router forwarded: the prefix, then its id
+CANCEL_PREFIX = "glm-cancel:"  # request id of a cancel message: the prefix, then the id to drop
 POLL_INTERVAL_S = 0.1  # how often a router (or a variant, for queued requests) asks whether
 # a client is still there: one query to the server per request in flight
 EARLY_CANCEL_TTL_S = 120.0  # how long a variant remembers a cancel that came before its request
@@ -39,12 +41,21 @@ def new_route_id() -> str:
     return uuid.uuid4().hex
 
 
-def request_parameters(request) -> dict:
-    """The request's parameters (``{}`` where it has none or they are not JSON)."""
+def routed_id(request) -> tuple[str, str]:
+    """``(kind, id)`` of a request a router sent: ``("route", id)`` for a forwarded request,
+    ``("cancel", id)`` for a cancel message, ``("", "")`` for anything else (a direct client).
+
+    >>> routed_id(request)   # request.request_id() == "glm-cancel:3f2a..."
+    ('cancel', '3f2a...')
+    """
     try:
-        return json.loads(request.parameters() or "{}")
-    except (AttributeError, ValueError, TypeError):
-        return {}
+        request_id = request.request_id() or ""
+    except AttributeError:
+        return "", ""
+    for kind, prefix in (("route", ROUTE_PREFIX), ("cancel", CANCEL_PREFIX)):
+        if request_id.startswith(prefix) and len(request_id) > len(prefix):
+            return kind, request_id[len(prefix):]
+    return "", ""
 
 
 def client_gone(request, sender=None) -> bool:
@@ -69,6 +80,11 @@ class Ticket:
     variant: str = ""  # where it is forwarded now ("" before the first forward)
     responses: object | None = None  # the BLS response iterator, for servers that can cancel it
     gone: threading.Event = field(default_factory=threading.Event)
+    # Held while the server is asked about this client; once ``closed`` (its last response is
+    # about to go) it is never asked again: Triton 2.51's Python backend has crashed on a question
+    # about a request it had released (TRITONBACKEND_ResponseFactoryIsCancelled, a freed factory).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
 
     @property
     def cancelled(self) -> bool:
@@ -98,17 +114,21 @@ class CancelWatch:
         return ticket
 
     def untrack(self, ticket: Ticket) -> None:
+        """Stop watching ``ticket``: call before the request's last response is sent."""
         with self._lock:
             self._tickets.pop(ticket.route_id, None)
+        with ticket.lock:
+            ticket.closed = True
 
     def check(self, ticket: Ticket) -> bool:
         """Whether ``ticket``'s client is gone; cancels its forwarded request the first time."""
-        if ticket.cancelled:
-            return True
-        if not client_gone(ticket.request, ticket.sender):
-            return False
-        self._cancel(ticket)
-        return True
+        with ticket.lock:
+            if ticket.cancelled or ticket.closed:
+                return ticket.cancelled
+            gone = client_gone(ticket.request, ticket.sender)
+        if gone:
+            self._cancel(ticket)
+        return gone
 
     def close(self) -> None:
         self._closing.set()

@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils  # provided by the Python-backend
 
 from ..plan.routing import RoutingTable, check_fallback
 from ..model.family import get_family
-from .cancel import CANCEL, CANCELLED, ROUTE_ID, CancelWatch, Ticket
+from .cancel import CANCEL_PREFIX, CANCELLED, ROUTE_PREFIX, CancelWatch, Ticket
 from .params import RouterParameters, resolve_path
 from .request import (OUTPUTS, RequestError, messages_length, parse_messages, parse_request,
                       request_length)
@@ -102,7 +102,7 @@ class TritonPythonModel:
         :class:`ClientGone` once the client went away (the variant then drops the request)."""
         call = pb_utils.InferenceRequest(model_name=variant, inputs=inputs,
                                          requested_output_names=list(OUTPUTS),
-                                         parameters={ROUTE_ID: ticket.route_id})
+                                         request_id=ROUTE_PREFIX + ticket.route_id)
         ticket.variant = variant
         answered = False
         ended = False  # the variant's stream ended (its last response, or an error, came)
@@ -236,7 +236,7 @@ class TritonPythonModel:
 
 def cancel_inputs() -> list:
     """The inputs of a cancel message: the contract's required inputs, empty (the variant reads
-    only the request's :data:`~.cancel.CANCEL` parameter)."""
+    only the request id, :data:`~.cancel.CANCEL_PREFIX` and the id to drop)."""
     empty = {"prompt": [b""], "history": [], "temperature": [b"0"], "max_token": [b"1"],
              "history_len": [b"0"]}
     return [pb_utils.Tensor(name, np.array(values, dtype=object).reshape(len(values)))
@@ -247,7 +247,7 @@ def send_cancel(variant: str, route_id: str) -> None:
     """Tell ``variant`` to drop the request this router forwarded as ``route_id``."""
     call = pb_utils.InferenceRequest(model_name=variant, inputs=cancel_inputs(),
                                      requested_output_names=list(OUTPUTS),
-                                     parameters={CANCEL: route_id})
+                                     request_id=CANCEL_PREFIX + route_id)
     for answer in call.exec(decoupled=True):
         if answer.has_error():
             raise RuntimeError(answer.error().message())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
-from .cancel import CANCEL, CANCELLED, POLL_INTERVAL_S, ROUTE_ID, CancelRegistry, client_gone, request_parameters
+from .cancel import CANCELLED, POLL_INTERVAL_S, CancelRegistry, client_gone, routed_id
 from .params import VariantParameters, resolve_path
 from .request import (OPTIONAL_INPUTS, REQUIRED_INPUTS, RequestError, messages_length, output_arrays,
                       parse_messages, parse_request)
@@ -135,13 +135,13 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            parameters = request_parameters(request)
-            if CANCEL in parameters:  # a router's client went away: drop what it forwarded
-                self.routed.cancel(str(parameters[CANCEL]))
+            kind, route_id = routed_id(request)
+            if kind == "cancel":  # a router's client went away: drop what it forwarded
+                self.routed.cancel(route_id)
                 sender.send(flags=FINAL)
                 continue
             try:
-                self.submit(request, sender, str(parameters.get(ROUTE_ID, "")))
+                self.submit(request, sender, route_id)
             except Exception as err:  # a bad or refused request fails alone, at once
                 if not isinstance(err, RequestError):
                     log.warning("%s: request refused: %s", self.name, err)
@@ -161,11 +161,16 @@ class TritonPythonModel:
 
         def on_update(text, history, finished, error):
             if state["first"] and (text or finished):
-                state["first"] = False
+                with self._waiting_lock:  # before anything is sent: see _watch_waiting
+                    state["first"] = False
+                    self._waiting.pop(state["handle"], None)
                 self.metrics.first_token(time.perf_counter() - started)
             if finished and route_id:
                 self.routed.discard(route_id)
-            if client_gone(request, sender):  # the client went away: free its place in the batch
+            # A direct client that went away frees its place in the batch. A router's request is
+            # cancelled by its router's message instead (.cancel): Triton 2.51 never marks a BLS
+            # request cancelled, and not asking about it spares a server round trip per token.
+            if not route_id and client_gone(request, sender):
                 self._drop(state["handle"], sender)
                 return
             if error is not None:
@@ -193,7 +198,8 @@ class TritonPythonModel:
             raise RequestError(f"{self.name}: {err}") from None
         if not route_id:  # a direct client: watched here until its first token
             with self._waiting_lock:
-                self._waiting[handle] = (request, sender)
+                if state["first"]:
+                    self._waiting[handle] = (request, sender)
         elif not self.routed.add(route_id, lambda: self._drop(handle, sender)):  # its cancel came first
             self._drop(handle, sender)
 
@@ -211,15 +217,20 @@ class TritonPythonModel:
     def _watch_waiting(self) -> None:
         """A direct client's request still waiting for its first token gets no update to notice a
         cancelled client by: ask for it here, so a request dropped in the queue never starts
-        decoding. (A router's requests are cancelled by their router: :mod:`.cancel`.)"""
+        decoding. (A router's requests are cancelled by their router: :mod:`.cancel`.) The server
+        is asked under the lock ``on_update`` takes before it sends anything: asking Triton 2.51
+        about a request whose last response has gone crashes it."""
         while not self._closing.wait(POLL_INTERVAL_S):
+            gone = []
             with self._waiting_lock:
                 for handle in [h for h in self._waiting if h.done or h.first_token_at is not None]:
                     del self._waiting[handle]
-                waiting = list(self._waiting.items())
-            for handle, (request, sender) in waiting:
-                if client_gone(request, sender):
-                    self._drop(handle, sender)
+                for handle, (request, sender) in list(self._waiting.items()):
+                    if client_gone(request, sender):
+                        del self._waiting[handle]
+                        gone.append((handle, sender))
+            for handle, sender in gone:
+                self._drop(handle, sender)
 
     def _publish_metrics(self) -> None:
         while not self._closing.wait(METRICS_INTERVAL_S):
