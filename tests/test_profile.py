@@ -214,14 +214,14 @@ def test_reports_from_records(tmp_path):
 def tiny_profile(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile-tiny")
     options = ProfileOptions(quant="fp16,int8", device="cpu",
-                             workloads="encode:64,encode:512,generate:40", out=out)
+                             workloads="encode:64,encode:2048,generate:40", out=out)
     return out, run_profile(options, progress=False)
 
 
 def test_tiny_profile_writes_every_field(tiny_profile):
     out, records = tiny_profile
     assert [(r.precision, r.workload) for r in records] == [
-        (p, w) for p in ("fp16", "int8") for w in ("encode:64", "encode:512", "generate:40")]
+        (p, w) for p in ("fp16", "int8") for w in ("encode:64", "encode:2048", "generate:40")]
     saved = json.loads((out / "profile.json").read_text())
     assert saved == [r.as_dict() for r in records]
     for r in saved:
@@ -238,7 +238,7 @@ def test_tiny_profile_writes_every_field(tiny_profile):
         assert r["estimate"]["total"] == r["estimated_bytes"]
     md = (out / "profile.md").read_text()
     assert "glm-build profile --quant fp16,int8 --device cpu --workloads " \
-           "encode:64,encode:512,generate:40" in md
+           "encode:64,encode:2048,generate:40" in md
     assert md.count("| chatglm2-6b-") == len(records)
     assert (out / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -248,7 +248,7 @@ def test_tiny_encode_peaks_grow_with_tokens(tiny_profile):
     for precision in ("fp16", "int8"):
         peaks = {r.tokens: r.measured_bytes for r in records
                  if r.precision == precision and r.phase == "encode"}
-        assert peaks[512] > peaks[64], (precision, peaks)
+        assert peaks[2048] > peaks[64], (precision, peaks)
 
 
 def test_real_shapes_measure_as_estimated_and_loading_leaves_nothing_behind(tmp_path_factory):
