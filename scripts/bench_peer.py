@@ -2,18 +2,21 @@
 """Our CPU decode and prefill beside chatglm.cpp's, on the same checkpoint, prompts and threads.
 
 chatglm.cpp is what a ChatGLM2 user without a GPU picks, so it is the bar for our CPU speed. This
-writes random-weight checkpoints with ChatGLM2-6B's real layer shapes at two depths (default 2 and 4
-layers, `builder.model.synthetic`), converts each with chatglm.cpp's own converter (q4_0, q8_0, f16),
-and times both engines in fresh processes, interleaved, per precision:
+writes random-weight checkpoints with ChatGLM2-6B's real layer shapes (``--family glm-4-9b-chat``:
+GLM-4-9B-chat's, its 151,552-row embedding and output layer and its tiktoken tokenizer file) at two
+depths (default 2 and 4 layers, `builder.model.synthetic`), converts each with chatglm.cpp's own
+converter for the family (q4_0, q8_0, f16), and times both engines in fresh processes, interleaved,
+per precision:
 
 - decode: ms/token, the median step of a greedy run after a short prompt (best of the rounds);
 - prefill: seconds to the first token of a 256- and a 2048-token prompt (best of the rounds);
 - per layer = (deep − shallow) / (layer difference), fixed = shallow − layers × per layer,
-  28 layers = fixed + 28 × per layer: ChatGLM2-6B extrapolated.
+  28 layers = fixed + 28 × per layer: ChatGLM2-6B extrapolated (GLM-4-9B-chat: 40 layers).
 
     .venv/bin/pip install '.[peer]'     # chatglm-cpp builds from source (needs
                                         # CMAKE_POLICY_VERSION_MINIMUM=3.5 with CMake ≥ 4)
     .venv/bin/python scripts/bench_peer.py [--layers 2,4] [--rounds 2] [--out docs/benchmarks.md]
+    .venv/bin/python scripts/bench_peer.py --family glm-4-9b-chat --out docs/benchmarks.md
     ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/bench_peer.py --peer-path /opt/chatglm-avx2 ...
 
 Ours runs at torch's CPU capability (``ATEN_CPU_CAPABILITY`` lowers it); chatglm.cpp runs the
@@ -38,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-FULL_LAYERS = 28  # ChatGLM2-6B
+FULL_LAYERS = 28  # ChatGLM2-6B; --family sets args.full_layers from the family's config
 # ours: (bits, `glm-build --cpu-dtype`, output-layer bits) and chatglm.cpp's type for the same bits
 # (which quantizes its output layer too); "-o8": our opt-in int8 output layer; "fp16-float16": fp16
 # as `--cpu-dtype float16` serves it. The model's dtype is the variant's (served_dtype).
@@ -63,39 +66,57 @@ def served_dtype(precision: str):
 
 
 # -- files ----------------------------------------------------------------------------------------
-def checkpoint(cache: Path, layers: int) -> Path:
+def checkpoint(cache: Path, layers: int, family: str = "chatglm2-6b") -> Path:
+    """A random-weight checkpoint of ``family`` with its real layer shapes and ``layers`` layers
+    (``glm-4l`` for ChatGLM2-6B as before, ``glm-4-9b-chat-4l`` for the others)."""
+    from builder.model.family import get_family
     from builder.model.synthetic import write_synthetic_checkpoint
 
-    path = cache / f"glm-{layers}l"
+    spec = get_family(family)
+    path = cache / (f"glm-{layers}l" if family == "chatglm2-6b" else f"{family}-{layers}l")
     if not (path / "config.json").is_file():
-        print(f"writing {path} (ChatGLM2-6B shapes, {layers} layers)", flush=True)
-        write_synthetic_checkpoint(path, num_layers=layers)
+        print(f"writing {path} ({spec.display_name} shapes, {layers} layers)", flush=True)
+        write_synthetic_checkpoint(path, num_layers=layers, config=spec.spec, family=family)
     return path
 
 
-def ggml_file(ckpt: Path, ggml_type: str) -> Path:
-    """chatglm.cpp's model file for ``ckpt``, written by chatglm.cpp's own ``ChatGLM2Converter``.
+CONVERTERS = {"chatglm2": "ChatGLM2Converter", "chatglm3": "ChatGLM3Converter",
+              "glm4": "ChatGLM4Converter"}  # family kind -> chatglm.cpp's converter class
+
+
+def ggml_file(ckpt: Path, ggml_type: str, family: str = "chatglm2-6b") -> Path:
+    """chatglm.cpp's model file for ``ckpt``, written by chatglm.cpp's own converter for
+    ``family`` (``ChatGLM2Converter``, ``ChatGLM3Converter``, ``ChatGLM4Converter``).
 
     The converter wants a THUDM model object (``.config``, ``.state_dict()``) and tokenizer
-    (``.tokenizer.sp_model``); our checkpoint is in THUDM's layout, so thin stand-ins read it
-    without running THUDM's remote code.
+    (ChatGLM2/3: ``.tokenizer.sp_model``; GLM-4: ``.vocab_file``, the tiktoken ``tokenizer.model``
+    it copies as text); our checkpoint is in THUDM's layout, so thin stand-ins read it without
+    running THUDM's remote code. As chatglm.cpp's ``convert()`` does for GLM-4, the config's
+    ``eos_token_id`` becomes the tokenizer's ``<|endoftext|>`` (THUDM's config lists three).
     """
     out = ckpt.parent / f"{ckpt.name}-{ggml_type}.ggml"
     if out.is_file():
         return out
-    import sentencepiece as spm
     from chatglm_cpp import convert
 
     from builder.model.checkpoint import iter_checkpoint_tensors
+    from builder.model.family import get_family
 
+    kind = get_family(family).kind
     config = SimpleNamespace(**json.loads((ckpt / "config.json").read_text()))
     model = SimpleNamespace(config=config, state_dict=lambda: dict(iter_checkpoint_tensors(ckpt)))
-    sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
-    tokenizer = SimpleNamespace(tokenizer=SimpleNamespace(sp_model=sp))
+    if kind == "glm4":
+        tokenizer = SimpleNamespace(vocab_file=str(ckpt / "tokenizer.model"))
+        config.eos_token_id = get_family(family).load_tokenizer(ckpt).eos_id
+    else:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+        tokenizer = SimpleNamespace(tokenizer=SimpleNamespace(sp_model=sp))
     print(f"converting {ckpt.name} to {ggml_type}", flush=True)
     partial = out.with_suffix(".partial")
     with open(partial, "wb") as f:
-        convert.ChatGLM2Converter.convert(f, model, tokenizer, convert.GGMLType[ggml_type.upper()])
+        getattr(convert, CONVERTERS[kind]).convert(f, model, tokenizer, convert.GGMLType[ggml_type.upper()])
     partial.rename(out)
     return out
 
@@ -118,7 +139,8 @@ def timings(run, prompts: list[int], new_tokens: int) -> dict:
     return {"decode_s": decode, "prefill_s": prefill}
 
 
-def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, threads: int) -> dict:
+def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, threads: int,
+         family: str = "chatglm2-6b") -> dict:
     import torch
 
     from bench_decode import decode_seconds
@@ -126,13 +148,14 @@ def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, thread
 
     torch.set_num_threads(threads)
     bits, _, output_bits, _ = PRECISIONS[precision]
-    model, _ = load_chatglm2(path, bits=bits, dtype=served_dtype(precision), output_bits=output_bits)
+    model, _ = load_chatglm2(path, bits=bits, dtype=served_dtype(precision), output_bits=output_bits,
+                             family=family)
     # decode_seconds counts the prefill's token: one more for ``steps`` decode steps
     return {**timings(lambda ids, steps: decode_seconds(model, ids, steps + 1), prompts, new_tokens),
             "isa": torch.backends.cpu.get_cpu_capability()}
 
 
-def load(path: Path, precision: str, threads: int) -> dict:
+def load(path: Path, precision: str, threads: int, family: str = "chatglm2-6b") -> dict:
     """Seconds to read a pre-quantized checkpoint's weight bytes from a warm page cache (the best
     of two passes after one to warm it), and seconds for ``load_chatglm2`` to make it ready."""
     import torch
@@ -156,7 +179,7 @@ def load(path: Path, precision: str, threads: int) -> dict:
         best = min(best, time.perf_counter() - start)
     bits = PRECISIONS[precision][0]
     start = time.perf_counter()
-    load_chatglm2(path, bits=bits, dtype=served_dtype(precision))
+    load_chatglm2(path, bits=bits, dtype=served_dtype(precision), family=family)
     return {"read_s": best, "load_s": time.perf_counter() - start, "bytes": size,
             "isa": torch.backends.cpu.get_cpu_capability()}
 
@@ -203,9 +226,9 @@ def worker(args) -> None:
     prompts = [int(n) for n in args.prompts.split(",") if n]
     others = OtherCpu()
     if args.worker == "ours":
-        result = ours(Path(args.path), args.precision, prompts, args.new_tokens, args.threads)
+        result = ours(Path(args.path), args.precision, prompts, args.new_tokens, args.threads, args.family)
     elif args.worker == "load":
-        result = load(Path(args.path), args.precision, args.threads)
+        result = load(Path(args.path), args.precision, args.threads, args.family)
     else:
         result = peer(Path(args.path), prompts, args.new_tokens)
     result["other_cores"] = others.cores()  # what other processes used meanwhile
@@ -219,7 +242,7 @@ def run_worker(engine: str, path: Path, precision: str, args, peer_path: str | N
     prompts = "" if precision.endswith("-o8") else args.prompts  # prefill: see report()
     command = [sys.executable, __file__, "--worker", engine, "--path", str(path), "--precision",
                precision, "--prompts", prompts, "--new-tokens", str(args.new_tokens),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--family", args.family]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -229,18 +252,19 @@ def run_worker(engine: str, path: Path, precision: str, args, peer_path: str | N
 
 
 # -- the report -----------------------------------------------------------------------------------
-def extrapolate(shallow: float, deep: float, low: int, high: int) -> tuple[float, float, float]:
-    """(per layer, fixed, 28 layers) from the same figure at ``low`` and ``high`` layers."""
+def extrapolate(shallow: float, deep: float, low: int, high: int, full: int = FULL_LAYERS
+                ) -> tuple[float, float, float]:
+    """(per layer, fixed, ``full`` layers) from the same figure at ``low`` and ``high`` layers."""
     per_layer = (deep - shallow) / (high - low)
     fixed = shallow - low * per_layer
-    return per_layer, fixed, fixed + FULL_LAYERS * per_layer
+    return per_layer, fixed, fixed + full * per_layer
 
 
-def depth_fit(results: dict, engine: str, precision: str, figure, layers: tuple[int, int]
-              ) -> tuple[float, float, float, float]:
-    """(per layer, fixed, 28 layers, shallow measured) of ``figure(result)``, best of the rounds."""
+def depth_fit(results: dict, engine: str, precision: str, figure, layers: tuple[int, int],
+              full: int = FULL_LAYERS) -> tuple[float, float, float, float]:
+    """(per layer, fixed, ``full`` layers, shallow measured) of ``figure(result)``, best of the rounds."""
     shallow, deep = (min(figure(r) for r in results[key(engine, precision, n)]) for n in layers)
-    return (*extrapolate(shallow, deep, *layers), shallow)
+    return (*extrapolate(shallow, deep, *layers, full), shallow)
 
 
 def report(results: dict, args, isa: dict) -> str:
@@ -248,28 +272,29 @@ def report(results: dict, args, isa: dict) -> str:
     decode = lambda r: r["decode_s"]  # noqa: E731
     prompts = [int(n) for n in args.prompts.split(",") if n]
     ms = 1e3
+    full, model = getattr(args, "full_layers", FULL_LAYERS), getattr(args, "model_name", "ChatGLM2-6B")
     others = [r["other_cores"] for rs in results.values() for r in rs]
     lines = [
         f"Machine: {machine()}. {args.threads} threads; other processes used "
         f"{min(others):.2f}–{max(others):.2f} cores during the measurements. Ours: torch at capability **{isa['ours']}**; "
-        f"chatglm.cpp 0.4.2 built for **{isa['peer']}**. Random-weight checkpoints with ChatGLM2-6B's "
+        f"chatglm.cpp 0.4.2 built for **{isa['peer']}**. Random-weight checkpoints with {model}'s "
         f"real shapes at {low} and {high} layers, converted by chatglm.cpp's own converter. Each figure "
         f"is the best of {args.rounds} rounds (fresh processes, engines interleaved); decode = median "
         f"step of {args.new_tokens} greedy tokens; per layer = ({high} layers − {low} layers) / "
-        f"{high - low}, fixed = the rest, {FULL_LAYERS} layers = fixed + {FULL_LAYERS} × per layer.",
+        f"{high - low}, fixed = the rest, {full} layers = fixed + {full} × per layer.",
         "",
-        f"| precision | ours: per layer / fixed / {FULL_LAYERS} layers ms/token "
-        f"| chatglm.cpp: per layer / fixed / {FULL_LAYERS} layers | ratio (goal) |",
+        f"| precision | ours: per layer / fixed / {full} layers ms/token "
+        f"| chatglm.cpp: per layer / fixed / {full} layers | ratio (goal) |",
         "|---|---|---|---:|",
     ]
     for precision in args.precision_list:
         ggml_type = PRECISIONS[precision][3]
-        o, p = (depth_fit(results, engine, precision, decode, layers) for engine in ("ours", "peer"))
+        o, p = (depth_fit(results, engine, precision, decode, layers, full) for engine in ("ours", "peer"))
         ratio, goal = o[2] / p[2], GOALS[precision.split("-")[0]]
         lines.append(f"| {precision} vs {ggml_type} | {o[0] * ms:.1f} / {o[1] * ms:.1f} / {o[2] * ms:.0f} "
                      f"| {p[0] * ms:.1f} / {p[1] * ms:.1f} / {p[2] * ms:.0f} "
                      f"| {ratio:.2f}× ({'met' if ratio <= goal else 'not met'}: ≤ {goal}×) |")
-    lines += ["", f"Prefill, seconds to the first token ({FULL_LAYERS} layers extrapolated; "
+    lines += ["", f"Prefill, seconds to the first token ({full} layers extrapolated; "
               f"measured at {low} layers in brackets):", "",
               "| precision | prompt tokens | ours s | chatglm.cpp s | ratio (goal ≤ 1.0×) |",
               "|---|---:|---:|---:|---:|"]
@@ -277,11 +302,11 @@ def report(results: dict, args, isa: dict) -> str:
         if precision.endswith("-o8"):
             continue  # the output layer is one row of a prefill: no change worth a line
         for n in prompts:
-            o, p = (depth_fit(results, engine, precision, lambda r: r["prefill_s"][str(n)], layers)
+            o, p = (depth_fit(results, engine, precision, lambda r: r["prefill_s"][str(n)], layers, full)
                     for engine in ("ours", "peer"))
             lines.append(f"| {precision} | {n} | {o[2]:.2f} ({o[3]:.2f}) | {p[2]:.2f} ({p[3]:.2f}) "
                          f"| {o[2] / p[2]:.2f}× |")
-    per_layer = {p: depth_fit(results, "ours", p, decode, layers)[0] for p in args.precision_list}
+    per_layer = {p: depth_fit(results, "ours", p, decode, layers, full)[0] for p in args.precision_list}
     lines += ["", "Decode per layer, ours: " + ", ".join(
         f"{p} {t * ms:.1f} ms" for p, t in per_layer.items()) + " (goal: int4 ≤ int8). `-o8`: our "
         "opt-in int8 output layer (`load_chatglm2(output_bits=8)`), beside the same chatglm.cpp file."]
@@ -308,8 +333,16 @@ def machine() -> str:
     return describe()
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked; ``args.full_layers`` and ``args.model_name`` come from
+    ``--family``'s published config (ChatGLM2-6B: 28 layers, GLM-4-9B-chat: 40)."""
+    from builder.model.family import FAMILIES
+
+    convertible = [name for name, f in FAMILIES.items() if f.layout == "thudm"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="chatglm2-6b", choices=convertible,
+                        help="whose real layer shapes and tokenizer file the synthetic checkpoints get "
+                             "(THUDM's layout, which chatglm.cpp converts; default chatglm2-6b)")
     parser.add_argument("--layers", default="2,4", help="the two depths measured (default 2,4)")
     parser.add_argument("--precisions", default="int4,int8,fp16,int4-o8,int8-o8",
                         help=f"some of {', '.join(PRECISIONS)}")
@@ -330,14 +363,23 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args)
+        return args
 
+    family = FAMILIES[args.family]
+    args.full_layers, args.model_name = family.spec.num_layers, family.display_name
     args.layer_counts = sorted(int(n) for n in args.layers.split(","))
     args.precision_list = [p.strip() for p in args.precisions.split(",") if p.strip()]
     unknown = [p for p in args.precision_list if p not in PRECISIONS]
     if len(args.layer_counts) != 2 or args.layer_counts[0] == args.layer_counts[1] or unknown:
         parser.error(f"--layers takes two different depths and --precisions some of "
                      f"{', '.join(PRECISIONS)} (got --layers {args.layers!r}, unknown {unknown})")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
     if args.peer_path:
         sys.path.insert(0, args.peer_path)
     try:
@@ -348,10 +390,10 @@ def main(argv=None) -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     files = {}
     for layers in args.layer_counts:
-        ckpt = checkpoint(args.cache, layers)
+        ckpt = checkpoint(args.cache, layers, args.family)
         for precision in args.precision_list:
             files[key("ours", precision, layers)] = ckpt
-            files[key("peer", precision, layers)] = ggml_file(ckpt, PRECISIONS[precision][3])
+            files[key("peer", precision, layers)] = ggml_file(ckpt, PRECISIONS[precision][3], args.family)
 
     results: dict = {k: [] for k in files}
     isa = {"peer": peer_isa(chatglm_cpp)}  # the same build the workers import (--peer-path first)
@@ -373,12 +415,13 @@ def main(argv=None) -> None:
         loads = {}
         for precision in ("int4", "int8"):
             bits = PRECISIONS[precision][0]
-            pre = args.cache / f"glm-{args.layer_counts[1]}l-{precision}"
+            deep = checkpoint(args.cache, args.layer_counts[1], args.family)
+            pre = deep.parent / f"{deep.name}-{precision}"
             if not (pre / "config.json").is_file():
                 from builder.model.checkpoint import save_quantized
 
                 print(f"writing {pre} (quantized once, as --quantize-at build does)", flush=True)
-                save_quantized(checkpoint(args.cache, args.layer_counts[1]), pre, bits)
+                save_quantized(deep, pre, bits)
             loads[precision] = [run_worker("load", pre, precision, args, None) for _ in range(args.rounds)]
             print(f"{precision} start-up: " + ", ".join(f"read {r['read_s']:.2f} s, ready {r['load_s']:.2f} s"
                                                         for r in loads[precision]), flush=True)
@@ -386,8 +429,10 @@ def main(argv=None) -> None:
     table = report(results, args, isa)
     from benchdoc import publish
 
-    section = args.section or f"peer-{isa['ours']}"
-    publish(table, args.out, section, f"CPU speed beside chatglm.cpp (torch {isa['ours']}, "
+    default = args.family == "chatglm2-6b"
+    section = args.section or (f"peer-{isa['ours']}" if default else f"peer-{args.family}-{isa['ours']}")
+    shapes = "" if default else f"{args.model_name}'s layer shapes, "
+    publish(table, args.out, section, f"CPU speed beside chatglm.cpp ({shapes}torch {isa['ours']}, "
                                       f"chatglm.cpp {isa['peer']})")
 
 
