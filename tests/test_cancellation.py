@@ -2,12 +2,15 @@
 
 One server for the module: a small random-weight checkpoint whose output layer never picks a stop
 token, so every answer runs to its ``max_token`` unless it is cancelled, built in all three
-precisions with routing limits that spread requests over the variants. The int4 variant's running
+precisions with routing limits that spread requests over the variants. The limits are long
+(1,300 to 4,096 tokens, 2-3x what a stream decodes before it is dropped here) so that no answer can end before its client drops it, even on a loaded
+host. The int4 variant's running
 batch is capped at 4 requests (its ``max_running`` parameter, added to its config.pbtxt), so
 that a fifth has to wait in the queue.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 
@@ -24,7 +27,9 @@ from conftest import SMALL, glm_samples, thudm_state, write_checkpoint
 
 pytestmark = pytest.mark.server
 
-LIMITS = {"fp16": 600, "int8": 1200, "int4": 2000}  # tokens, prompt included
+LIMITS = {"fp16": 1300, "int8": 2600, "int4": 4096}  # tokens, prompt included
+LONG = dataclasses.replace(SMALL, seq_length=4096)  # not 8192: that is ChatGLM3-6B's
+INT4_LONG = 4000  # a max_token only int4 takes
 VARIANTS = [f"chatglm2-6b-{p}" for p in LIMITS]
 INT4_RUNNING = 4  # requests in int4's running batch at once
 FREED_WITHIN_S = 5.0
@@ -35,9 +40,9 @@ PROMPT = "1加1等于多少？"
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("cancellation")
     tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")
-    state = thudm_state(SMALL, seed=1)
+    state = thudm_state(LONG, seed=1)
     state["transformer.output_layer.weight"][list(tokenizer.stop_ids)] = 0  # never the best logit
-    checkpoint = write_checkpoint(base / "never-stops", SMALL, state)
+    checkpoint = write_checkpoint(base / "never-stops", LONG, state)
     repo = base / "repo"
     config = repo / "chatglm2-6b-int4" / "config.pbtxt"
     build(BuildOptions(quant=tuple(LIMITS), gpu="cpu", out=repo, limits=LIMITS,
@@ -127,7 +132,7 @@ def answered(server, model="chatglm2-6b", max_token=40) -> str:
 
 def test_dropped_streams_through_the_stream_router_free_every_variant(server):
     # 48 streams: 22 routed to fp16, 22 to int8, 4 to int4 (its batch is capped at 4)
-    lengths = [590] * 22 + [1150] * 22 + [1900] * 4
+    lengths = [1290] * 22 + [2590] * 22 + [INT4_LONG] * 4
     before = metrics(server)
     streams = [Stream(server, "chatglm2-6b-stream", PROMPT, n) for n in lengths]
     assert all(stream.first_piece() for stream in streams)
@@ -151,7 +156,7 @@ def test_one_response_requests_whose_clients_leave_are_cancelled(server):
     before = metrics(server)
     client = grpcclient.InferenceServerClient(server.urls["grpc"])
     done: queue.Queue = queue.Queue()
-    calls = [client.async_infer("chatglm2-6b", inputs(PROMPT, 1900),
+    calls = [client.async_infer("chatglm2-6b", inputs(PROMPT, INT4_LONG),
                                 callback=lambda result, error: done.put(error))
              for _ in range(32)]
     deadline = time.monotonic() + 60
@@ -180,9 +185,9 @@ def test_a_request_dropped_in_the_queue_never_starts_decoding(server):
     """int4's running batch is full (4 long answers): the next request routed there waits, is
     dropped there, and never gets a token, while the others go on decoding."""
     before = metrics(server)
-    holders = [Stream(server, "chatglm2-6b-stream", PROMPT, 1900) for _ in range(INT4_RUNNING)]
+    holders = [Stream(server, "chatglm2-6b-stream", PROMPT, INT4_LONG) for _ in range(INT4_RUNNING)]
     assert all(holder.first_piece() for holder in holders)
-    waiting = Stream(server, "chatglm2-6b-stream", PROMPT, 1900)  # int4 too: no place left
+    waiting = Stream(server, "chatglm2-6b-stream", PROMPT, INT4_LONG)  # int4 too: no place left
     deadline = time.monotonic() + 10
     while metrics(server)["glm_batch_queued_requests[chatglm2-6b-int4]"] < 1:
         assert time.monotonic() < deadline, "the fifth request never queued"
@@ -213,5 +218,5 @@ def test_a_one_response_request_past_its_grpc_deadline_is_cancelled(server):
     before = metrics(server)
     with grpcclient.InferenceServerClient(server.urls["grpc"]) as client:
         with pytest.raises(Exception, match="(?i)deadline"):
-            client.infer("chatglm2-6b", inputs(PROMPT, 1900), client_timeout=1.0)  # int4, long
+            client.infer("chatglm2-6b", inputs(PROMPT, INT4_LONG), client_timeout=1.0)  # int4, long
     wait_until_free(server, before, 1, "chatglm2-6b", FREED_WITHIN_S + 1.0)

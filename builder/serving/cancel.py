@@ -6,9 +6,7 @@ response iterator's ``cancel()`` came in 2.57. So the router tells the variant i
 
 - every request the router forwards carries the request id ``glm-route:<id>``
   (:data:`ROUTE_PREFIX`), ``<id>`` a random 128-bit id the router made (unguessable, so nobody
-  else can cancel it). Request ids, not BLS request parameters: under 48 concurrent streams Triton
-  2.51's Python backend crashed (SIGSEGV) within seconds when BLS requests carried parameters,
-  and never without them;
+  else can cancel it); the variant reads it with ``request.request_id()``;
 - a router-side :class:`CancelWatch` polls its clients; when one went away it sends the variant a
   small BLS request whose request id is ``glm-cancel:<id>`` (:data:`CANCEL_PREFIX`), and the variant's
   :class:`CancelRegistry` cancels the batched request it maps to (or, when the cancel arrived
@@ -81,8 +79,9 @@ class Ticket:
     responses: object | None = None  # the BLS response iterator, for servers that can cancel it
     gone: threading.Event = field(default_factory=threading.Event)
     # Held while the server is asked about this client; once ``closed`` (its last response is
-    # about to go) it is never asked again: Triton 2.51's Python backend has crashed on a question
-    # about a request it had released (TRITONBACKEND_ResponseFactoryIsCancelled, a freed factory).
+    # about to go) it is never asked again: Triton 2.51's Python backend answers the question
+    # from the request's response factory, which the last response frees
+    # (TRITONBACKEND_ResponseFactoryIsCancelled on freed memory: a SIGSEGV).
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
 

@@ -26,6 +26,7 @@ import triton_python_backend_utils as pb_utils  # provided by the Python-backend
 from ..plan.routing import RoutingTable, check_fallback
 from ..model.family import get_family
 from .cancel import CANCEL_PREFIX, CANCELLED, ROUTE_PREFIX, CancelWatch, Ticket
+from .metrics import COUNTER, Family
 from .params import RouterParameters, resolve_path
 from .request import (OUTPUTS, RequestError, messages_length, parse_messages, parse_request,
                       request_length)
@@ -69,15 +70,12 @@ class TritonPythonModel:
         self.seq_length = params.seq_length
         tokenizer = resolve_path(params.tokenizer, Path(args["model_repository"]))  # <folder>/<file>
         self.tokenizer = get_family(params.family).load_tokenizer(tokenizer.parent)
-        self.fallbacks = pb_utils.MetricFamily(
-            name="glm_router_fallbacks_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Requests sent to another variant than the one routing picked")
-        self._fallback_metrics: dict[tuple[str, str], object] = {}
-        self._cancel_family = pb_utils.MetricFamily(
-            name="glm_router_cancelled_requests_total", kind=pb_utils.MetricFamily.COUNTER,
-            description="Requests whose client went away before the answer ended (each cancelled "
-                        "at its variant)")
-        self._cancel_metrics: dict[str, object] = {}
+        self.fallbacks = Family("glm_router_fallbacks_total", COUNTER,
+                                "Requests sent to another variant than the one routing picked",
+                                router=self.name)
+        self.cancels = Family("glm_router_cancelled_requests_total", COUNTER,
+                              "Requests whose client went away before the answer ended (each "
+                              "cancelled at its variant)", router=self.name)
         self.watch = CancelWatch(send_cancel, self._count_cancel)
 
     def route(self, request) -> tuple[list[str], list]:
@@ -129,9 +127,9 @@ class TritonPythonModel:
             raise VariantUnavailable(f"variant {variant}: {err}") from None
         finally:
             if not ended and ticket.responses is not None:
-                # Never leave a BLS stream half read (Triton 2.51's Python backend has crashed
-                # on responses arriving for an iterator already gone): stop the variant's request
-                # if the client's cancel did not already, then read the stream to its end.
+                # Never leave a BLS stream half read: stop the variant's request if the
+                # client's cancel did not already, then read the stream to its end, so the
+                # variant's request is over when this request is.
                 try:
                     if not ticket.cancelled:
                         send_cancel(variant, ticket.route_id)
@@ -185,18 +183,10 @@ class TritonPythonModel:
                            f"{self.fallback!r}): " + "; ".join(errors))
 
     def _count_cancel(self, ticket: Ticket) -> None:
-        variant = ticket.variant or "none"
-        if variant not in self._cancel_metrics:
-            self._cancel_metrics[variant] = self._cancel_family.Metric(
-                labels={"router": self.name, "variant": variant})
-        self._cancel_metrics[variant].increment(1)
+        self.cancels.increment(1, variant=ticket.variant or "none")
 
     def _count_fallback(self, preferred: str, served: str) -> None:
-        key = (preferred, served)
-        if key not in self._fallback_metrics:
-            self._fallback_metrics[key] = self.fallbacks.Metric(
-                labels={"router": self.name, "preferred": preferred, "served": served})
-        self._fallback_metrics[key].increment(1)
+        self.fallbacks.increment(1, preferred=preferred, served=served)
 
     def execute(self, requests):
         if self.decoupled:

@@ -23,6 +23,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils  # provided by the Python-backend stub
 
 from .cancel import CANCELLED, POLL_INTERVAL_S, CancelRegistry, client_gone, routed_id
+from .metrics import COUNTER, GAUGE, Family
 from .params import VariantParameters, resolve_path
 from .request import (OPTIONAL_INPUTS, REQUIRED_INPUTS, RequestError, messages_length, output_arrays,
                       parse_messages, parse_request)
@@ -55,24 +56,21 @@ class VariantMetrics:
     """This variant's batch on Triton's metrics port, beside Triton's own (``glm_*`` families)."""
 
     def __init__(self, model: str):
-        labels = {"model": model}
-        self._families = []  # a Metric fails once its MetricFamily is garbage: keep them
-
         def family(name, kind, description):
-            self._families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
-            return self._families[-1].Metric(labels=labels)
+            created = Family(name, kind, description, model=model)
+            created.declare()  # at 0 from the start
+            return created
 
-        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
-        self.running = family("glm_batch_running_requests", gauge, "Requests in the running batch")
-        self.queued = family("glm_batch_queued_requests", gauge, "Requests waiting to join the batch")
-        self.kv_used = family("glm_kv_blocks_used", gauge, "KV-cache blocks held by requests")
-        self.kv_free = family("glm_kv_blocks_free", gauge, "KV-cache blocks free")
-        self.tokens = family("glm_generated_tokens_total", counter, "Answer tokens generated")
-        self.cancelled = family("glm_cancelled_requests_total", counter,
+        self.running = family("glm_batch_running_requests", GAUGE, "Requests in the running batch")
+        self.queued = family("glm_batch_queued_requests", GAUGE, "Requests waiting to join the batch")
+        self.kv_used = family("glm_kv_blocks_used", GAUGE, "KV-cache blocks held by requests")
+        self.kv_free = family("glm_kv_blocks_free", GAUGE, "KV-cache blocks free")
+        self.tokens = family("glm_generated_tokens_total", COUNTER, "Answer tokens generated")
+        self.cancelled = family("glm_cancelled_requests_total", COUNTER,
                                 "Requests that left the batch because their client went away")
-        self.ttft_sum = family("glm_time_to_first_token_seconds_sum", counter,
+        self.ttft_sum = family("glm_time_to_first_token_seconds_sum", COUNTER,
                                "Sum of the times to first token, seconds")
-        self.ttft_count = family("glm_time_to_first_token_seconds_count", counter,
+        self.ttft_count = family("glm_time_to_first_token_seconds_count", COUNTER,
                                  "Requests that got a first token")
         self._tokens = self._cancelled = 0
 
