@@ -227,15 +227,15 @@ def test_dense_path_matches_the_weight_only_kernel(dense_from, bits, group_size,
     path gives the kernel's result to bfloat16 rounding, and the formula's."""
     from builder.model import cpu_quant
 
-    if bits == 4 and cpu_quant.int4pack_layout() is None:
-        pytest.skip("this capability's int4 packing is not read by the dense path (kernels only)")
     g = torch.Generator().manual_seed(out_features + rows + bits)
     weight = torch.randn(out_features, in_features, generator=g) * 0.05
     layer = QuantizedLinear.from_float(weight, None, bits, group_size)
+    if layer.int4_layout == "torch" and cpu_quant.int4pack_layout() is None:
+        pytest.skip("this capability's int4 packing is not read by the dense path (kernels only)")
     assert layer.kernel == f"cpu_int{bits}"
     x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
     dense_from(0)
-    assert layer.cpu_path(rows) == "weight_only"
+    assert layer.cpu_path(rows) in ("glm_kernel", "torch_kernel")
     kernel = layer(x).float()
     dense_from(1)
     assert layer.cpu_path(rows) == "dense"
@@ -265,32 +265,37 @@ class monkeypatch_blocks:
         self.module.DENSE_BLOCK_ELEMENTS = self.saved
 
 
+def _count_paths(monkeypatch) -> dict:
+    """Count the calls of every CPU path of a quantized projection (the real functions still run)."""
+    from builder.model import cpu_kernels, cpu_quant
+
+    calls = {"dense": 0, "weight_only": 0}
+    targets = [(cpu_quant, name, "dense") for name in ("int8_rows", "int4_rows", "int4_rows_thudm")]
+    targets += [(cpu_kernels, name, "weight_only") for name in ("int8_mm", "int4_mm")]
+    targets += [(torch.ops.aten, name, "weight_only")
+                for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")]
+    for owner, name, path in targets:
+        real = getattr(owner, name)
+
+        def counted(*args, _real=real, _path=path):
+            calls[_path] += 1
+            return _real(*args)
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_prefill_takes_the_dense_path_and_a_decode_step_the_kernel(monkeypatch, bits):
     """Would fail if a quantized prefill went through the weight-only kernels again."""
     from builder.model import cpu_quant
 
     cpu_quant.dense_rows.cache_clear()
-    if bits == 4 and cpu_quant.int4pack_layout() is None:
-        pytest.skip("this capability's int4 packing is not read by the dense path (kernels only)")
     monkeypatch.setenv("GLM_CPU_DECODE", "kernel")  # decode steps: no probe (tested below)
     model, _ = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=torch.bfloat16)
-    calls = {"dense": 0, "weight_only": 0}
-    dense_fn = {8: "int8_rows", 4: "int4_rows"}[bits]
-    real_dense = getattr(cpu_quant, dense_fn)
-    kernel_name = {8: "_weight_int8pack_mm", 4: "_weight_int4pack_mm_for_cpu"}[bits]
-    real_kernel = getattr(torch.ops.aten, kernel_name)
-
-    def dense(*args):
-        calls["dense"] += 1
-        return real_dense(*args)
-
-    def kernel(*args):
-        calls["weight_only"] += 1
-        return real_kernel(*args)
-
-    monkeypatch.setattr(cpu_quant, dense_fn, dense)
-    monkeypatch.setattr(torch.ops.aten, kernel_name, kernel)
+    layouts = {m.int4_layout for m in model.modules() if isinstance(m, QuantizedLinear) and bits == 4}
+    if layouts == {"torch"} and cpu_quant.int4pack_layout() is None:
+        pytest.skip("this capability's int4 packing is not read by the dense path (kernels only)")
+    calls = _count_paths(monkeypatch)
     prompt = torch.tensor([IDS[0] * 3])  # 36 tokens, above every threshold
     assert prompt.shape[1] >= cpu_quant.dense_rows(bits) > 1
     from transformers import DynamicCache
@@ -306,33 +311,31 @@ def test_a_prefill_takes_the_dense_path_and_a_decode_step_the_kernel(monkeypatch
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_decode_path_is_probed_once_per_shape(monkeypatch, bits):
-    """A one-row call times both paths on the layer's own weight, once per shape; the answer is the
-    same whichever path won."""
+    """A one-row call times every candidate on the layer's own weight, once per shape; the answer is
+    the same whichever path won."""
     from builder.model import cpu_quant
 
-    if bits == 4 and cpu_quant.int4pack_layout() is None:
-        pytest.skip("this capability's int4 packing is not read by the dense path (kernels only)")
     monkeypatch.setattr(cpu_quant, "_decode_paths", {})
     monkeypatch.delenv("GLM_CPU_DECODE", raising=False)
     cpu_quant.dense_rows.cache_clear()
     layer = QuantizedLinear.from_float(torch.randn(128, 512) * 0.05, None, bits)
+    if layer.int4_layout == "torch" and cpu_quant.int4pack_layout() is None:
+        pytest.skip("this capability's int4 packing is not read by the dense path (kernels only)")
     x = torch.randn(1, 512).to(torch.bfloat16)
-    expected = cpu_quant.int8_rows(x, layer.weight, layer.weight_scale.to(torch.bfloat16)) if bits == 8 \
-        else cpu_quant.int4_rows(x, layer.weight_int4pack, layer.weight_scale.to(torch.bfloat16),
-                                 cpu_quant.int4pack_layout())
+    candidates = layer._cpu_paths()
+    expected = candidates["dense"](x)
     y = layer(x)
-    key = (bits, 128, 512, None)
-    assert cpu_quant._decode_paths[key] in ("weight_only", "dense") and len(cpu_quant._decode_paths) == 1
-    assert layer.cpu_path(1) == cpu_quant._decode_paths[key]
-    assert cpu_quant.decode_paths() == {f"int{bits} 128x512": cpu_quant._decode_paths[key]}
+    [(key, path)] = cpu_quant._decode_paths.items()
+    assert key[:4] == (bits, 128, 512, None) and set(key[4]) == set(candidates)
+    assert path in candidates and layer.cpu_path(1) == path
+    assert cpu_quant.decode_paths() == {f"int{bits} 128x512": path}
     assert torch.allclose(y.float(), expected.float(), rtol=0, atol=float(expected.abs().max()) * 2 ** -7)
     monkeypatch.setattr(cpu_quant, "_decode_paths", {})
     monkeypatch.setenv("GLM_CPU_DECODE", "dense")
-    calls = []
-    real = cpu_quant.int8_rows if bits == 8 else cpu_quant.int4_rows
-    monkeypatch.setattr(cpu_quant, real.__name__, lambda *a: calls.append(1) or real(*a))
+    calls = _count_paths(monkeypatch)
     layer(x)
-    assert calls and not cpu_quant._decode_paths  # forced: nothing probed
+    assert calls["dense"] == 1 and calls["weight_only"] == 0 and not cpu_quant._decode_paths  # forced
+    assert layer.cpu_path(1) == "dense"
     monkeypatch.setenv("GLM_CPU_DECODE", "fastest")
     with pytest.raises(ValueError, match="GLM_CPU_DECODE"):
         layer(x)

@@ -17,8 +17,13 @@ k-major layout, which is what ``x @ wᵀ`` wants. :func:`int4pack_layout` checks
 packer itself once per process (the layout is torch's private business) and returns None when it
 does not hold, and callers keep the weight-only kernel.
 
+Where glm-build's own decode kernel is built (:mod:`builder.model.cpu_kernels`), int4 weights are
+kept in THUDM's layout instead (``[N, K/2]``, element 2j in the high nibble), which that kernel reads
+for decode steps and :func:`int4_rows_thudm` here for many rows, unpacking a block of rows in C++.
+
 >>> y = int8_rows(x, codes, scale_bf16)              # x [M, K] bf16, codes [N, K] int8 -> [M, N]
 >>> y = int4_rows(x, int4pack, scale_bf16, layout)    # layout = int4pack_layout()
+>>> y = int4_rows_thudm(x, packed, scale)             # packed [N, K/2] int8 (THUDM's)
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import os
 
 import torch
 
+from . import cpu_kernels
 from .cpu_runtime import onednn_matmuls
 
 DENSE_BLOCK_ELEMENTS = 1 << 21
@@ -137,6 +143,27 @@ def _int4_blocks(x, flat, scale, block_n, blocks, y) -> None:
         y[:, start:stop] = x @ w
 
 
+def int4_rows_thudm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale)ᵀ`` through bfloat16 matmuls, from THUDM's packed int4 (needs
+    :mod:`cpu_kernels`, which unpacks a block of rows to bfloat16 in one pass).
+
+    x [M, K] bfloat16; packed [N, K/2] int8; scale [N] (one per row) or [N, K/g] -> [M, N] bfloat16.
+    """
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    y = x.new_empty(x.shape[0], out_features)
+    blocks = list(_blocks(out_features, in_features))
+    weight = torch.empty(in_features * max(stop - start for start, stop in blocks), dtype=torch.bfloat16)
+    grouped = scale.dim() == 2
+    with onednn_matmuls():
+        for start, stop in blocks:
+            w = cpu_kernels.int4_to_bf16(packed[start:stop], scale[start:stop] if grouped else None,
+                                         weight[:(stop - start) * in_features])  # [rows, K]
+            y[:, start:stop] = x @ w.t()
+    if not grouped:
+        y *= scale.to(torch.bfloat16)
+    return y
+
+
 # -- when to take the dense path ----------------------------------------------------------------------
 DENSE_ROWS = {"AVX512": {8: 16, 4: 32}, "AVX2": {8: 12, 4: 24}}
 """From this many rows on, a quantized projection runs :func:`int8_rows` / :func:`int4_rows` instead of
@@ -148,8 +175,9 @@ at which the dense path wins on most shapes. ``GLM_CPU_DENSE_ROWS=int8:N,int4:M`
 
 
 @functools.lru_cache(maxsize=None)
-def dense_rows(bits: int) -> int:
-    """The row count from which ``bits``-bit projections take the dense path (0: never)."""
+def dense_rows(bits: int, layout: str = "torch") -> int:
+    """The row count from which ``bits``-bit projections take the dense path (0: never); ``layout``:
+    where int4 codes are, ``"torch"`` (its prepacked layout) or ``"thudm"``."""
     capability = torch.backends.cpu.get_cpu_capability()
     rows = dict(DENSE_ROWS.get(capability, DENSE_ROWS["AVX2"]))
     for item in filter(None, os.environ.get("GLM_CPU_DENSE_ROWS", "").split(",")):
@@ -157,55 +185,83 @@ def dense_rows(bits: int) -> int:
         if name.strip() not in ("int8", "int4") or not value.strip().isdigit():
             raise ValueError(f"GLM_CPU_DENSE_ROWS: expected int8:N,int4:M, got {item!r}")
         rows[int(name.strip()[3:])] = int(value)
-    if bits == 4 and int4pack_layout() is None:
+    if bits == 4 and layout == "torch" and int4pack_layout() is None:
         return 0  # torch packs int4 in a layout this module does not read: kernels only
     return rows[bits]
 
 
 # -- decode: which path is faster on this host ---------------------------------------------------------
 PROBE_MARGIN = 1.5
-"""The dense path must beat the weight-only kernel by this factor at one row before decode steps use
+"""The dense path must beat the weight-only kernels by this factor at one row before decode steps use
 it: it reads 2-4× the bytes, so only a kernel that is badly compute-bound on a host loses to it, and
-a noisy probe on a busy machine must not flip a memory-bound kernel over."""
+a noisy probe on a busy machine must not flip a memory-bound kernel over. Between the two weight-only
+kernels (glm-build's own, torch's) the faster wins."""
+
+DECODE_PATHS = ("glm_kernel", "torch_kernel", "dense")
+"""A decode step's candidates: glm-build's kernel (:mod:`cpu_kernels`, where built), torch's
+weight-only kernel (where the weight is in a layout it reads), the dense path."""
 
 
 def decode_choice() -> str:
-    """``GLM_CPU_DECODE``: ``probe`` (the default: time both paths on each projection shape once),
-    ``kernel`` or ``dense``."""
+    """``GLM_CPU_DECODE``: ``probe`` (the default: time the candidates on each projection shape once),
+    ``kernel`` (a weight-only kernel: glm-build's where built, else torch's), ``torch`` (torch's where
+    the weight's layout has one), ``glm`` or ``dense``."""
     choice = os.environ.get("GLM_CPU_DECODE", "probe")
-    if choice not in ("probe", "kernel", "dense"):
-        raise ValueError(f"GLM_CPU_DECODE must be probe, kernel or dense, got {choice!r}")
+    if choice not in ("probe", "kernel", "torch", "glm", "dense"):
+        raise ValueError(f"GLM_CPU_DECODE must be probe, kernel, torch, glm or dense, got {choice!r}")
     return choice
 
 
 _decode_paths: dict[tuple, str] = {}
-"""Per process: (bits, out, in, group) -> "dense" or "weight_only", from the first decode call."""
+"""Per process: (bits, out, in, group, candidates) -> a name of :data:`DECODE_PATHS`, from the first
+decode call of that shape."""
 
 
-def probe_decode(key: tuple, kernel, dense, x: torch.Tensor, repeats: int = 3) -> str:
-    """The faster path for a one-row call of this shape, timed on the layer's own weight (min of
-    ``repeats`` interleaved calls each, after a warm-up); decided once per shape per process."""
+def forced_path(candidates) -> str | None:
+    """The path ``GLM_CPU_DECODE`` names among ``candidates`` (None: probe)."""
+    choice = decode_choice()
+    if choice == "probe":
+        return None
+    if choice == "dense":
+        return "dense"
+    order = {"kernel": ("glm_kernel", "torch_kernel"), "glm": ("glm_kernel", "torch_kernel"),
+             "torch": ("torch_kernel", "glm_kernel")}[choice]
+    return next(name for name in order if name in candidates)
+
+
+def decode_key(bits: int, out_features: int, in_features: int, group: int | None, candidates) -> tuple:
+    return (bits, out_features, in_features, group, tuple(name for name in DECODE_PATHS if name in candidates))
+
+
+def probe_decode(key: tuple, candidates: dict, x: torch.Tensor, repeats: int = 3) -> str:
+    """The fastest path for a one-row call of this shape, timed on the layer's own weight (min of
+    ``repeats`` interleaved calls each, after a warm-up); decided once per shape per process.
+    ``candidates``: name (of :data:`DECODE_PATHS`) -> function of bfloat16 rows."""
     if key in _decode_paths:
         return _decode_paths[key]
-    choice = decode_choice()
-    if choice != "probe":
-        return "dense" if choice == "dense" else "weight_only"
+    forced = forced_path(candidates)
+    if forced is not None:
+        return forced
     import time
 
     row = x[:1]
-    best = {"weight_only": float("inf"), "dense": float("inf")}
-    kernel(row), dense(row)  # warm-up: first-call allocations and oneDNN's primitive cache
+    best = {name: float("inf") for name in candidates}
+    for fn in candidates.values():
+        fn(row)  # warm-up: first-call allocations and oneDNN's primitive cache
     for _ in range(repeats):
-        for name, fn in (("weight_only", kernel), ("dense", dense)):
+        for name, fn in candidates.items():
             start = time.perf_counter()
             fn(row)
             best[name] = min(best[name], time.perf_counter() - start)
-    path = "dense" if best["dense"] * PROBE_MARGIN < best["weight_only"] else "weight_only"
+    kernels = [name for name in candidates if name != "dense"]
+    path = min(kernels, key=best.__getitem__)
+    if "dense" in best and best["dense"] * PROBE_MARGIN < best[path]:
+        path = "dense"
     _decode_paths[key] = path
     return path
 
 
 def decode_paths() -> dict[str, str]:
-    """What the probes chose in this process: ``{"int8 27392x4096": "weight_only", ...}``."""
+    """What the probes chose in this process: ``{"int8 27392x4096": "glm_kernel", ...}``."""
     return {f"int{bits} {out}x{inp}" + (f" g{group}" if group else ""): path
-            for (bits, out, inp, group), path in sorted(_decode_paths.items())}
+            for (bits, out, inp, group, _), path in sorted(_decode_paths.items())}

@@ -6,8 +6,9 @@ load as they are). The four projections of every decoder layer are replaced (GLM
 ``o_proj``, ``gate_up_proj``, ``down_proj``); embeddings, ``lm_head`` and norms are not. Group-wise
 int4 (``group_size`` 32/64/128: one scale per row per group) is offered beside it.
 
-Kernels: on CPU torch's fused weight-only kernels (``_weight_int8pack_mm`` with bfloat16 activations,
-``_weight_int4pack_mm_for_cpu``) for decode steps, and for a prefill or a large batch (from
+Kernels: on CPU, for decode steps, glm-build's own weight-only GEMV (:mod:`builder.model.cpu_kernels`,
+where it is built) or torch's fused weight-only kernels (``_weight_int8pack_mm`` with bfloat16
+activations, ``_weight_int4pack_mm_for_cpu``), whichever a one-row probe finds faster per shape; and for a prefill or a large batch (from
 :func:`cpu_quant.dense_rows` rows) a block of weight rows dequantized to bfloat16 and oneDNN's matmul
 (:mod:`builder.model.cpu_quant`: those kernels cost linearly in rows, the matmul does not); on CUDA :mod:`builder.model.cuda_quant` (a fused weight-only GEMV for
 decode steps where CuPy is installed, else fp16 extraction by row blocks then cuBLAS); anywhere else
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from . import cpu_quant
 from . import cuda_quant
 
@@ -257,8 +259,9 @@ class QuantizedLinear(torch.nn.Module):
     """A ``Linear`` whose weight is held as ChatGLM2's int8/int4 codes with fp16 scales.
 
     Only the format the forward kernel reads stays resident: on CPU, int8 ``weight`` [out, in]
-    (THUDM's format too) or torch's prepacked int4 ``weight_int4pack`` plus ``scales_and_zeros``;
-    elsewhere THUDM's ``weight`` (int4: packed [out, in/2]). ``thudm_state()`` (and ``state_dict()``)
+    (THUDM's format too) and int4 either THUDM's packed ``weight`` [out, in/2] (``int4_layout ==
+    "thudm"``: where glm-build's own CPU kernel is built) or torch's prepacked ``weight_int4pack``
+    plus ``scales_and_zeros`` (``"torch"``); elsewhere THUDM's ``weight`` (int4: packed [out, in/2]). ``thudm_state()`` (and ``state_dict()``)
     always give THUDM's ``weight`` / ``weight_scale`` (/ ``bias``).
 
     >>> layer = QuantizedLinear.from_float(linear.weight, linear.bias, bits=4)
@@ -303,7 +306,12 @@ class QuantizedLinear(torch.nn.Module):
             self.kernel = "cpu_int4"
         elif device.type == "cuda":
             self.kernel = "cuda_extract"
-        if self.kernel == "cpu_int4":
+        self.int4_layout = None
+        if self.kernel == "cpu_int4" and cpu_kernels.available():
+            # glm-build's kernel reads THUDM's packed int4 as it is; the dense path unpacks it too
+            self.register_buffer("weight", owned_aligned(weight), persistent=False)
+            self.int4_layout = "thudm"
+        elif self.kernel == "cpu_int4":
             group = _cpu_int4_group(self.in_features, self.group_size)
             scales = self.weight_scale if self.group_size else self.weight_scale[:, None]  # [out, 1|groups]
             scales = scales.expand(-1, self.in_features // group).t()  # [groups, out]
@@ -313,6 +321,7 @@ class QuantizedLinear(torch.nn.Module):
                 persistent=False)  # [groups, out, 2]
             self.register_buffer("weight_int4pack", _cpu_int4pack_thudm(weight), persistent=False)
             self.kernel_group_size = group
+            self.int4_layout = "torch"
         else:
             self.register_buffer("weight", owned_aligned(weight), persistent=False)
 
@@ -357,13 +366,13 @@ class QuantizedLinear(torch.nn.Module):
     # -- THUDM format on demand ---------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         """The int8 codes q [out, in] (int4 unpacked to [-8, 7])."""
-        if self.kernel == "cpu_int4":
+        if self.int4_layout == "torch":
             return _cpu_int4unpack(self.weight_int4pack, self.out_features, self.in_features)
         return unpack_int4(self.weight) if self.bits == 4 else self.weight
 
     def thudm_state(self) -> dict[str, torch.Tensor]:
         """``weight`` (int8; int4 packed [out, in/2]), ``weight_scale`` (fp16) and ``bias`` if any."""
-        if self.kernel == "cpu_int4":
+        if self.int4_layout == "torch":
             weight = pack_int4(self.codes())
         else:
             weight = self.weight
@@ -403,39 +412,57 @@ class QuantizedLinear(torch.nn.Module):
 
     def cpu_path(self, rows: int) -> str:
         """Which CPU path a call with ``rows`` rows takes: ``"dense"`` (dequantize a block of weight
-        rows to bfloat16, oneDNN's matmul: prefills and large batches) or ``"weight_only"`` (torch's
-        int8/int4 kernel); below the threshold, what the decode probe chose for this shape (the
-        kernel until a call has probed it)."""
-        threshold = cpu_quant.dense_rows(self.bits)
+        rows to bfloat16, oneDNN's matmul: prefills and large batches), ``"glm_kernel"`` (glm-build's
+        weight-only GEMV) or ``"torch_kernel"`` (torch's); below the threshold, what the decode probe
+        chose for this shape (before it has run: the first weight-only kernel there is)."""
+        candidates = self._cpu_paths()
+        threshold = self._dense_rows()
         if threshold and rows >= threshold:
             return "dense"
-        return cpu_quant._decode_paths.get(self._shape_key(), "weight_only") if threshold else "weight_only"
+        if not threshold:
+            candidates.pop("dense")
+        forced = cpu_quant.forced_path(candidates)
+        default = forced or next(name for name in candidates if name != "dense")
+        return cpu_quant._decode_paths.get(self._shape_key(candidates), default)
 
-    def _shape_key(self) -> tuple:
-        return (self.bits, self.out_features, self.in_features, self.group_size)
+    def _dense_rows(self) -> int:
+        return cpu_quant.dense_rows(self.bits, self.int4_layout or "torch")
 
-    def _cpu_paths(self):
-        """(weight-only kernel, dense path), each a function of bfloat16 rows [rows, in]."""
+    def _shape_key(self, candidates) -> tuple:
+        return cpu_quant.decode_key(self.bits, self.out_features, self.in_features, self.group_size,
+                                    candidates)
+
+    def _cpu_paths(self) -> dict:
+        """The CPU paths this layer's layout allows, by name (:data:`cpu_quant.DECODE_PATHS`), each a
+        function of bfloat16 rows [rows, in] -> [rows, out] bfloat16."""
         if self.kernel == "cpu_int8":
             scale = self.weight_scale.to(torch.bfloat16)
-            return (lambda x: torch.ops.aten._weight_int8pack_mm(x, self.weight, scale),
-                    lambda x: cpu_quant.int8_rows(x, self.weight, scale))
+            paths = {"glm_kernel": lambda x: cpu_kernels.int8_mm(x, self.weight, self.weight_scale),
+                     "torch_kernel": lambda x: torch.ops.aten._weight_int8pack_mm(x, self.weight, scale),
+                     "dense": lambda x: cpu_quant.int8_rows(x, self.weight, scale)}
+            if not cpu_kernels.available():
+                del paths["glm_kernel"]
+            return paths
+        if self.int4_layout == "thudm":
+            return {"glm_kernel": lambda x: cpu_kernels.int4_mm(x, self.weight, self.weight_scale),
+                    "dense": lambda x: cpu_quant.int4_rows_thudm(x, self.weight, self.weight_scale)}
         scale = self.scales_and_zeros[..., 0] if self.group_size else self.weight_scale.to(torch.bfloat16)
-        return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+        return {"torch_kernel": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x, self.weight_int4pack, self.kernel_group_size, self.scales_and_zeros),
-                lambda x: cpu_quant.int4_rows(x, self.weight_int4pack, scale, cpu_quant.int4pack_layout()))
+                "dense": lambda x: cpu_quant.int4_rows(x, self.weight_int4pack, scale,
+                                                       cpu_quant.int4pack_layout())}
 
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] bfloat16 (the int8 kernel is ~10x faster with bfloat16 activations than
         float32 ones) -> [rows, out] bfloat16."""
-        kernel, dense = self._cpu_paths()
-        threshold = cpu_quant.dense_rows(self.bits)
+        candidates = self._cpu_paths()
+        threshold = self._dense_rows()
         if threshold and x.shape[0] >= threshold:
-            return dense(x)
-        if threshold:  # a decode step: the path this host runs faster, probed once per shape
-            if cpu_quant.probe_decode(self._shape_key(), kernel, dense, x) == "dense":
-                return dense(x)
-        return kernel(x)
+            return candidates["dense"](x)
+        if not threshold:
+            del candidates["dense"]  # this int4 layout is not read by the dense path
+        # a decode step: the path this host runs fastest, probed once per shape
+        return candidates[cpu_quant.probe_decode(self._shape_key(candidates), candidates, x)](x)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""

@@ -1,0 +1,121 @@
+"""Our own weight-only int8/int4 GEMV for CPU decode steps (``csrc/glm_cpu_kernels.cpp``), built once
+per torch version with torch's C++ extension tooling, and torch's kernels where it cannot be.
+
+A decode step reads every weight once, so its kernel must stream the codes at memory speed. torch's
+weight-only kernels do on some hosts and are compute-bound on others (an AMD Zen 4 read int8 at ~13
+GB/s where chatglm.cpp reads ~34). This kernel reads THUDM's codes as they are (int8 ``[N, K]``; int4
+``[N, K/2]``, element 2j in the high nibble), widens them to float32 in registers and accumulates in
+float32: ``y = bf16(sum_k x[m, k] * q[n, k] * scale[n, k / group])``. One build runs on any x86-64
+host with AVX2+FMA; an AVX-512 variant is picked from cpuid at run time (not from
+``ATEN_CPU_CAPABILITY``).
+
+Built at ``make setup`` (``python -m builder.model.cpu_kernels``) or at first use, into
+``$GLM_CPU_KERNELS_CACHE`` (default ``~/.cache/glm-build/cpu-kernels/<torch version>``); needs a C++
+compiler (g++) and ninja. If the build fails, one warning is logged and the callers keep torch's
+kernels. ``GLM_CPU_KERNELS=0`` turns it off; ``GLM_CPU_KERNEL_ISA=avx2`` runs the AVX2 variant on
+an AVX-512 host (to measure what an AVX2 host gets).
+
+>>> if cpu_kernels.available():
+...     y = cpu_kernels.int8_mm(x, codes, scale)      # x [M, K] bf16, codes [N, K] int8 -> [M, N] bf16
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "glm_cpu_kernels.cpp"
+ISAS = {"": 0, "auto": 0, "avx2": 2, "avx512": 5}
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept: one folder per torch version (its C++ ABI)."""
+    root = os.environ.get("GLM_CPU_KERNELS_CACHE") or Path.home() / ".cache" / "glm-build" / "cpu-kernels"
+    version = torch.__version__.replace("+", "-")
+    return Path(root) / f"torch-{version}"
+
+
+def enabled() -> bool:
+    """``GLM_CPU_KERNELS`` is not ``0``/``off`` (read at every call: tests switch it)."""
+    return os.environ.get("GLM_CPU_KERNELS", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def build(verbose: bool = False) -> str | None:
+    """Build (or find already built) and load the library; the ISA it runs (``"avx512"``,
+    ``"avx2"``) or None when it cannot run here, after one logged warning."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name="glm_cpu_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+                           extra_cflags=["-O3"], is_python_module=False, verbose=verbose)
+        isa = torch.ops.glm_cpu.isa(0)
+    except Exception as err:  # no compiler, no ninja, a failed compile: torch's kernels do the work
+        log.warning("glm-build's CPU decode kernel is not available (%s: %s); using torch's "
+                    "weight-only kernels", type(err).__name__, str(err).strip().splitlines()[-1:] or "")
+        return None
+    if isa == "none":
+        log.warning("glm-build's CPU decode kernel needs AVX2+FMA, which this CPU lacks; "
+                    "using torch's weight-only kernels")
+        return None
+    return isa
+
+
+def available() -> bool:
+    """Whether decode steps can use this kernel in this process (built, loaded, CPU has AVX2)."""
+    return enabled() and build() is not None
+
+
+def isa_code() -> int:
+    """``GLM_CPU_KERNEL_ISA`` (``avx2``, ``avx512``; default: the best the CPU has) as the ops' code."""
+    name = os.environ.get("GLM_CPU_KERNEL_ISA", "").strip().lower()
+    if name not in ISAS:
+        raise ValueError(f"GLM_CPU_KERNEL_ISA must be avx2 or avx512, got {name!r}")
+    return ISAS[name]
+
+
+def isa() -> str | None:
+    """The variant the ops run in this process (``"avx512"``/``"avx2"``), or None if unavailable."""
+    return torch.ops.glm_cpu.isa(isa_code()) if available() else None
+
+
+def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16, codes [N, K] int8, scale [N] (any float dtype) -> bfloat16 [M, N]."""
+    return torch.ops.glm_cpu.int8_mm(x, codes, scale, isa_code())
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16, THUDM's packed int4 [N, K/2] int8, scale [N] or [N, K/group]
+    -> bfloat16 [M, N]. Groups must be whole multiples of 32 inputs (AVX-512: of 32, AVX2: of 16)."""
+    return torch.ops.glm_cpu.int4_mm(x, packed, scale, isa_code())
+
+
+def int4_to_bf16(packed: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """THUDM's packed int4 rows [n, K/2] -> bfloat16 [n, K] in ``out`` (the codes, or times the
+    group scales [n, groups] when given); returns ``out`` viewed as [n, K]."""
+    torch.ops.glm_cpu.int4_to_bf16(packed, scale, out)
+    return out.view(packed.shape[0], packed.shape[1] * 2)
+
+
+def main() -> None:
+    """``python -m builder.model.cpu_kernels``: build now (``make setup`` runs it) and say how it went."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    found = build(verbose=False)
+    if found:
+        print(f"glm-build CPU decode kernel: built in {cache_dir()}, runs {found}")
+    else:
+        print("glm-build CPU decode kernel: not built; CPU decode uses torch's weight-only kernels")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+// Weight-only int8/int4 GEMV for a few rows (a decode step), reading THUDM's codes as they are:
+//   y[m, n] = bf16( sum_k x[m, k] * q[n, k] * scale[n, k / group] ),  accumulated in float32.
+// int8: codes [N, K] int8. int4: [N, K/2] bytes, element 2j in the HIGH nibble, two's complement.
+//
+// A decode step reads every weight once and does a few flops per byte, so the kernel must stream the
+// codes at memory speed: each code is widened to float32 in registers (int8 codes and int4 nibbles are
+// exact in float32) and multiplied with up to 8 rows of x at once, several output rows in flight to
+// hide the FMA latency. Built without -march flags: each ISA's functions carry their own target
+// attribute and one is picked at run time from cpuid (GCC's __builtin_cpu_supports), so one build runs
+// on any x86-64 host with AVX2+FMA, and uses AVX-512 where the CPU has it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxRows = 8;  // x rows per pass over the weight; more rows take several passes
+
+// -- one ISA's vector operations ------------------------------------------------------------------
+#define GLM_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+#define GLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"), always_inline)) inline
+
+struct Avx2 {
+  static constexpr int L = 8;  // float lanes; also bytes of codes per int8 step
+  using V = __m256;
+  GLM_AVX2 static V zero() { return _mm256_setzero_ps(); }
+  GLM_AVX2 static V load(const float* p) { return _mm256_loadu_ps(p); }
+  GLM_AVX2 static V set1(float v) { return _mm256_set1_ps(v); }
+  GLM_AVX2 static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  GLM_AVX2 static __m256i widen(const int8_t* p) {  // L bytes -> L sign-extended int32
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  GLM_AVX2 static V int8(const int8_t* p) { return _mm256_cvtepi32_ps(widen(p)); }
+  // L bytes -> (high nibbles, low nibbles), each signed: elements 2j and 2j+1 of 2L
+  GLM_AVX2 static void int4(const int8_t* p, V& high, V& low) {
+    __m256i b = widen(p);
+    high = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+    low = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+  }
+  GLM_AVX2 static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+struct Avx512 {
+  static constexpr int L = 16;
+  using V = __m512;
+  GLM_AVX512 static V zero() { return _mm512_setzero_ps(); }
+  GLM_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
+  GLM_AVX512 static V set1(float v) { return _mm512_set1_ps(v); }
+  GLM_AVX512 static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  GLM_AVX512 static __m512i widen(const int8_t* p) {
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  GLM_AVX512 static V int8(const int8_t* p) { return _mm512_cvtepi32_ps(widen(p)); }
+  GLM_AVX512 static void int4(const int8_t* p, V& high, V& low) {
+    __m512i b = widen(p);
+    high = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));
+    low = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+  }
+  GLM_AVX512 static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+
+// -- the problem, as the kernels see it -----------------------------------------------------------
+struct Problem {
+  const float* x;       // [M, K] float32; int4: inside each 2L-chunk the even elements, then the odd
+  const int8_t* w;      // [N, row_bytes]
+  const float* scale;   // [N, G] float32
+  at::BFloat16* y;      // [M, N]
+  int64_t M, N, K, row_bytes, G, group;  // group = K / G inputs per scale
+  int bits;
+};
+
+inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM int4 row
+  int8_t b = row[k >> 1];
+  return (k & 1) ? static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4) : static_cast<int8_t>(b >> 4);
+}
+
+// R output rows [n, n + R) for all M (<= kMaxRows) rows of x, starting at x row m0
+#define GLM_KERNEL(ISA_ATTR, I)                                                                      \
+  template <int BITS, int M, int R>                                                                  \
+  __attribute__((target(ISA_ATTR))) void rows_##I(const Problem& p, int64_t n, int64_t m0) {        \
+    using V = typename I::V;                                                                         \
+    constexpr int L = I::L;                                                                          \
+    constexpr int64_t step = BITS == 8 ? L : 2 * L; /* inputs per vector load of codes */            \
+    const int64_t K = p.K, full = p.G == 1 ? K / step * step : K;                                   \
+    const float* x = p.x + m0 * K;                                                                   \
+    const int8_t* w[R];                                                                              \
+    for (int r = 0; r < R; ++r) w[r] = p.w + (n + r) * p.row_bytes;                                  \
+    V acc[R][M], total[R][M];                                                                        \
+    for (int r = 0; r < R; ++r)                                                                      \
+      for (int m = 0; m < M; ++m) acc[r][m] = I::zero(), total[r][m] = I::zero();                   \
+    for (int64_t g = 0; g < p.G; ++g) {                                                              \
+      const int64_t stop = p.G == 1 ? full : (g + 1) * p.group;                                      \
+      for (int64_t k = g * p.group; k < stop; k += step) {                                           \
+        if (BITS == 8) {                                                                             \
+          V c[R];                                                                                    \
+          for (int r = 0; r < R; ++r) c[r] = I::int8(w[r] + k);                                      \
+          for (int m = 0; m < M; ++m) {                                                              \
+            V xv = I::load(x + m * K + k);                                                           \
+            for (int r = 0; r < R; ++r) acc[r][m] = I::fma(c[r], xv, acc[r][m]);                     \
+          }                                                                                          \
+        } else {                                                                                     \
+          V hi[R], lo[R];                                                                            \
+          for (int r = 0; r < R; ++r) I::int4(w[r] + k / 2, hi[r], lo[r]);                           \
+          for (int m = 0; m < M; ++m) {                                                              \
+            V xe = I::load(x + m * K + k), xo = I::load(x + m * K + k + L);                          \
+            for (int r = 0; r < R; ++r) {                                                            \
+              acc[r][m] = I::fma(hi[r], xe, acc[r][m]);                                              \
+              acc[r][m] = I::fma(lo[r], xo, acc[r][m]);                                              \
+            }                                                                                        \
+          }                                                                                          \
+        }                                                                                            \
+      }                                                                                              \
+      if (p.G > 1) { /* a group's sum times its scale */                                             \
+        for (int r = 0; r < R; ++r) {                                                                \
+          V s = I::set1(p.scale[(n + r) * p.G + g]);                                                 \
+          for (int m = 0; m < M; ++m) total[r][m] = I::fma(acc[r][m], s, total[r][m]),               \
+                                      acc[r][m] = I::zero();                                         \
+        }                                                                                            \
+      }                                                                                              \
+    }                                                                                                \
+    for (int r = 0; r < R; ++r) {                                                                    \
+      for (int m = 0; m < M; ++m) {                                                                  \
+        float s;                                                                                     \
+        if (p.G > 1) {                                                                               \
+          s = I::sum(total[r][m]);                                                                   \
+        } else {                                                                                     \
+          s = I::sum(acc[r][m]);                                                                     \
+          for (int64_t k = full; k < K; ++k) /* the inputs past the last whole step */              \
+            s += x[m * K + k] * (BITS == 8 ? w[r][k] : nibble(w[r], k));                             \
+          s *= p.scale[n + r];                                                                       \
+        }                                                                                            \
+        p.y[(m0 + m) * p.N + n + r] = c10::BFloat16(s);                                              \
+      }                                                                                              \
+    }                                                                                                \
+  }
+
+GLM_KERNEL("avx2,fma", Avx2)
+GLM_KERNEL("avx512f,avx512bw,avx512vl,avx2,fma", Avx512)
+
+// Output rows per tile, by x rows: enough independent accumulators to hide the FMA latency, few
+// enough to stay in registers (16 on AVX2).
+constexpr int tile_rows(int m) { return m == 1 ? 4 : m <= 4 ? 2 : 1; }
+
+using RowsFn = void (*)(const Problem&, int64_t, int64_t);
+
+template <int BITS, int M>
+void run_rows(const Problem& p, int64_t m0, bool avx512) {
+  constexpr int R = tile_rows(M);
+  RowsFn tile = avx512 ? &rows_Avx512<BITS, M, R> : &rows_Avx2<BITS, M, R>;
+  RowsFn one = avx512 ? &rows_Avx512<BITS, M, 1> : &rows_Avx2<BITS, M, 1>;
+  const int64_t tiles = p.N / R;
+  // contiguous runs of tiles per thread; small problems stay on one thread
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(p.row_bytes * R, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) tile(p, t * R, m0);
+  });
+  for (int64_t n = tiles * R; n < p.N; ++n) one(p, n, m0);
+}
+
+template <int BITS>
+void run(const Problem& p, bool avx512) {
+  for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows) {
+    switch (std::min<int64_t>(p.M - m0, kMaxRows)) {
+      case 1: run_rows<BITS, 1>(p, m0, avx512); break;
+      case 2: run_rows<BITS, 2>(p, m0, avx512); break;
+      case 3: run_rows<BITS, 3>(p, m0, avx512); break;
+      case 4: run_rows<BITS, 4>(p, m0, avx512); break;
+      case 5: run_rows<BITS, 5>(p, m0, avx512); break;
+      case 6: run_rows<BITS, 6>(p, m0, avx512); break;
+      case 7: run_rows<BITS, 7>(p, m0, avx512); break;
+      default: run_rows<BITS, 8>(p, m0, avx512); break;
+    }
+  }
+}
+
+// -- which ISA --------------------------------------------------------------------------------------
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+bool has_avx512() {
+  __builtin_cpu_init();
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+// isa: 0 = the best this CPU has, 2 = AVX2, 5 = AVX-512
+bool use_avx512(int64_t isa) {
+  TORCH_CHECK(isa == 0 || isa == 2 || isa == 5, "glm_cpu: isa must be 0 (best), 2 (AVX2) or 5 (AVX-512), got ", isa);
+  TORCH_CHECK(has_avx2(), "glm_cpu: this CPU lacks AVX2+FMA");
+  TORCH_CHECK(isa != 5 || has_avx512(), "glm_cpu: this CPU lacks AVX-512 (F, BW, VL)");
+  return isa == 5 || (isa == 0 && has_avx512());
+}
+
+// -- the ops ----------------------------------------------------------------------------------------
+// x [M, K] bfloat16 -> float32 [M, K]; int4: each whole 2L-chunk reordered to its evens, then odds
+std::vector<float> activations(const at::Tensor& x, int bits, int L, int64_t full) {
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<float> out(M * K);
+  const at::BFloat16* src = x.data_ptr<at::BFloat16>();
+  for (int64_t m = 0; m < M; ++m) {
+    const at::BFloat16* row = src + m * K;
+    float* dst = out.data() + m * K;
+    int64_t k = 0;
+    if (bits == 4) {
+      for (; k < full; k += 2 * L)
+        for (int j = 0; j < L; ++j) dst[k + j] = row[k + 2 * j], dst[k + L + j] = row[k + 2 * j + 1];
+    }
+    for (; k < K; ++k) dst[k] = row[k];
+  }
+  return out;
+}
+
+at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                          int64_t bits, int64_t isa) {
+  TORCH_CHECK(bits == 8 || bits == 4, "glm_cpu: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "glm_cpu: x must be a 2-D bfloat16 CPU tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "glm_cpu: codes must be a contiguous 2-D int8 tensor");
+  const int64_t M = x.size(0), N = codes.size(0), K = x.size(1);
+  TORCH_CHECK(codes.size(1) * (8 / bits) == K, "glm_cpu: codes ", codes.sizes(), " do not match ", K,
+              " inputs at ", bits, " bits");
+  TORCH_CHECK(scale.size(0) == N && (scale.dim() == 1 || scale.dim() == 2), "glm_cpu: scale must be [N] or [N, groups]");
+  const bool avx512 = use_avx512(isa);
+  const int L = avx512 ? Avx512::L : Avx2::L;
+  const int64_t step = bits == 8 ? L : 2 * L;
+  const int64_t G = scale.dim() == 2 ? scale.size(1) : 1;
+  TORCH_CHECK(K % G == 0 && (G == 1 || (K / G) % step == 0), "glm_cpu: groups of ", K / G,
+              " inputs are not whole steps of ", step);
+  at::Tensor xc = x.contiguous();
+  at::Tensor s = scale.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int64_t full = G == 1 ? K / step * step : K;
+  std::vector<float> xf = activations(xc, bits, L, full);
+  Problem p{xf.data(), codes.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
+            M, N, K, codes.size(1), G, K / G, static_cast<int>(bits)};
+  if (M == 0 || N == 0) return y;
+  if (bits == 8) run<8>(p, avx512); else run<4>(p, avx512);
+  return y;
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t isa) {
+  return weight_only_mm(x, codes, scale, 8, isa);
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t isa) {
+  return weight_only_mm(x, packed, scale, 4, isa);
+}
+
+// THUDM int4 rows [n, K/2] -> bfloat16 [n, K] in out: the codes, or codes * scale [n, groups] when
+// a scale is given (what a dense matmul of a prefill reads)
+void int4_to_bf16(const at::Tensor& packed, const c10::optional<at::Tensor>& scale, at::Tensor out) {
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kChar && packed.is_contiguous(),
+              "glm_cpu: packed must be a contiguous 2-D int8 tensor");
+  const int64_t n = packed.size(0), half = packed.size(1), K = 2 * half;
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == n * K,
+              "glm_cpu: out must be a contiguous bfloat16 tensor of ", n * K, " elements");
+  at::Tensor s;
+  int64_t G = 0;
+  if (scale.has_value()) {
+    s = scale->to(at::kFloat).contiguous();
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == n && K % s.size(1) == 0, "glm_cpu: scale must be [n, groups]");
+    G = s.size(1);
+  }
+  const int8_t* src = packed.data_ptr<int8_t>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const float* sp = G ? s.data_ptr<float>() : nullptr;
+  // a code in [-8, 7] is exact in bfloat16: its bits are those of the float32's upper half
+  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(half, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const int8_t* row = src + r * half;
+      uint16_t* o = dst + r * K;
+      const int64_t group = G ? K / G : K;
+      for (int64_t j = 0; j < half; ++j) {
+        float hi = static_cast<float>(row[j] >> 4);
+        float lo = static_cast<float>(static_cast<int8_t>(row[j] << 4) >> 4);
+        if (G) {
+          const float f = sp[r * G + (2 * j) / group];
+          hi *= f, lo *= f;
+          o[2 * j] = c10::BFloat16(hi).x, o[2 * j + 1] = c10::BFloat16(lo).x;
+        } else {
+          uint32_t bits_hi, bits_lo;
+          std::memcpy(&bits_hi, &hi, 4), std::memcpy(&bits_lo, &lo, 4);
+          o[2 * j] = static_cast<uint16_t>(bits_hi >> 16), o[2 * j + 1] = static_cast<uint16_t>(bits_lo >> 16);
+        }
+      }
+    }
+  });
+}
+
+std::string isa_name(int64_t isa) {
+  if (!has_avx2()) return "none";
+  if (isa == 2) return "avx2";
+  if (isa == 5) return has_avx512() ? "avx512" : "none";
+  return has_avx512() ? "avx512" : "avx2";
+}
+
+}  // namespace
+
+TORCH_LIBRARY(glm_cpu, m) {
+  m.def("int8_mm(Tensor x, Tensor codes, Tensor scale, int isa=0) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor packed, Tensor scale, int isa=0) -> Tensor");
+  m.def("int4_to_bf16(Tensor packed, Tensor? scale, Tensor(a!) out) -> ()");
+  m.def("isa(int isa=0) -> str", &isa_name);  // no tensors: a catch-all kernel
+}
+
+TORCH_LIBRARY_IMPL(glm_cpu, CPU, m) {
+  m.impl("int8_mm", &int8_mm);
+  m.impl("int4_mm", &int4_mm);
+  m.impl("int4_to_bf16", &int4_to_bf16);
+}
