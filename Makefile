@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH)" "numpy<2"
 	$(PIP) install --quiet -e ".[dev]"
+	# the CPU decode kernel (C++, needs g++ and ninja); without it torch's kernels are used
+	-$(PY) -m builder.model.cpu_kernels
 	touch $@
 
 test: setup

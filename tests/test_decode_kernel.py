@@ -1,0 +1,141 @@
+"""glm-build's own CPU decode kernel (builder/model/cpu_kernels.py, csrc/glm_cpu_kernels.cpp) against
+the formula and torch's kernels, in both of its ISA variants; answers unchanged with it on or off.
+Skipped where it cannot be built (no compiler, not x86-64, no AVX2)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from builder import TINY_CHECKPOINT, load_chatglm2
+from builder.model import cpu_kernels, cpu_quant
+from builder.model.quantization import QuantizedLinear, quantize_weight, unpack_int4
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU decode kernel could not be "
+                                  "built here (see the warning logged by builder.model.cpu_kernels)")
+
+
+def variants() -> list[str]:
+    """The ISA variants this CPU runs: AVX2 always, AVX-512 where cpuid has it."""
+    if not cpu_kernels.available():
+        return ["avx2"]
+    return ["avx2"] + (["avx512"] if torch.ops.glm_cpu.isa(5) == "avx512" else [])
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scale)ᵀ in float64: x [M, K], q [N, K] int8, scale [N] or [N, groups] -> [M, N]."""
+    s = scale.double()
+    s = s[:, None] if s.dim() == 1 else s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+    return x.double() @ (q.double() * s).t()
+
+
+# (out, in, bits, group): odd and even N, K that is no multiple of a vector step, groups
+SHAPES = [(37, 256, 8, None), (64, 343, 8, None), (5, 31, 8, None), (100, 4096, 8, None),
+          (37, 256, 4, None), (48, 346, 4, None), (7, 30, 4, None), (96, 4096, 4, None),
+          (33, 256, 4, 32), (64, 512, 4, 64), (16, 384, 4, 128)]
+
+
+def check_kernel(isa: str) -> None:
+    """Every shape, 1-11 rows of x: within one bfloat16 rounding of the exact product."""
+    os.environ["GLM_CPU_KERNEL_ISA"] = isa
+    g = torch.Generator().manual_seed(25)
+    for out_features, in_features, bits, group in SHAPES:
+        codes, scale = quantize_weight(torch.randn(out_features, in_features, generator=g) * 0.05, bits, group)
+        q = unpack_int4(codes) if bits == 4 else codes
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11):
+            x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+            y = (cpu_kernels.int8_mm if bits == 8 else cpu_kernels.int4_mm)(x, codes, scale)
+            exact = reference(x, q, scale)
+            assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+            # float32 sums, then one bfloat16 rounding (2^-8 relative) of each output
+            err = (y.double() - exact).abs() - exact.abs() * 2 ** -8
+            assert float(err.max()) <= 1e-4 * float(exact.abs().max()), (isa, out_features, in_features,
+                                                                           bits, group, rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", variants())
+def test_kernel_matches_the_formula(isa, monkeypatch):
+    monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
+    check_kernel(isa)
+    assert cpu_kernels.isa() == isa
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_matches_torchs_kernel(bits, monkeypatch):
+    """The same layer through glm-build's kernel and torch's (int4: torch's layout, built with the
+    kernel off): equal to bfloat16 rounding, rows 1-8."""
+    g = torch.Generator().manual_seed(bits)
+    weight = torch.randn(96, 512, generator=g) * 0.05
+    ours = QuantizedLinear.from_float(weight, None, bits)
+    monkeypatch.setenv("GLM_CPU_KERNELS", "0")
+    theirs = QuantizedLinear.from_float(weight, None, bits)
+    assert theirs.int4_layout == ("torch" if bits == 4 else None)
+    theirs_kernel = theirs._cpu_paths()["torch_kernel"]
+    monkeypatch.delenv("GLM_CPU_KERNELS")
+    assert ours.int4_layout == ("thudm" if bits == 4 else None)
+    assert torch.equal(ours.thudm_state()["weight"], theirs.thudm_state()["weight"])
+    for rows in range(1, 9):
+        x = torch.randn(rows, 512, generator=g).to(torch.bfloat16)
+        a, b = ours._cpu_paths()["glm_kernel"](x).float(), theirs_kernel(x).float()
+        assert torch.allclose(a, b, rtol=2 ** -7, atol=float(b.abs().max()) * 2 ** -8), rows
+
+
+@needs_kernel
+def test_kernel_under_a_lower_torch_capability():
+    """Under ``ATEN_CPU_CAPABILITY=avx2`` (torch's kernels change; ours is picked by cpuid), in a fresh
+    process: the same results."""
+    code = ("import sys; sys.path.insert(0, 'tests'); import torch, test_decode_kernel as t; "
+            "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'; "
+            "[t.check_kernel(isa) for isa in t.variants()]; print('ok')")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@needs_kernel
+def test_dense_path_reads_the_kernels_int4_layout():
+    """A prefill of THUDM-layout int4 (per row and group-wise) gives the kernel's result."""
+    g = torch.Generator().manual_seed(4)
+    for group in (None, 32):
+        layer = QuantizedLinear.from_float(torch.randn(80, 256, generator=g) * 0.05, None, 4, group)
+        assert layer.int4_layout == "thudm" and not hasattr(layer, "weight_int4pack")
+        x = torch.randn(20, 256, generator=g).to(torch.bfloat16)
+        paths = layer._cpu_paths()
+        dense, kernel = paths["dense"](x).float(), paths["glm_kernel"](x).float()
+        assert torch.allclose(dense, kernel, rtol=0, atol=2 * float(kernel.abs().max()) * 2 ** -8)
+
+
+@needs_kernel
+def test_int4_is_stored_once_in_thudms_layout():
+    """Only THUDM's packed codes and fp16 scales: half a byte per weight, 2 bytes per row."""
+    layer = QuantizedLinear.from_float(torch.randn(64, 4096) * 0.05, None, 4)
+    assert {name for name, _ in layer.named_buffers()} == {"weight", "weight_scale"}
+    assert layer.resident_bytes() == 64 * 4096 // 2 + 64 * 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_greedy_answers_unchanged_with_the_kernel_on_or_off(bits, monkeypatch):
+    from test_kernels import IDS, _greedy
+
+    monkeypatch.setattr(cpu_quant, "_decode_paths", {})
+    ids = torch.tensor(IDS)
+    answers = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("GLM_CPU_KERNELS", switch)
+        monkeypatch.setenv("GLM_CPU_DECODE", "kernel")
+        model, _ = load_chatglm2(TINY_CHECKPOINT, bits=bits, dtype=torch.bfloat16)
+        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.kernel.startswith("cpu")]
+        assert layers and {layer.cpu_path(1) for layer in layers} == \
+            {"glm_kernel" if switch == "1" else "torch_kernel"}
+        answers[switch] = _greedy(model, ids, 16)
+    assert torch.equal(answers["1"], answers["0"])
