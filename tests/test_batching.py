@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import queue
 import re
 import signal
 import time
 
-import numpy as np
 import psutil
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
 from builder.client.chat import ChatGLMClient
@@ -97,36 +94,6 @@ def test_a_bad_request_among_good_ones_fails_alone(server):
                 future.result()
         else:
             assert future.result().response
-
-
-def test_a_cancelled_stream_leaves_the_batch_and_frees_its_blocks(server):
-    """A long greedy answer, streamed straight from a variant, cancelled after its first words."""
-    results: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(server.urls["grpc"])
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    values = {"prompt": [QUESTIONS[2].encode()], "history": [], "temperature": [b"0"],
-              "max_token": [b"1400"], "history_len": [b"0"], "stream": [b"1"]}
-    inputs = []
-    for name, items in values.items():
-        tensor = grpcclient.InferInput(name, [len(items)], "BYTES")
-        tensor.set_data_from_numpy(np.array(items, dtype=object).reshape(len(items)))
-        inputs.append(tensor)
-    client.async_stream_infer("chatglm2-6b-int4", inputs)
-    cancelled_before = metrics(server)["glm_cancelled_requests_total[chatglm2-6b-int4]"]
-    result, error = results.get(timeout=60)  # the first partial answer: the request is in the batch
-    assert error is None
-    client.stop_stream(cancel_requests=True)
-    client.close()
-    deadline = time.monotonic() + 30
-    while True:
-        time.sleep(1.2)
-        found = metrics(server)
-        if found["glm_kv_blocks_used[chatglm2-6b-int4]"] == 0 \
-                and found["glm_batch_running_requests[chatglm2-6b-int4]"] == 0 \
-                and found["glm_cancelled_requests_total[chatglm2-6b-int4]"] == cancelled_before + 1:
-            break
-        assert time.monotonic() < deadline, f"the cancelled request still holds the batch: {found}"
-    assert ask(server, QUESTIONS[0], model="chatglm2-6b-int4").response  # the next one is admitted
 
 
 def test_without_fallback_a_killed_variant_fails_its_requests(server):

@@ -73,6 +73,8 @@ def total(found: dict, name: str, prefix: str = "") -> float:
 def inputs(prompt: str, max_token: int, stream: bool = False) -> list:
     values = {"prompt": [prompt.encode()], "history": [], "temperature": [b"0"],
               "max_token": [str(max_token).encode()], "history_len": [b"0"]}
+    if stream:  # a variant streams its partial answers only when asked (a router always does)
+        values["stream"] = [b"1"]
     out = []
     for name, items in values.items():
         tensor = grpcclient.InferInput(name, [len(items)], "BYTES")
@@ -84,11 +86,11 @@ def inputs(prompt: str, max_token: int, stream: bool = False) -> list:
 class Stream:
     """One client with its own gRPC stream to ``model``."""
 
-    def __init__(self, server, model: str, prompt: str, max_token: int):
+    def __init__(self, server, model: str, prompt: str, max_token: int, stream: bool = False):
         self.results: queue.Queue = queue.Queue()
         self.client = grpcclient.InferenceServerClient(server.urls["grpc"])
         self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
-        self.client.async_stream_infer(model, inputs(prompt, max_token))
+        self.client.async_stream_infer(model, inputs(prompt, max_token, stream))
 
     def first_piece(self, timeout: float = 120):
         result, error = self.results.get(timeout=timeout)
@@ -220,3 +222,13 @@ def test_a_one_response_request_past_its_grpc_deadline_is_cancelled(server):
         with pytest.raises(Exception, match="(?i)deadline"):
             client.infer("chatglm2-6b", inputs(PROMPT, INT4_LONG), client_timeout=1.0)  # int4, long
     wait_until_free(server, before, 1, "chatglm2-6b", FREED_WITHIN_S + 1.0)
+
+
+def test_a_stream_straight_to_a_variant_leaves_the_batch_when_dropped(server):
+    """No router in between: the variant itself sees its client go (``is_cancelled``)."""
+    before = metrics(server)
+    stream = Stream(server, "chatglm2-6b-int4", PROMPT, INT4_LONG, stream=True)
+    assert stream.first_piece()  # the request is in the batch
+    stream.drop()
+    wait_until_free(server, before, 0, "chatglm2-6b-stream", FREED_WITHIN_S + 1.0, forwarded=1)
+    assert answered(server)
