@@ -151,8 +151,12 @@ def ours(path: Path, precision: str, prompts: list[int], new_tokens: int, thread
     model, _ = load_chatglm2(path, bits=bits, dtype=served_dtype(precision), output_bits=output_bits,
                              family=family)
     # decode_seconds counts the prefill's token: one more for ``steps`` decode steps
-    return {**timings(lambda ids, steps: decode_seconds(model, ids, steps + 1), prompts, new_tokens),
-            "isa": torch.backends.cpu.get_cpu_capability()}
+    result = timings(lambda ids, steps: decode_seconds(model, ids, steps + 1), prompts, new_tokens)
+    from builder.model import cpu_kernels, cpu_quant
+
+    # which path each projection shape's decode steps took (the probe's choice), and our kernel's ISA
+    return {**result, "isa": torch.backends.cpu.get_cpu_capability(), "decode_paths": cpu_quant.decode_paths(),
+            "glm_kernel_isa": cpu_kernels.isa()}
 
 
 def load(path: Path, precision: str, threads: int, family: str = "chatglm2-6b") -> dict:
@@ -310,6 +314,14 @@ def report(results: dict, args, isa: dict) -> str:
     lines += ["", "Decode per layer, ours: " + ", ".join(
         f"{p} {t * ms:.1f} ms" for p, t in per_layer.items()) + " (goal: int4 ≤ int8). `-o8`: our "
         "opt-in int8 output layer (`load_chatglm2(output_bits=8)`), beside the same chatglm.cpp file."]
+    lines += ["", "Decode path per projection shape, ours (`cpu_quant.decode_paths()`, last round, "
+              f"{high} layers; glm_kernel: glm-build's own GEMV, torch_kernel: torch's weight-only kernel):"]
+    for precision in args.precision_list:
+        last = results[key("ours", precision, high)][-1]
+        paths = last.get("decode_paths") or {}
+        if paths:
+            lines.append(f"- {precision}: " + ", ".join(f"{shape} {path}" for shape, path in paths.items())
+                         + f" (glm kernel ISA: {last.get('glm_kernel_isa') or 'not built'})")
     if getattr(args, "loads", None):
         lines += ["", f"Start-up from pre-quantized weights (`--quantize-at build`, {high} layers): "
                   "seconds to read the weight files from a warm page cache vs seconds until "
