@@ -71,13 +71,15 @@ struct Avx512 {
 };
 
 // -- the problem, as the kernels see it -----------------------------------------------------------
+// x is re-laid out once per call so that a step's vectors of all M rows are adjacent: one sequential
+// stream, whatever K is (rows K floats apart, K a power of two, fought over the same cache sets).
 struct Problem {
-  const float* x;       // [M, K] float32; int4: inside each 2L-chunk the even elements, then the odd
+  const float* xs;      // [K / step][M][step] float32; int4: each step's even inputs, then its odd
+  const float* xt;      // [M][K - full]: the inputs past the last whole step, in order
   const int8_t* w;      // [N, row_bytes]
   const float* scale;   // [N, G] float32
   at::BFloat16* y;      // [M, N]
-  int64_t M, N, K, row_bytes, G, group;  // group = K / G inputs per scale
-  int bits;
+  int64_t M, N, K, full, row_bytes, G, group;  // full: inputs in whole steps; group = K / G
 };
 
 inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM int4 row
@@ -85,35 +87,45 @@ inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM in
   return (k & 1) ? static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4) : static_cast<int8_t>(b >> 4);
 }
 
-// R output rows [n, n + R) for all M (<= kMaxRows) rows of x, starting at x row m0
+// R output rows [n, n + R) for M (<= kMaxRows) rows of x, x rows [m0, m0 + M). The next R rows are
+// prefetched a cache line at a time as these are read (a row of 2-4 KiB is a page or less, and the
+// hardware prefetcher stops at page boundaries).
 #define GLM_KERNEL(ISA_ATTR, I)                                                                      \
   template <int BITS, int M, int R>                                                                  \
-  __attribute__((target(ISA_ATTR))) void rows_##I(const Problem& p, int64_t n, int64_t m0) {        \
+  __attribute__((target(ISA_ATTR))) void rows_##I(const Problem& p, int64_t n, int64_t m0,         \
+                                                  int64_t Mall) {                                    \
     using V = typename I::V;                                                                         \
     constexpr int L = I::L;                                                                          \
     constexpr int64_t step = BITS == 8 ? L : 2 * L; /* inputs per vector load of codes */            \
-    const int64_t K = p.K, full = p.G == 1 ? K / step * step : K;                                   \
-    const float* x = p.x + m0 * K;                                                                   \
+    constexpr int64_t lines = 64 / L;               /* steps per 64 bytes of codes */                \
+    const int64_t K = p.K, xstride = Mall * step;                                                    \
+    const float* xs = p.xs + m0 * step;                                                              \
     const int8_t* w[R];                                                                              \
     for (int r = 0; r < R; ++r) w[r] = p.w + (n + r) * p.row_bytes;                                  \
+    const int64_t ahead = R * p.row_bytes;                                                           \
     V acc[R][M], total[R][M];                                                                        \
     for (int r = 0; r < R; ++r)                                                                      \
       for (int m = 0; m < M; ++m) acc[r][m] = I::zero(), total[r][m] = I::zero();                   \
+    const int64_t steps_per_group = p.G == 1 ? p.full / step : p.group / step;                      \
+    int64_t s = 0;                                                                                   \
     for (int64_t g = 0; g < p.G; ++g) {                                                              \
-      const int64_t stop = p.G == 1 ? full : (g + 1) * p.group;                                      \
-      for (int64_t k = g * p.group; k < stop; k += step) {                                           \
+      for (const int64_t stop = s + steps_per_group; s < stop; ++s) {                                \
+        const int64_t byte = s * L; /* codes' offset in the row: L bytes per step */                 \
+        if (s % lines == 0)                                                                          \
+          for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + ahead + byte), _MM_HINT_T0); \
+        const float* xv = xs + s * xstride;                                                          \
         if (BITS == 8) {                                                                             \
           V c[R];                                                                                    \
-          for (int r = 0; r < R; ++r) c[r] = I::int8(w[r] + k);                                      \
+          for (int r = 0; r < R; ++r) c[r] = I::int8(w[r] + byte);                                   \
           for (int m = 0; m < M; ++m) {                                                              \
-            V xv = I::load(x + m * K + k);                                                           \
-            for (int r = 0; r < R; ++r) acc[r][m] = I::fma(c[r], xv, acc[r][m]);                     \
+            V xm = I::load(xv + m * step);                                                           \
+            for (int r = 0; r < R; ++r) acc[r][m] = I::fma(c[r], xm, acc[r][m]);                     \
           }                                                                                          \
         } else {                                                                                     \
           V hi[R], lo[R];                                                                            \
-          for (int r = 0; r < R; ++r) I::int4(w[r] + k / 2, hi[r], lo[r]);                           \
+          for (int r = 0; r < R; ++r) I::int4(w[r] + byte, hi[r], lo[r]);                            \
           for (int m = 0; m < M; ++m) {                                                              \
-            V xe = I::load(x + m * K + k), xo = I::load(x + m * K + k + L);                          \
+            V xe = I::load(xv + m * step), xo = I::load(xv + m * step + L);                          \
             for (int r = 0; r < R; ++r) {                                                            \
               acc[r][m] = I::fma(hi[r], xe, acc[r][m]);                                              \
               acc[r][m] = I::fma(lo[r], xo, acc[r][m]);                                              \
@@ -123,24 +135,26 @@ inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM in
       }                                                                                              \
       if (p.G > 1) { /* a group's sum times its scale */                                             \
         for (int r = 0; r < R; ++r) {                                                                \
-          V s = I::set1(p.scale[(n + r) * p.G + g]);                                                 \
-          for (int m = 0; m < M; ++m) total[r][m] = I::fma(acc[r][m], s, total[r][m]),               \
+          V sc = I::set1(p.scale[(n + r) * p.G + g]);                                                \
+          for (int m = 0; m < M; ++m) total[r][m] = I::fma(acc[r][m], sc, total[r][m]),              \
                                       acc[r][m] = I::zero();                                         \
         }                                                                                            \
       }                                                                                              \
     }                                                                                                \
+    const int64_t tail = K - p.full;                                                                 \
     for (int r = 0; r < R; ++r) {                                                                    \
       for (int m = 0; m < M; ++m) {                                                                  \
-        float s;                                                                                     \
+        float sum;                                                                                   \
         if (p.G > 1) {                                                                               \
-          s = I::sum(total[r][m]);                                                                   \
+          sum = I::sum(total[r][m]);                                                                 \
         } else {                                                                                     \
-          s = I::sum(acc[r][m]);                                                                     \
-          for (int64_t k = full; k < K; ++k) /* the inputs past the last whole step */              \
-            s += x[m * K + k] * (BITS == 8 ? w[r][k] : nibble(w[r], k));                             \
-          s *= p.scale[n + r];                                                                       \
+          sum = I::sum(acc[r][m]);                                                                   \
+          const float* xt = p.xt + (m0 + m) * tail;                                                  \
+          for (int64_t k = p.full; k < K; ++k) /* the inputs past the last whole step */            \
+            sum += xt[k - p.full] * (BITS == 8 ? w[r][k] : nibble(w[r], k));                         \
+          sum *= p.scale[n + r];                                                                     \
         }                                                                                            \
-        p.y[(m0 + m) * p.N + n + r] = c10::BFloat16(s);                                              \
+        p.y[(m0 + m) * p.N + n + r] = c10::BFloat16(sum);                                            \
       }                                                                                              \
     }                                                                                                \
   }
@@ -148,38 +162,41 @@ inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM in
 GLM_KERNEL("avx2,fma", Avx2)
 GLM_KERNEL("avx512f,avx512bw,avx512vl,avx2,fma", Avx512)
 
-// Output rows per tile, by x rows: enough independent accumulators to hide the FMA latency, few
-// enough to stay in registers (16 on AVX2).
-constexpr int tile_rows(int m) { return m == 1 ? 4 : m <= 4 ? 2 : 1; }
+// Output rows per tile, by x rows: enough independent accumulators to hide the FMA latency and to
+// reuse each x vector, few enough to stay in registers (16 with AVX2, 32 with AVX-512).
+constexpr int tile_rows(bool avx512, int bits, int m) {
+  if (avx512) return m <= 2 ? 4 : m <= 4 ? 3 : bits == 8 ? 3 : 2;
+  return m == 1 ? 4 : m == 2 ? 3 : m <= 4 ? 2 : 1;
+}
 
-using RowsFn = void (*)(const Problem&, int64_t, int64_t);
+using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
 
-template <int BITS, int M>
-void run_rows(const Problem& p, int64_t m0, bool avx512) {
-  constexpr int R = tile_rows(M);
-  RowsFn tile = avx512 ? &rows_Avx512<BITS, M, R> : &rows_Avx2<BITS, M, R>;
-  RowsFn one = avx512 ? &rows_Avx512<BITS, M, 1> : &rows_Avx2<BITS, M, 1>;
+template <int BITS, int M, bool AVX512>
+void run_rows(const Problem& p, int64_t m0) {
+  constexpr int R = tile_rows(AVX512, BITS, M);
+  RowsFn tile = AVX512 ? &rows_Avx512<BITS, M, R> : &rows_Avx2<BITS, M, R>;
+  RowsFn one = AVX512 ? &rows_Avx512<BITS, M, 1> : &rows_Avx2<BITS, M, 1>;
   const int64_t tiles = p.N / R;
   // contiguous runs of tiles per thread; small problems stay on one thread
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(p.row_bytes * R, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) tile(p, t * R, m0);
+    for (int64_t t = begin; t < end; ++t) tile(p, t * R, m0, p.M);
   });
-  for (int64_t n = tiles * R; n < p.N; ++n) one(p, n, m0);
+  for (int64_t n = tiles * R; n < p.N; ++n) one(p, n, m0, p.M);
 }
 
-template <int BITS>
-void run(const Problem& p, bool avx512) {
+template <int BITS, bool AVX512>
+void run(const Problem& p) {
   for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows) {
     switch (std::min<int64_t>(p.M - m0, kMaxRows)) {
-      case 1: run_rows<BITS, 1>(p, m0, avx512); break;
-      case 2: run_rows<BITS, 2>(p, m0, avx512); break;
-      case 3: run_rows<BITS, 3>(p, m0, avx512); break;
-      case 4: run_rows<BITS, 4>(p, m0, avx512); break;
-      case 5: run_rows<BITS, 5>(p, m0, avx512); break;
-      case 6: run_rows<BITS, 6>(p, m0, avx512); break;
-      case 7: run_rows<BITS, 7>(p, m0, avx512); break;
-      default: run_rows<BITS, 8>(p, m0, avx512); break;
+      case 1: run_rows<BITS, 1, AVX512>(p, m0); break;
+      case 2: run_rows<BITS, 2, AVX512>(p, m0); break;
+      case 3: run_rows<BITS, 3, AVX512>(p, m0); break;
+      case 4: run_rows<BITS, 4, AVX512>(p, m0); break;
+      case 5: run_rows<BITS, 5, AVX512>(p, m0); break;
+      case 6: run_rows<BITS, 6, AVX512>(p, m0); break;
+      case 7: run_rows<BITS, 7, AVX512>(p, m0); break;
+      default: run_rows<BITS, 8, AVX512>(p, m0); break;
     }
   }
 }
@@ -205,22 +222,25 @@ bool use_avx512(int64_t isa) {
 }
 
 // -- the ops ----------------------------------------------------------------------------------------
-// x [M, K] bfloat16 -> float32 [M, K]; int4: each whole 2L-chunk reordered to its evens, then odds
-std::vector<float> activations(const at::Tensor& x, int bits, int L, int64_t full) {
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<float> out(M * K);
+// x [M, K] bfloat16 -> xs [full / step][M][step] float32 (int4: each step's evens, then odds) and
+// xt [M][K - full], the inputs past the last whole step
+void activations(const at::Tensor& x, int bits, int64_t step, int64_t full, std::vector<float>& xs,
+                 std::vector<float>& xt) {
+  const int64_t M = x.size(0), K = x.size(1), half = step / 2;
+  xs.resize(full * M), xt.resize((K - full) * M);
   const at::BFloat16* src = x.data_ptr<at::BFloat16>();
   for (int64_t m = 0; m < M; ++m) {
     const at::BFloat16* row = src + m * K;
-    float* dst = out.data() + m * K;
-    int64_t k = 0;
-    if (bits == 4) {
-      for (; k < full; k += 2 * L)
-        for (int j = 0; j < L; ++j) dst[k + j] = row[k + 2 * j], dst[k + L + j] = row[k + 2 * j + 1];
+    for (int64_t k = 0; k < full; k += step) {
+      float* dst = xs.data() + k * M + m * step;
+      if (bits == 8) {
+        for (int64_t j = 0; j < step; ++j) dst[j] = row[k + j];
+      } else {
+        for (int64_t j = 0; j < half; ++j) dst[j] = row[k + 2 * j], dst[half + j] = row[k + 2 * j + 1];
+      }
     }
-    for (; k < K; ++k) dst[k] = row[k];
+    for (int64_t k = full; k < K; ++k) xt[m * (K - full) + k - full] = row[k];
   }
-  return out;
 }
 
 at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -243,12 +263,14 @@ at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& codes, const at
   at::Tensor xc = x.contiguous();
   at::Tensor s = scale.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
-  const int64_t full = G == 1 ? K / step * step : K;
-  std::vector<float> xf = activations(xc, bits, L, full);
-  Problem p{xf.data(), codes.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
-            M, N, K, codes.size(1), G, K / G, static_cast<int>(bits)};
   if (M == 0 || N == 0) return y;
-  if (bits == 8) run<8>(p, avx512); else run<4>(p, avx512);
+  const int64_t full = G == 1 ? K / step * step : K;
+  std::vector<float> xs, xt;
+  activations(xc, static_cast<int>(bits), step, full, xs, xt);
+  Problem p{xs.data(), xt.data(), codes.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
+            M, N, K, full, codes.size(1), G, K / G};
+  if (bits == 8) avx512 ? run<8, true>(p) : run<8, false>(p);
+  else avx512 ? run<4, true>(p) : run<4, false>(p);
   return y;
 }
 
