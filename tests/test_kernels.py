@@ -327,10 +327,12 @@ def test_decode_path_is_probed_once_per_shape(monkeypatch, bits):
     expected = candidates["dense"](x)
     y = layer(x)
     [(key, path)] = cpu_quant._decode_paths.items()
-    assert key[:4] == (bits, 128, 512, None) and set(key[4]) == set(candidates)
+    assert key == (bits, 128, 512, None, tuple(candidates), 1)
     assert path in candidates and layer.cpu_path(1) == path
     assert cpu_quant.decode_paths() == {f"int{bits} 128x512": path}
     assert torch.allclose(y.float(), expected.float(), rtol=0, atol=float(expected.abs().max()) * 2 ** -7)
+    layer(torch.randn(6, 512).to(torch.bfloat16))  # a batch of 6 sequences: probed apart
+    assert len(cpu_quant._decode_paths) == 2 and f"int{bits} 128x512 5-8 rows" in cpu_quant.decode_paths()
     monkeypatch.setattr(cpu_quant, "_decode_paths", {})
     monkeypatch.setenv("GLM_CPU_DECODE", "dense")
     calls = _count_paths(monkeypatch)

@@ -213,8 +213,17 @@ def decode_choice() -> str:
 
 
 _decode_paths: dict[tuple, str] = {}
-"""Per process: (bits, out, in, group, candidates) -> a name of :data:`DECODE_PATHS`, from the first
-decode call of that shape."""
+"""Per process: (bits, out, in, group, candidates, rows bucket) -> a name of :data:`DECODE_PATHS`, from
+the first decode call of that shape with that many rows."""
+
+ROW_BUCKETS = (1, 4, 8)
+"""Decode calls are probed apart by rows: 1, 2-4, 5-8, more (a kernel that wins at one row, a batch
+of one sequence, can lose at eight: glm-build's reuses each code for at most 8 rows of x)."""
+
+
+def rows_bucket(rows: int) -> int:
+    """The first of :data:`ROW_BUCKETS` at or above ``rows`` (9 and up: one bucket, 9)."""
+    return next((bucket for bucket in ROW_BUCKETS if rows <= bucket), ROW_BUCKETS[-1] + 1)
 
 
 def forced_path(candidates) -> str | None:
@@ -229,14 +238,16 @@ def forced_path(candidates) -> str | None:
     return next(name for name in order if name in candidates)
 
 
-def decode_key(bits: int, out_features: int, in_features: int, group: int | None, candidates) -> tuple:
-    return (bits, out_features, in_features, group, tuple(name for name in DECODE_PATHS if name in candidates))
+def decode_key(bits: int, out_features: int, in_features: int, group: int | None, candidates,
+               rows: int = 1) -> tuple:
+    return (bits, out_features, in_features, group, tuple(name for name in DECODE_PATHS if name in candidates),
+            rows_bucket(rows))
 
 
 def probe_decode(key: tuple, candidates: dict, x: torch.Tensor, repeats: int = 3) -> str:
-    """The fastest path for a one-row call of this shape, timed on the layer's own weight (min of
-    ``repeats`` interleaved calls each, after a warm-up); decided once per shape per process.
-    ``candidates``: name (of :data:`DECODE_PATHS`) -> function of bfloat16 rows."""
+    """The fastest path for a call of this shape with ``x``'s rows, timed on the layer's own weight and
+    on ``x`` (min of ``repeats`` interleaved calls each, after a warm-up); decided once per shape and
+    rows bucket per process. ``candidates``: name (of :data:`DECODE_PATHS`) -> function of bfloat16 rows."""
     if key in _decode_paths:
         return _decode_paths[key]
     forced = forced_path(candidates)
@@ -244,7 +255,7 @@ def probe_decode(key: tuple, candidates: dict, x: torch.Tensor, repeats: int = 3
         return forced
     import time
 
-    row = x[:1]
+    row = x
     best = {name: float("inf") for name in candidates}
     for fn in candidates.values():
         fn(row)  # warm-up: first-call allocations and oneDNN's primitive cache
@@ -262,6 +273,8 @@ def probe_decode(key: tuple, candidates: dict, x: torch.Tensor, repeats: int = 3
 
 
 def decode_paths() -> dict[str, str]:
-    """What the probes chose in this process: ``{"int8 27392x4096": "glm_kernel", ...}``."""
-    return {f"int{bits} {out}x{inp}" + (f" g{group}" if group else ""): path
-            for (bits, out, inp, group, _), path in sorted(_decode_paths.items())}
+    """What the probes chose in this process: ``{"int8 27392x4096": "glm_kernel", "int8 27392x4096
+    5-8 rows": "torch_kernel", ...}`` (one-row calls unlabelled)."""
+    labels = {1: "", 4: " 2-4 rows", 8: " 5-8 rows", 9: " 9+ rows"}
+    return {f"int{bits} {out}x{inp}" + (f" g{group}" if group else "") + labels[bucket]: path
+            for (bits, out, inp, group, _, bucket), path in sorted(_decode_paths.items())}

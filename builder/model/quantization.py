@@ -423,14 +423,14 @@ class QuantizedLinear(torch.nn.Module):
             candidates.pop("dense")
         forced = cpu_quant.forced_path(candidates)
         default = forced or next(name for name in candidates if name != "dense")
-        return cpu_quant._decode_paths.get(self._shape_key(candidates), default)
+        return cpu_quant._decode_paths.get(self._shape_key(candidates, rows), default)
 
     def _dense_rows(self) -> int:
         return cpu_quant.dense_rows(self.bits, self.int4_layout or "torch")
 
-    def _shape_key(self, candidates) -> tuple:
+    def _shape_key(self, candidates, rows: int) -> tuple:
         return cpu_quant.decode_key(self.bits, self.out_features, self.in_features, self.group_size,
-                                    candidates)
+                                    candidates, rows)
 
     def _cpu_paths(self) -> dict:
         """The CPU paths this layer's layout allows, by name (:data:`cpu_quant.DECODE_PATHS`), each a
@@ -461,8 +461,9 @@ class QuantizedLinear(torch.nn.Module):
             return candidates["dense"](x)
         if not threshold:
             del candidates["dense"]  # this int4 layout is not read by the dense path
-        # a decode step: the path this host runs fastest, probed once per shape
-        return candidates[cpu_quant.probe_decode(self._shape_key(candidates), candidates, x)](x)
+        # a decode step: the path this host runs fastest, probed once per shape and rows bucket
+        key = self._shape_key(candidates, x.shape[0])
+        return candidates[cpu_quant.probe_decode(key, candidates, x)](x)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
