@@ -57,6 +57,7 @@ def build(verbose: bool = False) -> str | None:
 
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(folder)
         cpp_extension.load(name="glm_cpu_kernels", sources=[str(SOURCE)], build_directory=str(folder),
                            extra_cflags=["-O3"], is_python_module=False, verbose=verbose)
         isa = torch.ops.glm_cpu.isa(0)
@@ -69,6 +70,23 @@ def build(verbose: bool = False) -> str | None:
                     "using torch's weight-only kernels")
         return None
     return isa
+
+
+STALE_LOCK_SECONDS = 600
+"""torch's build lock (a file in the build folder) left by a process killed mid-build would make every
+later process wait forever; a compile takes well under this."""
+
+
+def _clear_stale_lock(folder: Path) -> None:
+    import time
+
+    lock = folder / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+            log.warning("removed a stale build lock %s", lock)
+    except FileNotFoundError:
+        pass
 
 
 def available() -> bool:
