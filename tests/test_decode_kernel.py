@@ -21,6 +21,12 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU d
                                   "built here (see the warning logged by builder.model.cpu_kernels)")
 
 
+@pytest.fixture(autouse=True)
+def thudm_int4(monkeypatch):
+    """int4 in THUDM's layout, the one this kernel reads, whatever the load-time probe would choose."""
+    monkeypatch.setenv("GLM_CPU_INT4_LAYOUT", "thudm")
+
+
 def variants() -> list[str]:
     """The ISA variants this CPU runs: AVX2 always, AVX-512 where cpuid has it."""
     if not cpu_kernels.available():
@@ -139,3 +145,20 @@ def test_greedy_answers_unchanged_with_the_kernel_on_or_off(bits, monkeypatch):
             {"glm_kernel" if switch == "1" else "torch_kernel"}
         answers[switch] = _greedy(model, ids, 16)
     assert torch.equal(answers["1"], answers["0"])
+
+
+@needs_kernel
+def test_int4_layout_follows_the_probe(monkeypatch):
+    """torch's layout by default; ``probe``: a one-off timing of both kernels chooses, and the layer
+    follows it."""
+    monkeypatch.delenv("GLM_CPU_INT4_LAYOUT")
+    assert QuantizedLinear.from_float(torch.randn(64, 256) * 0.05, None, 4).int4_layout == "torch"
+    monkeypatch.setenv("GLM_CPU_INT4_LAYOUT", "probe")
+    wins = cpu_kernels.int4_wins()
+    layer = QuantizedLinear.from_float(torch.randn(64, 256) * 0.05, None, 4)
+    assert layer.int4_layout == ("thudm" if wins else "torch")
+    monkeypatch.setenv("GLM_CPU_INT4_LAYOUT", "torch")
+    assert QuantizedLinear.from_float(torch.randn(64, 256) * 0.05, None, 4).int4_layout == "torch"
+    monkeypatch.setenv("GLM_CPU_INT4_LAYOUT", "fastest")
+    with pytest.raises(ValueError, match="GLM_CPU_INT4_LAYOUT"):
+        cpu_kernels.int4_wins()

@@ -15,6 +15,10 @@ compiler (g++) and ninja. If the build fails, one warning is logged and the call
 kernels. ``GLM_CPU_KERNELS=0`` turns it off; ``GLM_CPU_KERNEL_ISA=avx2`` runs the AVX2 variant on
 an AVX-512 host (to measure what an AVX2 host gets).
 
+int8 weights are in THUDM's layout for both kernels, and a probe per projection shape picks the faster
+(:func:`cpu_quant.probe_decode`). int4 weights are stored once, in THUDM's layout for this kernel or in
+torch's for torch's: :func:`int4_wins` (``GLM_CPU_INT4_LAYOUT``, torch's by default).
+
 >>> if cpu_kernels.available():
 ...     y = cpu_kernels.int8_mm(x, codes, scale)      # x [M, K] bf16, codes [N, K] int8 -> [M, N] bf16
 """
@@ -105,6 +109,59 @@ def isa_code() -> int:
 def isa() -> str | None:
     """The variant the ops run in this process (``"avx512"``/``"avx2"``), or None if unavailable."""
     return torch.ops.glm_cpu.isa(isa_code()) if available() else None
+
+
+INT4_PROBE_SHAPE = (4096, 4096)  # ChatGLM2-6B's attention output projection: 8 MiB of int4
+
+
+def int4_wins() -> bool:
+    """Whether this process keeps int4 weights in THUDM's layout for this kernel rather than in
+    torch's prepacked one for torch's kernel (a weight is stored in one layout only, chosen before
+    any is stored). ``GLM_CPU_INT4_LAYOUT``: ``torch`` (the default), ``thudm``, or ``probe``: one-row
+    calls of both kernels on random codes of :data:`INT4_PROBE_SHAPE`, once per process (~0.1 s).
+
+    Not probed by default: a probe cheap enough for a load has a weight that stays in cache, and
+    there it measures compute, not memory: on the Sapphire Rapids host of docs/benchmarks.md it
+    found this kernel 1.4× faster (3.3 vs 4.7 ms) where it is 1.3× slower on the 6B's real layers
+    (5.3 vs 4.1 ms for 27392x4096). Set ``thudm`` on a host where torch's int4 kernel is
+    compute-bound (AMD Zen 4: 10.2 ms per 6B layer against chatglm.cpp's 6.3)."""
+    forced = os.environ.get("GLM_CPU_INT4_LAYOUT", "torch").strip().lower() or "torch"
+    if forced not in ("thudm", "torch", "probe"):
+        raise ValueError(f"GLM_CPU_INT4_LAYOUT must be torch, thudm or probe, got {forced!r}")
+    if forced != "probe":
+        return forced == "thudm"
+    return _int4_probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _int4_probe() -> bool:
+    import time
+
+    if build() is None:
+        return False
+
+    out_features, in_features = INT4_PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(-128, 128, (out_features, in_features // 2), generator=g, dtype=torch.int8)
+    scale = torch.rand(out_features, generator=g).to(torch.float16)
+    nibbles = torch.stack([(packed >> 4) & 0xF, packed & 0xF], dim=-1).flatten(1).to(torch.int32)
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles ^ 8, 1)
+    zeros = torch.stack([scale.float(), torch.zeros(out_features)], dim=-1)
+    scales_and_zeros = zeros.expand(in_features // 128, -1, -1).to(torch.bfloat16).contiguous()
+    x = torch.randn(1, in_features, generator=g).to(torch.bfloat16)
+    calls = {"glm": lambda: int4_mm(x, packed, scale),
+             "torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, theirs, 128, scales_and_zeros)}
+    best = dict.fromkeys(calls, float("inf"))
+    for fn in calls.values():
+        fn()
+    for _ in range(5):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    log.info("int4 decode probe, %dx%d one row: glm %.2f ms, torch %.2f ms", out_features, in_features,
+             best["glm"] * 1e3, best["torch"] * 1e3)
+    return best["glm"] <= best["torch"]
 
 
 def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -260,8 +260,9 @@ class QuantizedLinear(torch.nn.Module):
 
     Only the format the forward kernel reads stays resident: on CPU, int8 ``weight`` [out, in]
     (THUDM's format too) and int4 either THUDM's packed ``weight`` [out, in/2] (``int4_layout ==
-    "thudm"``: where glm-build's own CPU kernel is built) or torch's prepacked ``weight_int4pack``
-    plus ``scales_and_zeros`` (``"torch"``); elsewhere THUDM's ``weight`` (int4: packed [out, in/2]). ``thudm_state()`` (and ``state_dict()``)
+    "thudm"``: where glm-build's own CPU kernel is built and chosen for int4,
+    :func:`cpu_kernels.int4_wins`) or torch's prepacked ``weight_int4pack`` plus
+    ``scales_and_zeros`` (``"torch"``); elsewhere THUDM's ``weight`` (int4: packed [out, in/2]). ``thudm_state()`` (and ``state_dict()``)
     always give THUDM's ``weight`` / ``weight_scale`` (/ ``bias``).
 
     >>> layer = QuantizedLinear.from_float(linear.weight, linear.bias, bits=4)
@@ -307,7 +308,7 @@ class QuantizedLinear(torch.nn.Module):
         elif device.type == "cuda":
             self.kernel = "cuda_extract"
         self.int4_layout = None
-        if self.kernel == "cpu_int4" and cpu_kernels.available():
+        if self.kernel == "cpu_int4" and cpu_kernels.available() and cpu_kernels.int4_wins():
             # glm-build's kernel reads THUDM's packed int4 as it is; the dense path unpacks it too
             self.register_buffer("weight", owned_aligned(weight), persistent=False)
             self.int4_layout = "thudm"
