@@ -308,7 +308,7 @@ class QuantizedLinear(torch.nn.Module):
         elif device.type == "cuda":
             self.kernel = "cuda_extract"
         self.int4_layout = None
-        if self.kernel == "cpu_int4" and cpu_kernels.available() and cpu_kernels.int4_wins():
+        if self.kernel == "cpu_int4" and cpu_kernels.int4_wins() and cpu_kernels.available():
             # glm-build's kernel reads THUDM's packed int4 as it is; the dense path unpacks it too
             self.register_buffer("weight", owned_aligned(weight), persistent=False)
             self.int4_layout = "thudm"
