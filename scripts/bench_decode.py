@@ -69,7 +69,7 @@ def weight_bytes_read(module: torch.nn.Module) -> int:
     total = 0
     for m in module.modules():
         if isinstance(m, QuantizedLinear):
-            if m.kernel == "cpu_int4":  # the kernel reads the prepacked codes and per-group scales
+            if getattr(m, "int4_layout", None) == "torch":  # torch's kernel: prepacked codes, scales
                 total += tensor_bytes([m.weight_int4pack, m.scales_and_zeros, m.bias])
             else:
                 total += tensor_bytes([m.weight, m.weight_scale, m.bias])
