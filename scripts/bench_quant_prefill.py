@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder import cpu_quant  # noqa: E402
+from builder.model import cpu_quant  # noqa: E402
 from builder.model.checkpoint import load_chatglm2  # noqa: E402
 from builder.model.synthetic import write_synthetic_checkpoint  # noqa: E402
 

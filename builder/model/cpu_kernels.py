@@ -63,7 +63,8 @@ def build(verbose: bool = False) -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(folder)
         cpp_extension.load(name="glm_cpu_kernels", sources=[str(SOURCE)], build_directory=str(folder),
-                           extra_cflags=["-O3"], is_python_module=False, verbose=verbose)
+                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=verbose)
         isa = torch.ops.glm_cpu.isa(0)
     except Exception as err:  # no compiler, no ninja, a failed compile: torch's kernels do the work
         log.warning("glm-build's CPU decode kernel is not available (%s: %s); using torch's "
@@ -175,11 +176,22 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.ops.glm_cpu.int4_mm(x, packed, scale, isa_code())
 
 
-def int4_to_bf16(packed: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """THUDM's packed int4 rows [n, K/2] -> bfloat16 [n, K] in ``out`` (the codes, or times the
-    group scales [n, groups] when given); returns ``out`` viewed as [n, K]."""
-    torch.ops.glm_cpu.int4_to_bf16(packed, scale, out)
-    return out.view(packed.shape[0], packed.shape[1] * 2)
+def dense_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Many rows (a prefill, a large batch): x [M, K] bfloat16, int8 codes [N, K] or THUDM's packed
+    int4 [N, K/2], scale [N] (int4 also [N, K/group]) -> bfloat16 [M, N]. Each thread converts a block
+    of weight rows to bfloat16 in its own cache and multiplies it with oneDNN's matmul there."""
+    from .cpu_runtime import onednn_matmuls
+
+    with onednn_matmuls():
+        return torch.ops.glm_cpu.dense_mm(x, codes, scale, bits, dense_block(), isa_code())
+
+
+def dense_block() -> int:
+    """``GLM_CPU_DENSE_BLOCK``: weight rows a thread converts at once (default 0: what fills 1 MiB)."""
+    value = os.environ.get("GLM_CPU_DENSE_BLOCK", "0").strip() or "0"
+    if not value.isdigit():
+        raise ValueError(f"GLM_CPU_DENSE_BLOCK must be a number of rows, got {value!r}")
+    return int(value)
 
 
 def main() -> None:

@@ -441,12 +441,14 @@ class QuantizedLinear(torch.nn.Module):
             paths = {"glm_kernel": lambda x: cpu_kernels.int8_mm(x, self.weight, self.weight_scale),
                      "torch_kernel": lambda x: torch.ops.aten._weight_int8pack_mm(x, self.weight, scale),
                      "dense": lambda x: cpu_quant.int8_rows(x, self.weight, scale)}
-            if not cpu_kernels.available():
+            if cpu_kernels.available():
+                paths["dense"] = lambda x: cpu_kernels.dense_mm(x, self.weight, self.weight_scale, 8)
+            else:
                 del paths["glm_kernel"]
             return paths
         if self.int4_layout == "thudm":
             return {"glm_kernel": lambda x: cpu_kernels.int4_mm(x, self.weight, self.weight_scale),
-                    "dense": lambda x: cpu_quant.int4_rows_thudm(x, self.weight, self.weight_scale)}
+                    "dense": lambda x: cpu_kernels.dense_mm(x, self.weight, self.weight_scale, 4)}
         scale = self.scales_and_zeros[..., 0] if self.group_size else self.weight_scale.to(torch.bfloat16)
         return {"torch_kernel": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x, self.weight_int4pack, self.kernel_group_size, self.scales_and_zeros),

@@ -10,6 +10,7 @@
 // on any x86-64 host with AVX2+FMA, and uses AVX-512 where the CPU has it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -282,45 +283,142 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return weight_only_mm(x, packed, scale, 4, isa);
 }
 
-// THUDM int4 rows [n, K/2] -> bfloat16 [n, K] in out: the codes, or codes * scale [n, groups] when
-// a scale is given (what a dense matmul of a prefill reads)
-void int4_to_bf16(const at::Tensor& packed, const c10::optional<at::Tensor>& scale, at::Tensor out) {
-  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kChar && packed.is_contiguous(),
-              "glm_cpu: packed must be a contiguous 2-D int8 tensor");
-  const int64_t n = packed.size(0), half = packed.size(1), K = 2 * half;
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == n * K,
-              "glm_cpu: out must be a contiguous bfloat16 tensor of ", n * K, " elements");
-  at::Tensor s;
-  int64_t G = 0;
-  if (scale.has_value()) {
-    s = scale->to(at::kFloat).contiguous();
-    TORCH_CHECK(s.dim() == 2 && s.size(0) == n && K % s.size(1) == 0, "glm_cpu: scale must be [n, groups]");
-    G = s.size(1);
-  }
-  const int8_t* src = packed.data_ptr<int8_t>();
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const float* sp = G ? s.data_ptr<float>() : nullptr;
-  // a code in [-8, 7] is exact in bfloat16: its bits are those of the float32's upper half
-  at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(half, 1)), [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) {
-      const int8_t* row = src + r * half;
-      uint16_t* o = dst + r * K;
-      const int64_t group = G ? K / G : K;
-      for (int64_t j = 0; j < half; ++j) {
-        float hi = static_cast<float>(row[j] >> 4);
-        float lo = static_cast<float>(static_cast<int8_t>(row[j] << 4) >> 4);
-        if (G) {
-          const float f = sp[r * G + (2 * j) / group];
-          hi *= f, lo *= f;
-          o[2 * j] = c10::BFloat16(hi).x, o[2 * j + 1] = c10::BFloat16(lo).x;
-        } else {
-          uint32_t bits_hi, bits_lo;
-          std::memcpy(&bits_hi, &hi, 4), std::memcpy(&bits_lo, &lo, 4);
-          o[2 * j] = static_cast<uint16_t>(bits_hi >> 16), o[2 * j + 1] = static_cast<uint16_t>(bits_lo >> 16);
-        }
+// -- many rows (a prefill, a large batch): dequantize in cache, then oneDNN's matmul ------------------
+// A weight-only GEMV costs in proportion to the rows; a bfloat16 matmul (oneDNN: AMX or AVX-512-BF16
+// where the CPU has them) costs about the same for 1 row as for 100. So each thread takes blocks of
+// weight rows, converts a block to bfloat16 into its own buffer (sized to stay in its core's L2) and
+// multiplies it there: the codes are read from memory once, at 1-2x fewer bytes than a bfloat16
+// weight, and the bfloat16 copy never leaves the cache.
+//
+// Converting: int8 codes and int4 nibbles are exact in bfloat16 (a float32's upper half). With
+// group scales (int4 only) each code is multiplied by its group's scale in float32 and rounded to
+// nearest-even, as c10::BFloat16 does.
+
+// bfloat16 bits of float32 lanes: exact ones are the upper half; scaled ones round to nearest-even
+GLM_AVX512 __m512i bf16_round(__m512 f) {
+  __m512i b = _mm512_castps_si512(f);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd), 16);
+}
+GLM_AVX2 __m256i bf16_round(__m256 f) {
+  __m256i b = _mm256_castps_si256(f);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd), 16);
+}
+
+// one weight row -> K bfloat16; scale: the row's group scales (G of them) or null
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+void row_to_bf16_avx512(int bits, const int8_t* src, int64_t K, const float* scale, int64_t G, uint16_t* dst) {
+  const int64_t group = G ? K / G : K;
+  int64_t k = 0;
+  if (bits == 8) {
+    for (; k + 16 <= K; k += 16) {
+      __m512i b = _mm512_srli_epi32(_mm512_castps_si512(Avx512::int8(src + k)), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtepi32_epi16(b));
+    }
+  } else if (group % 32 == 0) {  // 16 bytes: elements 2j (high nibbles) and 2j+1 (low), 32 of them
+    for (; k + 32 <= K; k += 32) {
+      __m512 hi, lo;
+      Avx512::int4(src + k / 2, hi, lo);
+      __m512i h, l;
+      if (G) {
+        __m512 f = _mm512_set1_ps(scale[k / group]);
+        h = bf16_round(_mm512_mul_ps(hi, f)), l = bf16_round(_mm512_mul_ps(lo, f));
+      } else {
+        h = _mm512_srli_epi32(_mm512_castps_si512(hi), 16), l = _mm512_srli_epi32(_mm512_castps_si512(lo), 16);
       }
+      _mm512_storeu_si512(dst + k, _mm512_or_si512(h, _mm512_slli_epi32(l, 16)));  // (2j, 2j+1) pairs
+    }
+  }
+  for (; k < K; ++k) {
+    float v = bits == 8 ? src[k] : nibble(src, k);
+    if (G) v *= scale[k / group];
+    dst[k] = c10::BFloat16(v).x;
+  }
+}
+
+__attribute__((target("avx2,fma")))
+void row_to_bf16_avx2(int bits, const int8_t* src, int64_t K, const float* scale, int64_t G, uint16_t* dst) {
+  const int64_t group = G ? K / G : K;
+  int64_t k = 0;
+  if (bits == 8) {
+    for (; k + 16 <= K; k += 16) {
+      __m256i a = _mm256_srli_epi32(_mm256_castps_si256(Avx2::int8(src + k)), 16);
+      __m256i b = _mm256_srli_epi32(_mm256_castps_si256(Avx2::int8(src + k + 8)), 16);
+      __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);  // lanes back in order
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), packed);
+    }
+  } else if (group % 16 == 0) {
+    for (; k + 16 <= K; k += 16) {
+      __m256 hi, lo;
+      Avx2::int4(src + k / 2, hi, lo);
+      __m256i h, l;
+      if (G) {
+        __m256 f = _mm256_set1_ps(scale[k / group]);
+        h = bf16_round(_mm256_mul_ps(hi, f)), l = bf16_round(_mm256_mul_ps(lo, f));
+      } else {
+        h = _mm256_srli_epi32(_mm256_castps_si256(hi), 16), l = _mm256_srli_epi32(_mm256_castps_si256(lo), 16);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_or_si256(h, _mm256_slli_epi32(l, 16)));
+    }
+  }
+  for (; k < K; ++k) {
+    float v = bits == 8 ? src[k] : nibble(src, k);
+    if (G) v *= scale[k / group];
+    dst[k] = c10::BFloat16(v).x;
+  }
+}
+
+// y = x @ (codes * scale)^T for many rows of x: x [M, K] bfloat16; codes int8 [N, K] or THUDM int4
+// [N, K/2]; scale [N] (applied to the output, in bfloat16) or [N, groups] (int4: applied to the
+// weight). block: weight rows per conversion (0: what fits half of a 2 MiB L2).
+at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t bits,
+                    int64_t block, int64_t isa) {
+  TORCH_CHECK(bits == 8 || bits == 4, "glm_cpu: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "glm_cpu: x must be a 2-D bfloat16 CPU tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "glm_cpu: codes must be a contiguous 2-D int8 tensor");
+  const int64_t M = x.size(0), N = codes.size(0), K = x.size(1), row_bytes = codes.size(1);
+  TORCH_CHECK(row_bytes * (8 / bits) == K, "glm_cpu: codes ", codes.sizes(), " do not match ", K,
+              " inputs at ", bits, " bits");
+  TORCH_CHECK(scale.size(0) == N && (scale.dim() == 1 || (scale.dim() == 2 && bits == 4 && K % scale.size(1) == 0)),
+              "glm_cpu: scale must be [N] (int4 also [N, groups])");
+  const bool avx512 = use_avx512(isa);
+  const int64_t G = scale.dim() == 2 ? scale.size(1) : 0;
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor group_scale = G ? scale.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor row_scale = G ? at::Tensor() : scale.to(at::kBFloat16).contiguous();
+  if (block <= 0) block = std::max<int64_t>(16, (1 << 19) / K / 16 * 16);  // 1 MiB of bfloat16
+  block = std::min(block, N);
+  const int64_t blocks = (N + block - 1) / block;
+  const int8_t* src = codes.data_ptr<int8_t>();
+  const float* gs = G ? group_scale.data_ptr<float>() : nullptr;
+  const at::ThreadLocalState state;  // the caller's inference mode, grad mode etc., for the workers
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard guard(state);
+    // inside the parallel region ATen's ops (and oneDNN's matmul) run on this thread alone
+    at::Tensor w = at::empty({block, K}, x.options());
+    at::Tensor out = at::empty({M, block}, x.options());
+    uint16_t* wp = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * block, n = std::min(block, N - n0);
+      for (int64_t r = 0; r < n; ++r) {
+        const int8_t* row = src + (n0 + r) * row_bytes;
+        const float* rs = G ? gs + (n0 + r) * G : nullptr;
+        if (avx512) row_to_bf16_avx512(static_cast<int>(bits), row, K, rs, G, wp + r * K);
+        else row_to_bf16_avx2(static_cast<int>(bits), row, K, rs, G, wp + r * K);
+      }
+      at::Tensor part = n == block ? out : out.narrow(1, 0, n);
+      at::mm_out(part, xc, w.narrow(0, 0, n).t());
+      at::Tensor dst = y.narrow(1, n0, n);
+      if (G) dst.copy_(part);
+      else at::mul_out(dst, part, row_scale.narrow(0, n0, n));
     }
   });
+  return y;
 }
 
 std::string isa_name(int64_t isa) {
@@ -335,12 +433,12 @@ std::string isa_name(int64_t isa) {
 TORCH_LIBRARY(glm_cpu, m) {
   m.def("int8_mm(Tensor x, Tensor codes, Tensor scale, int isa=0) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scale, int isa=0) -> Tensor");
-  m.def("int4_to_bf16(Tensor packed, Tensor? scale, Tensor(a!) out) -> ()");
+  m.def("dense_mm(Tensor x, Tensor codes, Tensor scale, int bits, int block=0, int isa=0) -> Tensor");
   m.def("isa(int isa=0) -> str", &isa_name);  // no tensors: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(glm_cpu, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
-  m.impl("int4_to_bf16", &int4_to_bf16);
+  m.impl("dense_mm", &dense_mm);
 }
