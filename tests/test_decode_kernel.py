@@ -13,7 +13,7 @@ import torch
 
 from builder import TINY_CHECKPOINT, load_chatglm2
 from builder.model import cpu_kernels, cpu_quant
-from builder.model.quantization import QuantizedLinear, quantize_weight, unpack_int4
+from builder.model.quantization import QuantizedLinear, pack_int4, quantize_weight, unpack_int4
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,10 +149,10 @@ def test_greedy_answers_unchanged_with_the_kernel_on_or_off(bits, monkeypatch):
 
 @needs_kernel
 def test_int4_layout_follows_the_probe(monkeypatch):
-    """torch's layout by default; ``probe``: a one-off timing of both kernels chooses, and the layer
-    follows it."""
+    """THUDM's layout by default where the kernel is built; ``probe``: a one-off timing of both
+    kernels chooses, and the layer follows it."""
     monkeypatch.delenv("GLM_CPU_INT4_LAYOUT")
-    assert QuantizedLinear.from_float(torch.randn(64, 256) * 0.05, None, 4).int4_layout == "torch"
+    assert QuantizedLinear.from_float(torch.randn(64, 256) * 0.05, None, 4).int4_layout == "thudm"
     monkeypatch.setenv("GLM_CPU_INT4_LAYOUT", "probe")
     wins = cpu_kernels.int4_wins()
     layer = QuantizedLinear.from_float(torch.randn(64, 256) * 0.05, None, 4)
@@ -162,3 +162,55 @@ def test_int4_layout_follows_the_probe(monkeypatch):
     monkeypatch.setenv("GLM_CPU_INT4_LAYOUT", "fastest")
     with pytest.raises(ValueError, match="GLM_CPU_INT4_LAYOUT"):
         cpu_kernels.int4_wins()
+
+
+# -- many rows: dense_mm (a block of codes converted in a thread's cache; AMX where the CPU has it) ---
+def dense_variants() -> list[str]:
+    """``GLM_CPU_KERNEL_ISA`` values whose dense path differs: the best (AMX where there), AVX-512
+    and AVX2 (oneDNN's matmul on blocks converted with that ISA)."""
+    return [""] + variants()
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", dense_variants())
+def test_dense_path_matches_the_formula(isa, monkeypatch):
+    """int8, int4 and group-wise int4 on odd shapes, 1 to 130 rows (the tile unit takes up to 64,
+    oneDNN more): float32 sums of bfloat16-exact codes, one bfloat16 rounding."""
+    monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
+    g = torch.Generator().manual_seed(3)
+    for out_features, in_features in ((37, 96), (200, 512), (65, 200), (16, 4096)):
+        for rows in (1, 5, 17, 64, 65, 130):
+            x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+            for bits, group in ((8, None), (4, None), (4, 32)):
+                if bits == 4 and (in_features % 2 or (group and in_features % group)):
+                    continue
+                low, high = (-128, 128) if bits == 8 else (-8, 8)
+                q = torch.randint(low, high, (out_features, in_features), generator=g, dtype=torch.int8)
+                shape = (out_features,) if group is None else (out_features, in_features // group)
+                scale = (torch.rand(shape, generator=g) * 0.01 + 1e-3).to(torch.float16)
+                codes = q if bits == 8 else pack_int4(q)
+                y = cpu_kernels.dense_mm(x, codes, scale, bits)
+                exact = reference(x, q, scale)
+                if group is None:  # the scale multiplies the bfloat16 sum (AMX: the float32 one)
+                    slack = exact.abs() * 2 ** -7
+                else:  # each weight is rounded to bfloat16 first: 2^-8 of each term
+                    slack = (x.double().abs() @ reference_abs(q, scale).t()) * 2 ** -8 + exact.abs() * 2 ** -8
+                err = (y.double() - exact).abs() - slack
+                assert float(err.max()) <= 1e-3 * float(exact.abs().max()), (isa, out_features, in_features,
+                                                                             bits, group, rows)
+
+
+def reference_abs(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """|q * scale| [N, K] in float64 (group-wise scale [N, groups])."""
+    return (q.double() * scale.double().repeat_interleave(q.shape[1] // scale.shape[1], dim=1)).abs()
+
+
+@needs_kernel
+def test_dense_path_uses_amx_where_the_cpu_has_it(monkeypatch):
+    """The tile unit is named where cpuid and the OS grant it, and AVX-512 / AVX2 leave it out."""
+    amx = torch.ops.glm_cpu.isa(0) == "avx512+amx"
+    flags = open("/proc/cpuinfo").read()
+    assert amx == ("amx_bf16" in flags and "amx_tile" in flags)
+    for isa in variants():
+        monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
+        assert cpu_kernels.isa() == isa

@@ -270,7 +270,8 @@ def _count_paths(monkeypatch) -> dict:
     from builder.model import cpu_kernels, cpu_quant
 
     calls = {"dense": 0, "weight_only": 0}
-    targets = [(cpu_quant, name, "dense") for name in ("int8_rows", "int4_rows", "int4_rows_thudm")]
+    targets = [(cpu_quant, name, "dense") for name in ("int8_rows", "int4_rows")]
+    targets += [(cpu_kernels, "dense_mm", "dense")]
     targets += [(cpu_kernels, name, "weight_only") for name in ("int8_mm", "int4_mm")]
     targets += [(torch.ops.aten, name, "weight_only")
                 for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu")]

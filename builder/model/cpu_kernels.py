@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "glm_cpu_kernels.cpp"
 ISAS = {"": 0, "auto": 0, "avx2": 2, "avx512": 5}
+"""``GLM_CPU_KERNEL_ISA`` -> the ops' code: 0 is the best the CPU has, AMX included (``dense_mm``'s
+tile path); ``avx512`` and ``avx2`` leave AMX out (what a CPU without it gets)."""
 
 
 def cache_dir() -> Path:
@@ -118,15 +120,15 @@ INT4_PROBE_SHAPE = (4096, 4096)  # ChatGLM2-6B's attention output projection: 8 
 def int4_wins() -> bool:
     """Whether this process keeps int4 weights in THUDM's layout for this kernel rather than in
     torch's prepacked one for torch's kernel (a weight is stored in one layout only, chosen before
-    any is stored). ``GLM_CPU_INT4_LAYOUT``: ``torch`` (the default), ``thudm``, or ``probe``: one-row
-    calls of both kernels on random codes of :data:`INT4_PROBE_SHAPE`, once per process (~0.1 s).
+    any is stored). ``GLM_CPU_INT4_LAYOUT``: ``thudm`` (the default where this kernel is built),
+    ``torch``, or ``probe``: one-row calls of both kernels on random codes of
+    :data:`INT4_PROBE_SHAPE`, once per process (~0.1 s).
 
-    Not probed by default: a probe cheap enough for a load has a weight that stays in cache, and
-    there it measures compute, not memory: on the Sapphire Rapids host of docs/benchmarks.md it
-    found this kernel 1.4× faster (3.3 vs 4.7 ms) where it is 1.3× slower on the 6B's real layers
-    (5.3 vs 4.1 ms for 27392x4096). Set ``thudm`` on a host where torch's int4 kernel is
-    compute-bound (AMD Zen 4: 10.2 ms per 6B layer against chatglm.cpp's 6.3)."""
-    forced = os.environ.get("GLM_CPU_INT4_LAYOUT", "torch").strip().lower() or "torch"
+    THUDM's layout by default: built with OpenMP, this kernel beats torch's int4 kernel at 1-4 rows on
+    the 6B's real layers (docs/benchmarks.md), and the dense path (``dense_mm``: the tile unit where
+    the CPU has AMX, else oneDNN) reads it for more rows. Not probed by default: a probe cheap enough
+    for a load has a weight that stays in cache, and there it measures compute, not memory."""
+    forced = os.environ.get("GLM_CPU_INT4_LAYOUT", "thudm").strip().lower() or "thudm"
     if forced not in ("thudm", "torch", "probe"):
         raise ValueError(f"GLM_CPU_INT4_LAYOUT must be torch, thudm or probe, got {forced!r}")
     if forced != "probe":

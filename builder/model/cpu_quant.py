@@ -17,13 +17,13 @@ k-major layout, which is what ``x @ wᵀ`` wants. :func:`int4pack_layout` checks
 packer itself once per process (the layout is torch's private business) and returns None when it
 does not hold, and callers keep the weight-only kernel.
 
-Where glm-build's own decode kernel is built (:mod:`builder.model.cpu_kernels`), int4 weights are
-kept in THUDM's layout instead (``[N, K/2]``, element 2j in the high nibble), which that kernel reads
-for decode steps and :func:`int4_rows_thudm` here for many rows, unpacking a block of rows in C++.
+This module is the fallback where glm-build's own kernels are not built: where they are
+(:mod:`builder.model.cpu_kernels`), int8 codes and int4 in THUDM's layout (``[N, K/2]``, element 2j in
+the high nibble) go through ``cpu_kernels.dense_mm`` for many rows instead, which converts a block
+per thread in its own cache and multiplies it there (the tile unit where the CPU has AMX).
 
 >>> y = int8_rows(x, codes, scale_bf16)              # x [M, K] bf16, codes [N, K] int8 -> [M, N]
 >>> y = int4_rows(x, int4pack, scale_bf16, layout)    # layout = int4pack_layout()
->>> y = int4_rows_thudm(x, packed, scale)             # packed [N, K/2] int8 (THUDM's)
 """
 from __future__ import annotations
 
@@ -143,27 +143,6 @@ def _int4_blocks(x, flat, scale, block_n, blocks, y) -> None:
         y[:, start:stop] = x @ w
 
 
-def int4_rows_thudm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (q * scale)ᵀ`` through bfloat16 matmuls, from THUDM's packed int4 (needs
-    :mod:`cpu_kernels`, which unpacks a block of rows to bfloat16 in one pass).
-
-    x [M, K] bfloat16; packed [N, K/2] int8; scale [N] (one per row) or [N, K/g] -> [M, N] bfloat16.
-    """
-    out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    y = x.new_empty(x.shape[0], out_features)
-    blocks = list(_blocks(out_features, in_features))
-    weight = torch.empty(in_features * max(stop - start for start, stop in blocks), dtype=torch.bfloat16)
-    grouped = scale.dim() == 2
-    with onednn_matmuls():
-        for start, stop in blocks:
-            w = cpu_kernels.int4_to_bf16(packed[start:stop], scale[start:stop] if grouped else None,
-                                         weight[:(stop - start) * in_features])  # [rows, K]
-            y[:, start:stop] = x @ w.t()
-    if not grouped:
-        y *= scale.to(torch.bfloat16)
-    return y
-
-
 # -- when to take the dense path ----------------------------------------------------------------------
 DENSE_ROWS = {"AVX512": {8: 16, 4: 32}, "AVX2": {8: 12, 4: 24}}
 """From this many rows on, a quantized projection runs :func:`int8_rows` / :func:`int4_rows` instead of
@@ -191,11 +170,12 @@ def dense_rows(bits: int, layout: str = "torch") -> int:
 
 
 # -- decode: which path is faster on this host ---------------------------------------------------------
-PROBE_MARGIN = 1.5
-"""The dense path must beat the weight-only kernels by this factor at one row before decode steps use
-it: it reads 2-4× the bytes, so only a kernel that is badly compute-bound on a host loses to it, and
-a noisy probe on a busy machine must not flip a memory-bound kernel over. Between the two weight-only
-kernels (glm-build's own, torch's) the faster wins."""
+PROBE_MARGIN = 1.25
+"""The dense path must beat the weight-only kernels by this factor before decode steps of that many
+rows use it, so that a noisy probe on a busy machine does not flip a memory-bound kernel over. (On
+AMX hosts ``cpu_kernels.dense_mm`` reads the codes once at any row count and wins from ~5 rows; the
+oneDNN form reads a bfloat16 copy and wins only where the kernels are badly compute-bound.) Between
+the two weight-only kernels (glm-build's own, torch's) the faster wins."""
 
 DECODE_PATHS = ("glm_kernel", "torch_kernel", "dense")
 """A decode step's candidates: glm-build's kernel (:mod:`cpu_kernels`, where built), torch's

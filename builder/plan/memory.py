@@ -86,9 +86,6 @@ CPU_PROCESS_OVERHEAD = 400 * MIB
 """Resident set of a Python process that has imported torch 2.13 (CPU) and transformers 5 and
 this package, before any weights: 397 MiB measured on the development machine."""
 
-CPU_INT4_GROUP_SIZE = 128
-"""Group size of torch's CPU int4 kernel when it runs ChatGLM's per-row int4 (DESIGN.md)."""
-
 # The CPU terms follow this package's runtime (transformers' GlmForCausalLM, torch's CPU kernels,
 # glibc's malloc) as `glm-build profile` measures it on ChatGLM2-6B's real shapes; docs/memory.md
 # has the figures. The CUDA terms keep THUDM's runtime: they are calibrated on its table.
@@ -164,9 +161,9 @@ def weight_bytes(config: ChatGLM2Config, bits: int, *, group_size: int | None = 
     ``bits=8|4``: the four projections of every layer at ``bits/8`` bytes per weight plus their
     scales; everything else at ``dtype_bytes``. Scales on CUDA (THUDM's ``QuantizedLinear``): one
     per output row, or per ``group_size`` inputs for group-wise int4, in the model dtype. On a CPU
-    the fused kernels' formats: int8 with one bf16 scale per row; int4 packed at half a byte per
-    weight (0.25× fp16) with a bf16 scales-and-zeros tensor ``[cols/g, rows, 2]``, g =
-    ``group_size`` or :data:`CPU_INT4_GROUP_SIZE`.
+    the kernels' formats: int8 with one bf16 scale per row; int4 in THUDM's layout (glm-build's CPU
+    kernel, the default where it is built: ``builder.model.cpu_kernels``), packed at half a byte per
+    weight (0.25× fp16) with THUDM's fp16 scales, one per row or per ``group_size`` inputs.
 
     >>> from builder import CHATGLM2_6B
     >>> weight_bytes(CHATGLM2_6B, 16)
@@ -184,8 +181,8 @@ def weight_bytes(config: ChatGLM2Config, bits: int, *, group_size: int | None = 
         elif bits == 8:
             total += rows * cols + rows * 2  # int8 + bf16 scale per row
         else:
-            groups = math.ceil(cols / (group_size or CPU_INT4_GROUP_SIZE))
-            total += rows * math.ceil(cols / 2) + groups * rows * 2 * 2  # packed + bf16 (scale, zero)
+            groups = 1 if group_size is None else math.ceil(cols / group_size)
+            total += rows * math.ceil(cols / 2) + groups * rows * 2  # packed + fp16 scales
     return config.num_layers * total + plain
 
 

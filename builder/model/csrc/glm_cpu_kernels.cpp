@@ -13,7 +13,10 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
@@ -369,6 +372,181 @@ void row_to_bf16_avx2(int bits, const int8_t* src, int64_t K, const float* scale
   }
 }
 
+// -- AMX (Sapphire Rapids and later): the same conversion, multiplied by the tile unit -----------------
+// Weight rows are the tiles' A side: 16 rows of codes become 16 rows of bfloat16 in a thread's buffer
+// (L2), and each 32-input chunk of them is one A tile; x, laid out once per call as B tiles (pairs of
+// inputs per column, "VNNI"), stays in cache. C tile g holds y^T for 16 weight rows and 16 rows of x,
+// so up to 4 groups of 16 x rows (64) share one pass over a converted block. The unit multiplies at
+// several hundred flops a cycle, so up to ~16 rows cost what one does: converting and reading the codes.
+bool amx_ready() {
+  static const bool ready = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+    // Linux hands out tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return tile && bf16 && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ready;
+}
+
+// Up to this many rows of x go through the tile unit (one pass over the converted weights); more (a
+// long prefill) through oneDNN below, which blocks large matmuls better (measured: docs/benchmarks.md).
+constexpr int64_t kAmxMaxRows = 64;
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct AmxProblem {
+  const uint16_t* xb;   // [K32][groups][16 pairs of inputs][16 x rows][2] bfloat16 bits
+  const int8_t* w;      // [N, row_bytes]
+  const float* scale;   // per row [N] (applied to C) or groups [N, G] (applied in the conversion)
+  at::BFloat16* y;      // [M, N]
+  int64_t M, N, K, K32, groups, row_bytes, G;
+  int bits;
+};
+
+#define GLM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx2,fma")))
+
+// bfloat16s per converted weight row: whole chunks, plus one cache line so that the 16 rows of a tile
+// do not all fall in one L1 set (a power-of-two row length would put them there)
+inline int64_t amx_width(const AmxProblem& p) { return p.K32 * 32 + 32; }
+
+// Tiles are not renamed: a load into a tile waits for the multiplies still reading it, and a multiply
+// into C waits for the last one into C. So A (a chunk of weight rows) alternates between tiles 0 and
+// 1 by chunk, B (a chunk of x rows) between 2 and 3, and with 1-2 groups of x rows each group has two
+// C tiles (even and odd chunks, summed at the end): up to 4 groups (64 rows of x) per pass.
+// GCC's tile intrinsics paste the tile number into the instruction's text, so it must be a literal:
+// these switch on it (constant after inlining).
+GLM_AMX inline void tile_load(int t, const void* base, int64_t stride) {
+  switch (t) {
+    case 0: _tile_loadd(0, base, stride); break;
+    case 1: _tile_loadd(1, base, stride); break;
+    case 2: _tile_loadd(2, base, stride); break;
+    default: _tile_loadd(3, base, stride); break;
+  }
+}
+#define GLM_DP(C, A, B) case C * 100 + A * 10 + B: _tile_dpbf16ps(C, A, B); break;
+GLM_AMX inline void tile_dp(int c, int a, int b) {
+  switch (c * 100 + a * 10 + b) {
+    GLM_DP(4, 0, 2) GLM_DP(4, 0, 3) GLM_DP(4, 1, 2) GLM_DP(4, 1, 3)
+    GLM_DP(5, 0, 2) GLM_DP(5, 0, 3) GLM_DP(5, 1, 2) GLM_DP(5, 1, 3)
+    GLM_DP(6, 0, 2) GLM_DP(6, 0, 3) GLM_DP(6, 1, 2) GLM_DP(6, 1, 3)
+    GLM_DP(7, 0, 2) GLM_DP(7, 0, 3) GLM_DP(7, 1, 2) GLM_DP(7, 1, 3)
+  }
+}
+#undef GLM_DP
+
+template <int NG>
+constexpr int c_tile(int g, int q) { return NG <= 2 ? 4 + 2 * g + q : 4 + g; }
+
+template <int NG, int Q, int G>
+GLM_AMX inline void amx_group(const uint16_t* xc) {
+  if constexpr (G < NG) {
+    constexpr int b = 2 + (G + Q * NG) % 2;
+    tile_load(b, xc + G * 512, 64);
+    tile_dp(c_tile<NG>(G, Q), Q, b);
+    amx_group<NG, Q, G + 1>(xc);
+  }
+}
+
+template <int NG, int Q>
+GLM_AMX inline void amx_chunk(const AmxProblem& p, const uint16_t* wbuf, int64_t stride, int64_t c, int64_t g0) {
+  tile_load(Q, wbuf + c * 32, stride);
+  amx_group<NG, Q, 0>(p.xb + (c * p.groups + g0) * 512);
+}
+
+GLM_AMX inline void zero_c() {
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+}
+GLM_AMX inline void store_c(float* c) {
+  _tile_stored(4, c, 64);
+  _tile_stored(5, c + 256, 64);
+  _tile_stored(6, c + 512, 64);
+  _tile_stored(7, c + 768, 64);
+}
+
+// one pass over a converted block for x groups g0 .. g0+NG-1; leaves y^T's tiles (fp32, 16 x 16) in c
+template <int NG>
+GLM_AMX void amx_pass(const AmxProblem& p, const uint16_t* wbuf, int64_t g0, float* c) {
+  zero_c();
+  const int64_t stride = amx_width(p) * 2;  // bytes per converted row
+  int64_t k = 0;
+  for (; k + 2 <= p.K32; k += 2) {
+    amx_chunk<NG, 0>(p, wbuf, stride, k, g0);
+    amx_chunk<NG, 1>(p, wbuf, stride, k + 1, g0);
+  }
+  if (k < p.K32) amx_chunk<NG, 0>(p, wbuf, stride, k, g0);
+  store_c(c);
+  if constexpr (NG <= 2)  // tiles 4+5 (group 0), 6+7 (group 1): sum the even and odd chunks
+    for (int i = 0; i < 256; ++i) c[i] += c[256 + i], c[256 + i] = c[512 + i] + c[768 + i];
+}
+
+// y for x group g from its C tile (c: [16 weight rows][16 x rows] fp32)
+GLM_AMX void amx_store(const AmxProblem& p, const float* c, int64_t n0, int64_t rows, int64_t g) {
+  const int64_t m_end = std::min<int64_t>(16, p.M - g * 16);
+  for (int64_t j = 0; j < m_end; ++j) {
+    at::BFloat16* out = p.y + (g * 16 + j) * p.N + n0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float v = c[r * 16 + j];
+      out[r] = c10::BFloat16(p.G ? v : v * p.scale[n0 + r]);
+    }
+  }
+}
+
+GLM_AMX void amx_blocks(const AmxProblem& p, int64_t b0, int64_t b1, std::vector<uint16_t>& wbuf) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+  const int64_t width = amx_width(p);
+  wbuf.assign(16 * width, 0);
+  alignas(64) float c[4 * 16 * 16];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 16, rows = std::min<int64_t>(16, p.N - n0);
+    for (int64_t r = 0; r < rows; ++r)
+      row_to_bf16_avx512(p.bits, p.w + (n0 + r) * p.row_bytes, p.K, p.G ? p.scale + (n0 + r) * p.G : nullptr,
+                         p.G, wbuf.data() + r * width);
+    if (rows < 16) std::fill(wbuf.begin() + rows * width, wbuf.end(), 0);
+    for (int64_t g0 = 0; g0 < p.groups; g0 += 4) {
+      const int64_t ng = std::min<int64_t>(4, p.groups - g0);
+      switch (ng) {
+        case 1: amx_pass<1>(p, wbuf.data(), g0, c); break;
+        case 2: amx_pass<2>(p, wbuf.data(), g0, c); break;
+        case 3: amx_pass<3>(p, wbuf.data(), g0, c); break;
+        default: amx_pass<4>(p, wbuf.data(), g0, c); break;
+      }
+      for (int64_t g = 0; g < ng; ++g) amx_store(p, c + g * 256, n0, rows, g0 + g);
+    }
+  }
+  _tile_release();
+}
+
+at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t bits) {
+  const int64_t M = x.size(0), N = codes.size(0), K = x.size(1);
+  const int64_t K32 = (K + 31) / 32, groups = (M + 15) / 16;
+  at::Tensor y = at::empty({M, N}, x.options());
+  // x as B tiles: xb[c][g][r][j][e] = x[16 g + j, 32 c + 2 r + e], zero past M and K
+  std::vector<uint16_t> xb(K32 * groups * 512, 0);
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      xb[((k / 32 * groups + m / 16) * 16 + (k % 32) / 2) * 32 + (m % 16) * 2 + (k & 1)] = xs[m * K + k];
+  at::Tensor s = scale.to(at::kFloat).contiguous();
+  AmxProblem p{xb.data(), codes.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
+               M, N, K, K32, groups, codes.size(1), scale.dim() == 2 ? scale.size(1) : 0, static_cast<int>(bits)};
+  const int64_t blocks = (N + 15) / 16;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<uint16_t> wbuf;
+    amx_blocks(p, b0, b1, wbuf);
+  });
+  return y;
+}
+
 // y = x @ (codes * scale)^T for many rows of x: x [M, K] bfloat16; codes int8 [N, K] or THUDM int4
 // [N, K/2]; scale [N] (applied to the output, in bfloat16) or [N, groups] (int4: applied to the
 // weight). block: weight rows per conversion (0: what fits half of a 2 MiB L2).
@@ -387,6 +565,8 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   const bool avx512 = use_avx512(isa);
   const int64_t G = scale.dim() == 2 ? scale.size(1) : 0;
   at::Tensor xc = x.contiguous();
+  if (isa == 0 && M <= kAmxMaxRows && amx_ready() && M > 0 && N > 0 && (G == 0 || (K / G) % 32 == 0))
+    return amx_mm(xc, codes, scale, bits);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   at::Tensor group_scale = G ? scale.to(at::kFloat).contiguous() : at::Tensor();
@@ -423,6 +603,7 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 
 std::string isa_name(int64_t isa) {
   if (!has_avx2()) return "none";
+  if (isa == 0 && amx_ready()) return "avx512+amx";
   if (isa == 2) return "avx2";
   if (isa == 5) return has_avx512() ? "avx512" : "none";
   return has_avx512() ? "avx512" : "avx2";
