@@ -118,9 +118,9 @@ def test_cpu_mode():
     # no dequantized transient: torch's CPU kernels are fused
     int8_cpu = memory.activation_steps(CHATGLM2_6B, 8, 512, "generate", device="cpu")
     assert int8_cpu["dense_h_to_4h"] < 27392 * 4096
-    # int4 on CPU: 0.25× the fp16 bytes plus a bf16 [cols/128, rows, 2] scales-and-zeros tensor
+    # int4 on CPU: THUDM's layout (glm-build's kernel), 0.25× the fp16 bytes plus an fp16 scale per row
     rows_cols = memory.quantized_projections(TINY).values()
-    packed = sum(r * c // 2 + (c // 128 or 1) * r * 4 for r, c in rows_cols)
+    packed = sum(r * c // 2 + r * 2 for r, c in rows_cols)
     plain = memory.plain_parameters(TINY) * 2
     assert weight_bytes(TINY, 4, device="cpu") == 2 * packed + plain
 
