@@ -174,12 +174,12 @@ def dense_variants() -> list[str]:
 @needs_kernel
 @pytest.mark.parametrize("isa", dense_variants())
 def test_dense_path_matches_the_formula(isa, monkeypatch):
-    """int8, int4 and group-wise int4 on odd shapes, 1 to 130 rows (the tile unit takes up to 64,
+    """int8, int4 and group-wise int4 on odd shapes, 1 to 130 rows (the tile unit takes up to 128,
     oneDNN more): float32 sums of bfloat16-exact codes, one bfloat16 rounding."""
     monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
     g = torch.Generator().manual_seed(3)
     for out_features, in_features in ((37, 96), (200, 512), (65, 200), (16, 4096)):
-        for rows in (1, 5, 17, 64, 65, 130):
+        for rows in (1, 5, 17, 65, 128, 130):
             x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
             for bits, group in ((8, None), (4, None), (4, 32)):
                 if bits == 4 and (in_features % 2 or (group and in_features % group)):

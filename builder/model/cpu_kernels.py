@@ -1,26 +1,31 @@
-"""Our own weight-only int8/int4 GEMV for CPU decode steps (``csrc/glm_cpu_kernels.cpp``), built once
-per torch version with torch's C++ extension tooling, and torch's kernels where it cannot be.
+"""glm-build's own int8/int4 CPU kernels (``csrc/glm_cpu_kernels.cpp``), built once per torch version
+with torch's C++ extension tooling (and OpenMP: without it ``at::parallel_for`` runs on one thread),
+and torch's kernels where they cannot be built.
 
-A decode step reads every weight once, so its kernel must stream the codes at memory speed. torch's
-weight-only kernels do on some hosts and are compute-bound on others (an AMD Zen 4 read int8 at ~13
-GB/s where chatglm.cpp reads ~34). This kernel reads THUDM's codes as they are (int8 ``[N, K]``; int4
-``[N, K/2]``, element 2j in the high nibble), widens them to float32 in registers and accumulates in
-float32: ``y = bf16(sum_k x[m, k] * q[n, k] * scale[n, k / group])``. One build runs on any x86-64
-host with AVX2+FMA; an AVX-512 variant is picked from cpuid at run time (not from
-``ATEN_CPU_CAPABILITY``).
+- **Decode steps** (a few rows): a weight-only GEMV that must stream the codes at memory speed. It
+  reads THUDM's codes as they are (int8 ``[N, K]``; int4 ``[N, K/2]``, element 2j in the high
+  nibble), widens them to float32 in registers and accumulates in float32:
+  ``y = bf16(sum_k x[m, k] * q[n, k] * scale[n, k / group])``. One build runs on any x86-64 host with
+  AVX2+FMA; an AVX-512 variant is picked from cpuid at run time (not from ``ATEN_CPU_CAPABILITY``).
+- **Many rows** (:func:`dense_mm`: a prefill, a batch of sequences): each thread converts a block of
+  weight rows to bfloat16 in its own cache (the codes are exact there) and multiplies it there: with
+  the AMX tile unit where the CPU and OS grant it (up to 128 rows; the codes are read once, so 16 rows
+  cost about what one does), otherwise with oneDNN's matmul on the block.
 
 Built at ``make setup`` (``python -m builder.model.cpu_kernels``) or at first use, into
 ``$GLM_CPU_KERNELS_CACHE`` (default ``~/.cache/glm-build/cpu-kernels/<torch version>``); needs a C++
 compiler (g++) and ninja. If the build fails, one warning is logged and the callers keep torch's
-kernels. ``GLM_CPU_KERNELS=0`` turns it off; ``GLM_CPU_KERNEL_ISA=avx2`` runs the AVX2 variant on
-an AVX-512 host (to measure what an AVX2 host gets).
+kernels. ``GLM_CPU_KERNELS=0`` turns it off; ``GLM_CPU_KERNEL_ISA=avx2`` (or ``avx512``) runs that
+variant and leaves AMX out (to measure what such a host gets).
 
-int8 weights are in THUDM's layout for both kernels, and a probe per projection shape picks the faster
-(:func:`cpu_quant.probe_decode`). int4 weights are stored once, in THUDM's layout for this kernel or in
-torch's for torch's: :func:`int4_wins` (``GLM_CPU_INT4_LAYOUT``, torch's by default).
+int8 weights are in THUDM's layout for every path, and a probe per projection shape and row bucket
+picks the fastest (:func:`cpu_quant.probe_decode`). int4 weights are stored once, in THUDM's layout
+where this library is built (the default) or in torch's for torch's kernel: :func:`int4_wins`
+(``GLM_CPU_INT4_LAYOUT``).
 
 >>> if cpu_kernels.available():
 ...     y = cpu_kernels.int8_mm(x, codes, scale)      # x [M, K] bf16, codes [N, K] int8 -> [M, N] bf16
+...     y = cpu_kernels.dense_mm(x, codes, scale, 8)  # the same, for many rows
 """
 from __future__ import annotations
 

@@ -8,6 +8,10 @@
 // hide the FMA latency. Built without -march flags: each ISA's functions carry their own target
 // attribute and one is picked at run time from cpuid (GCC's __builtin_cpu_supports), so one build runs
 // on any x86-64 host with AVX2+FMA, and uses AVX-512 where the CPU has it.
+//
+// Many rows (dense_mm, below): a block of codes converted to bfloat16 in each thread's cache and
+// multiplied there, by the AMX tile unit where the CPU has it, else by oneDNN's matmul. Built with
+// -fopenmp: without it at::parallel_for (an inline OpenMP loop in ATen's headers) runs on one thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -389,9 +393,11 @@ bool amx_ready() {
   return ready;
 }
 
-// Up to this many rows of x go through the tile unit (one pass over the converted weights); more (a
-// long prefill) through oneDNN below, which blocks large matmuls better (measured: docs/benchmarks.md).
-constexpr int64_t kAmxMaxRows = 64;
+// Up to this many rows of x go through the tile unit (up to 4 groups of 16 per pass over a converted
+// block); more (a long prefill) through oneDNN below, which blocks large matmuls better. Measured on
+// the 6B's projections (docs/benchmarks.md): at 98 rows the tile unit is 1.3x faster than oneDNN's
+// blocks for 4096x13696 and 1.1x slower for 27392x4096; at 512 oneDNN wins.
+constexpr int64_t kAmxMaxRows = 128;
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -571,7 +577,8 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   if (M == 0 || N == 0) return y;
   at::Tensor group_scale = G ? scale.to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor row_scale = G ? at::Tensor() : scale.to(at::kBFloat16).contiguous();
-  if (block <= 0) block = std::max<int64_t>(16, (1 << 19) / K / 16 * 16);  // 1 MiB of bfloat16
+  // 1 MiB of bfloat16, and at least 64 rows: oneDNN's matmul is slow on narrower blocks
+  if (block <= 0) block = std::max<int64_t>(64, (1 << 19) / K / 16 * 16);
   block = std::min(block, N);
   const int64_t blocks = (N + block - 1) / block;
   const int8_t* src = codes.data_ptr<int8_t>();
