@@ -376,6 +376,50 @@ void row_to_bf16_avx2(int bits, const int8_t* src, int64_t K, const float* scale
   }
 }
 
+// The same with AVX512-BF16 (Sapphire Rapids, Zen 4: every CPU with AMX has it), for int8 and
+// per-row-scaled int4, ~2x fewer shuffle-port operations per code: int8 as two float vectors packed
+// by one vcvtne2ps2bf16 (exact: the codes are small integers); int4 through a 16-entry table of the
+// nibbles' bfloat16s (vpermw), both nibbles of a byte in one 32-bit lane.
+bool has_avx512bf16() {
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return has_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+  }();
+  return yes;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+void row_to_bf16_avx512bf16(int bits, const int8_t* src, int64_t K, const float* scale, int64_t G, uint16_t* dst) {
+  if (G) return row_to_bf16_avx512(bits, src, K, scale, G, dst);
+  int64_t k = 0;
+  if (bits == 8) {
+    for (; k + 32 <= K; k += 32) {
+      __m512 a = Avx512::int8(src + k), b = Avx512::int8(src + k + 16);
+      _mm512_storeu_si512(dst + k, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+    }
+  } else {
+    alignas(64) static const uint16_t nibbles[32] = {  // bfloat16 of 0..7, -8..-1, then unused
+        0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+        0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
+    const __m512i table = _mm512_load_si512(nibbles);
+    const __m512i low = _mm512_set1_epi32(15);
+    for (; k + 32 <= K; k += 32) {
+      __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k / 2)));
+      // lane j: element 2j (the high nibble) in its low word, 2j+1 (the low nibble) in its high word
+      __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, low), 16));
+      _mm512_storeu_si512(dst + k, _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+  for (; k < K; ++k) dst[k] = c10::BFloat16(static_cast<float>(bits == 8 ? src[k] : nibble(src, k))).x;
+}
+
+// one weight row -> bfloat16 with the best conversion this CPU has (avx512: the caller's ISA choice)
+void row_to_bf16(bool avx512, int bits, const int8_t* src, int64_t K, const float* scale, int64_t G, uint16_t* dst) {
+  if (avx512 && has_avx512bf16()) row_to_bf16_avx512bf16(bits, src, K, scale, G, dst);
+  else if (avx512) row_to_bf16_avx512(bits, src, K, scale, G, dst);
+  else row_to_bf16_avx2(bits, src, K, scale, G, dst);
+}
+
 // -- AMX (Sapphire Rapids and later): the same conversion, multiplied by the tile unit -----------------
 // Weight rows are the tiles' A side: 16 rows of codes become 16 rows of bfloat16 in a thread's buffer
 // (L2), and each 32-input chunk of them is one A tile; x, laid out once per call as B tiles (pairs of
@@ -393,11 +437,14 @@ bool amx_ready() {
   return ready;
 }
 
-// Up to this many rows of x go through the tile unit (up to 4 groups of 16 per pass over a converted
-// block); more (a long prefill) through oneDNN below, which blocks large matmuls better. Measured on
-// the 6B's projections (docs/benchmarks.md): at 98 rows the tile unit is 1.3x faster than oneDNN's
-// blocks for 4096x13696 and 1.1x slower for 27392x4096; at 512 oneDNN wins.
+// Up to this many rows of x go through the tile unit, and only while x's tiles (1 KiB per 32 inputs
+// and 16 rows) fit in 2 MiB, an L2: each block of weight rows reads all of them. More rows (a long
+// prefill) go through oneDNN below, which blocks large matmuls better. Measured on the 6B's
+// projections (docs/benchmarks.md): 27392x4096 is faster here up to 98 rows and more; 4096x13696
+// (1.7 MiB of x tiles at 64 rows) up to 64, and on oneDNN from ~80.
 constexpr int64_t kAmxMaxRows = 128;
+constexpr int64_t kAmxMaxXTiles = 2048;
+bool amx_fits(int64_t M, int64_t K) { return M <= kAmxMaxRows && (K + 31) / 32 * ((M + 15) / 16) <= kAmxMaxXTiles; }
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -515,8 +562,8 @@ GLM_AMX void amx_blocks(const AmxProblem& p, int64_t b0, int64_t b1, std::vector
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 16, rows = std::min<int64_t>(16, p.N - n0);
     for (int64_t r = 0; r < rows; ++r)
-      row_to_bf16_avx512(p.bits, p.w + (n0 + r) * p.row_bytes, p.K, p.G ? p.scale + (n0 + r) * p.G : nullptr,
-                         p.G, wbuf.data() + r * width);
+      row_to_bf16(true, p.bits, p.w + (n0 + r) * p.row_bytes, p.K, p.G ? p.scale + (n0 + r) * p.G : nullptr,
+                  p.G, wbuf.data() + r * width);
     if (rows < 16) std::fill(wbuf.begin() + rows * width, wbuf.end(), 0);
     for (int64_t g0 = 0; g0 < p.groups; g0 += 4) {
       const int64_t ng = std::min<int64_t>(4, p.groups - g0);
@@ -571,7 +618,7 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   const bool avx512 = use_avx512(isa);
   const int64_t G = scale.dim() == 2 ? scale.size(1) : 0;
   at::Tensor xc = x.contiguous();
-  if (isa == 0 && M <= kAmxMaxRows && amx_ready() && M > 0 && N > 0 && (G == 0 || (K / G) % 32 == 0))
+  if (isa == 0 && amx_fits(M, K) && amx_ready() && M > 0 && N > 0 && (G == 0 || (K / G) % 32 == 0))
     return amx_mm(xc, codes, scale, bits);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -595,8 +642,7 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
       for (int64_t r = 0; r < n; ++r) {
         const int8_t* row = src + (n0 + r) * row_bytes;
         const float* rs = G ? gs + (n0 + r) * G : nullptr;
-        if (avx512) row_to_bf16_avx512(static_cast<int>(bits), row, K, rs, G, wp + r * K);
-        else row_to_bf16_avx2(static_cast<int>(bits), row, K, rs, G, wp + r * K);
+        row_to_bf16(avx512, static_cast<int>(bits), row, K, rs, G, wp + r * K);
       }
       at::Tensor part = n == block ? out : out.narrow(1, 0, n);
       at::mm_out(part, xc, w.narrow(0, 0, n).t());
