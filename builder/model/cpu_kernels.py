@@ -194,7 +194,8 @@ def dense_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: in
 
 
 def dense_block() -> int:
-    """``GLM_CPU_DENSE_BLOCK``: weight rows a thread converts at once (default 0: what fills 1 MiB)."""
+    """``GLM_CPU_DENSE_BLOCK``: weight rows a thread converts at once on the oneDNN path (default 0:
+    what fills 1 MiB of bfloat16, at least 64 rows; the AMX path converts 16 at a time)."""
     value = os.environ.get("GLM_CPU_DENSE_BLOCK", "0").strip() or "0"
     if not value.isdigit():
         raise ValueError(f"GLM_CPU_DENSE_BLOCK must be a number of rows, got {value!r}")
