@@ -214,3 +214,15 @@ def test_dense_path_uses_amx_where_the_cpu_has_it(monkeypatch):
     for isa in variants():
         monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
         assert cpu_kernels.isa() == isa
+
+
+def test_probe_times_a_bucket_at_its_largest_row_count():
+    """A 5-8-row bucket first seen with 5 rows is timed with 8 (x's rows repeated); 1 row stays 1; the
+    open bucket times x as it is."""
+    x = torch.arange(5 * 3, dtype=torch.float32).view(5, 3)
+    rows = cpu_quant.probe_rows(x, cpu_quant.rows_bucket(5))
+    assert rows.shape == (8, 3) and torch.equal(rows[:5], x) and torch.equal(rows[5:], x[:3])
+    assert cpu_quant.probe_rows(x[:1], cpu_quant.rows_bucket(1)).shape == (1, 3)
+    assert cpu_quant.probe_rows(x[:2], cpu_quant.rows_bucket(2)).shape == (4, 3)
+    many = torch.zeros(12, 3)
+    assert cpu_quant.probe_rows(many, cpu_quant.rows_bucket(12)) is many

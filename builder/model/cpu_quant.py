@@ -206,6 +206,15 @@ def rows_bucket(rows: int) -> int:
     return next((bucket for bucket in ROW_BUCKETS if rows <= bucket), ROW_BUCKETS[-1] + 1)
 
 
+def probe_rows(x: torch.Tensor, bucket: int) -> torch.Tensor:
+    """The rows a probe times for ``bucket``: its largest count (x's rows repeated), so that a bucket
+    first seen with fewer rows (5 sequences while a batch of 8 fills) is decided for the count its
+    later calls mostly have; the open bucket (9+) times ``x`` as it is."""
+    if bucket not in ROW_BUCKETS or x.shape[0] >= bucket:
+        return x
+    return x.repeat((bucket + x.shape[0] - 1) // x.shape[0], 1)[:bucket]
+
+
 def forced_path(candidates) -> str | None:
     """The path ``GLM_CPU_DECODE`` names among ``candidates`` (None: probe)."""
     choice = decode_choice()
@@ -225,9 +234,9 @@ def decode_key(bits: int, out_features: int, in_features: int, group: int | None
 
 
 def probe_decode(key: tuple, candidates: dict, x: torch.Tensor, repeats: int = 3) -> str:
-    """The fastest path for a call of this shape with ``x``'s rows, timed on the layer's own weight and
-    on ``x`` (min of ``repeats`` interleaved calls each, after a warm-up); decided once per shape and
-    rows bucket per process. ``candidates``: name (of :data:`DECODE_PATHS`) -> function of bfloat16 rows."""
+    """The fastest path for a call of this shape and rows bucket, timed on the layer's own weight and on
+    ``x``'s rows (:func:`probe_rows`; min of ``repeats`` interleaved calls each, after a warm-up);
+    decided once per shape and rows bucket per process. ``candidates``: name (of :data:`DECODE_PATHS`) -> function of bfloat16 rows."""
     if key in _decode_paths:
         return _decode_paths[key]
     forced = forced_path(candidates)
@@ -235,7 +244,7 @@ def probe_decode(key: tuple, candidates: dict, x: torch.Tensor, repeats: int = 3
         return forced
     import time
 
-    row = x
+    row = probe_rows(x, key[-1])
     best = {name: float("inf") for name in candidates}
     for fn in candidates.values():
         fn(row)  # warm-up: first-call allocations and oneDNN's primitive cache
