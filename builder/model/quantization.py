@@ -438,14 +438,15 @@ class QuantizedLinear(torch.nn.Module):
         function of bfloat16 rows [rows, in] -> [rows, out] bfloat16."""
         if self.kernel == "cpu_int8":
             scale = self.weight_scale.to(torch.bfloat16)
-            paths = {"glm_kernel": lambda x: cpu_kernels.int8_mm(x, self.weight, self.weight_scale),
-                     "torch_kernel": lambda x: torch.ops.aten._weight_int8pack_mm(x, self.weight, scale),
-                     "dense": lambda x: cpu_quant.int8_rows(x, self.weight, scale)}
-            if cpu_kernels.available():
-                paths["dense"] = lambda x: cpu_kernels.dense_mm(x, self.weight, self.weight_scale, 8)
-            else:
-                del paths["glm_kernel"]
-            return paths
+            def torch_kernel(x):
+                return torch.ops.aten._weight_int8pack_mm(x, self.weight, scale)
+
+            if not cpu_kernels.available():
+                return {"torch_kernel": torch_kernel,
+                        "dense": lambda x: cpu_quant.int8_rows(x, self.weight, scale)}
+            return {"glm_kernel": lambda x: cpu_kernels.int8_mm(x, self.weight, self.weight_scale),
+                    "torch_kernel": torch_kernel,
+                    "dense": lambda x: cpu_kernels.dense_mm(x, self.weight, self.weight_scale, 8)}
         if self.int4_layout == "thudm":
             return {"glm_kernel": lambda x: cpu_kernels.int4_mm(x, self.weight, self.weight_scale),
                     "dense": lambda x: cpu_kernels.dense_mm(x, self.weight, self.weight_scale, 4)}

@@ -313,6 +313,16 @@ GLM_AVX2 __m256i bf16_round(__m256 f) {
   return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd), 16);
 }
 
+// inputs [k, K) of a row that the vector loops below leave: one at a time, rounded as c10 rounds
+inline void row_tail_to_bf16(int bits, const int8_t* src, int64_t k, int64_t K, const float* scale,
+                             int64_t group, uint16_t* dst) {
+  for (; k < K; ++k) {
+    float v = bits == 8 ? src[k] : nibble(src, k);
+    if (scale) v *= scale[k / group];
+    dst[k] = c10::BFloat16(v).x;
+  }
+}
+
 // one weight row -> K bfloat16; scale: the row's group scales (G of them) or null
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 void row_to_bf16_avx512(int bits, const int8_t* src, int64_t K, const float* scale, int64_t G, uint16_t* dst) {
@@ -337,11 +347,7 @@ void row_to_bf16_avx512(int bits, const int8_t* src, int64_t K, const float* sca
       _mm512_storeu_si512(dst + k, _mm512_or_si512(h, _mm512_slli_epi32(l, 16)));  // (2j, 2j+1) pairs
     }
   }
-  for (; k < K; ++k) {
-    float v = bits == 8 ? src[k] : nibble(src, k);
-    if (G) v *= scale[k / group];
-    dst[k] = c10::BFloat16(v).x;
-  }
+  row_tail_to_bf16(bits, src, k, K, scale, group, dst);
 }
 
 __attribute__((target("avx2,fma")))
@@ -369,11 +375,7 @@ void row_to_bf16_avx2(int bits, const int8_t* src, int64_t K, const float* scale
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_or_si256(h, _mm256_slli_epi32(l, 16)));
     }
   }
-  for (; k < K; ++k) {
-    float v = bits == 8 ? src[k] : nibble(src, k);
-    if (G) v *= scale[k / group];
-    dst[k] = c10::BFloat16(v).x;
-  }
+  row_tail_to_bf16(bits, src, k, K, scale, group, dst);
 }
 
 // The same with AVX512-BF16 (Sapphire Rapids, Zen 4: every CPU with AMX has it), for int8 and
@@ -410,7 +412,7 @@ void row_to_bf16_avx512bf16(int bits, const int8_t* src, int64_t K, const float*
       _mm512_storeu_si512(dst + k, _mm512_permutexvar_epi16(idx, table));
     }
   }
-  for (; k < K; ++k) dst[k] = c10::BFloat16(static_cast<float>(bits == 8 ? src[k] : nibble(src, k))).x;
+  row_tail_to_bf16(bits, src, k, K, nullptr, K, dst);
 }
 
 // one weight row -> bfloat16 with the best conversion this CPU has (avx512: the caller's ISA choice)
@@ -602,7 +604,7 @@ at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 
 // y = x @ (codes * scale)^T for many rows of x: x [M, K] bfloat16; codes int8 [N, K] or THUDM int4
 // [N, K/2]; scale [N] (applied to the output, in bfloat16) or [N, groups] (int4: applied to the
-// weight). block: weight rows per conversion (0: what fits half of a 2 MiB L2).
+// weight). block: weight rows per conversion on the oneDNN path (0: 1 MiB of bfloat16, >= 64 rows).
 at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t bits,
                     int64_t block, int64_t isa) {
   TORCH_CHECK(bits == 8 || bits == 4, "glm_cpu: bits must be 8 or 4, got ", bits);
