@@ -438,6 +438,7 @@ class QuantizedLinear(torch.nn.Module):
         function of bfloat16 rows [rows, in] -> [rows, out] bfloat16."""
         if self.kernel == "cpu_int8":
             scale = self.weight_scale.to(torch.bfloat16)
+
             def torch_kernel(x):
                 return torch.ops.aten._weight_int8pack_mm(x, self.weight, scale)
 
