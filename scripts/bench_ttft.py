@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Time to first token on CPU: one prefill (last-position logits) per precision and prompt length,
-with the output layer fed plain rows (``builder.model.cpu_runtime.RowsLinear``, what the loader does now)
+with the output layer fed plain rows (``builder.model.cpu_linear.RowsLinear``, what the loader does now)
 and, side by side in the same process, fed the ``hidden[:, -1:, :]`` view as before.
 
     .venv/bin/python scripts/bench_ttft.py [--checkpoint /tmp/glm-2l-per-layer] [--lengths 16,256,2048]
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchdoc import machine, publish  # noqa: E402
 from builder.model.checkpoint import load_chatglm2  # noqa: E402
-from builder.model.cpu_runtime import RowsLinear  # noqa: E402
+from builder.model.cpu_linear import RowsLinear  # noqa: E402
 from builder.plan.placement import Variant  # noqa: E402
 from builder.plan.profiles import load_profile  # noqa: E402
 

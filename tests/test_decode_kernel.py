@@ -46,6 +46,8 @@ SHAPES = [(37, 256, 8, None), (64, 343, 8, None), (5, 31, 8, None), (100, 4096, 
           (37, 256, 4, None), (48, 346, 4, None), (7, 30, 4, None), (96, 4096, 4, None),
           (33, 256, 4, 32), (64, 512, 4, 64), (16, 384, 4, 128)]
 
+BF16_SHAPES = [(37, 256), (64, 343), (5, 31), (100, 4096)]
+
 
 def check_kernel(isa: str) -> None:
     """Every shape, 1-11 rows of x: within one bfloat16 rounding of the exact product."""
@@ -63,6 +65,15 @@ def check_kernel(isa: str) -> None:
             err = (y.double() - exact).abs() - exact.abs() * 2 ** -8
             assert float(err.max()) <= 1e-4 * float(exact.abs().max()), (isa, out_features, in_features,
                                                                            bits, group, rows)
+    for out_features, in_features in BF16_SHAPES:  # a bfloat16 weight (bf16_mm): the same bound
+        weight = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
+        for rows in (1, 2, 3, 5, 8, 11):
+            x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+            y = cpu_kernels.bf16_mm(x, weight)
+            exact = x.double() @ weight.double().t()
+            assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+            err = (y.double() - exact).abs() - exact.abs() * 2 ** -8
+            assert float(err.max()) <= 1e-4 * float(exact.abs().max()), (isa, out_features, in_features, rows)
 
 
 @needs_kernel
@@ -145,6 +156,44 @@ def test_greedy_answers_unchanged_with_the_kernel_on_or_off(bits, monkeypatch):
             {"glm_kernel" if switch == "1" else "torch_kernel"}
         answers[switch] = _greedy(model, ids, 16)
     assert torch.equal(answers["1"], answers["0"])
+
+
+@needs_kernel
+def test_bfloat16_layers_decode_on_the_kernel_and_answer_the_same(monkeypatch):
+    """The fp16 variant on the CPU (bfloat16): its linear layers' one-row calls take glm-build's GEMV
+    when the decode choice names it, and the greedy answer equals oneDNN's."""
+    from builder.model.cpu_linear import RowsLinear
+    from test_kernels import IDS, _greedy
+
+    ids = torch.tensor(IDS)
+    answers = {}
+    for switch in ("1", "0"):
+        monkeypatch.setattr(cpu_quant, "_decode_paths", {})
+        monkeypatch.setenv("GLM_CPU_KERNELS", switch)
+        monkeypatch.setenv("GLM_CPU_DECODE", "glm")
+        model, _ = load_chatglm2(TINY_CHECKPOINT, dtype=torch.bfloat16)
+        layers = [m for m in model.modules() if isinstance(m, RowsLinear)]
+        assert len(layers) == 6 * model.config.num_hidden_layers + 1  # q, k, v, o, gate_up, down; lm_head
+        assert {layer.decode_paths(ids[:1].new_zeros(1, layer.in_features, dtype=torch.bfloat16)) is None
+                for layer in layers} == {switch == "0"}
+        answers[switch] = _greedy(model, ids, 16)
+    assert torch.equal(answers["1"], answers["0"])
+
+
+@needs_kernel
+def test_the_output_layer_decode_probe_is_reported(monkeypatch):
+    """A one-row call of a bfloat16 layer is probed like a quantized one, and the choice is named."""
+    from builder.model.cpu_linear import use_row_inputs
+
+    monkeypatch.setattr(cpu_quant, "_decode_paths", {})
+    monkeypatch.setenv("GLM_CPU_DECODE", "probe")
+    head = use_row_inputs(torch.nn.Sequential(torch.nn.Linear(512, 1000, bias=True))).to(torch.bfloat16)[0]
+    x = torch.randn(1, 512).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = head(x)
+        expected = torch.nn.functional.linear(x.double(), head.weight.double(), head.bias.double())
+    assert torch.allclose(y.double(), expected, rtol=2 ** -7, atol=float(expected.abs().max()) * 2 ** -7)
+    assert cpu_quant.decode_paths()["bf16 1000x512"] in ("glm_kernel", "torch_kernel")
 
 
 @needs_kernel

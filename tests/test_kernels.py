@@ -128,7 +128,7 @@ def test_hand_made_thudm_checkpoint_matches_a_dequantized_reference(tmp_path, ti
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
-# -- the CPU runtime's workarounds (builder.model.cpu_runtime) ------------------------------------------------
+# -- the CPU runtime's workarounds (builder.model.cpu_linear, cpu_runtime) -----------------------------------
 def _peak_growth_mib(call) -> float:
     """How far the resident high-water mark rises during ``call`` (Linux), in MiB."""
     def read(key):
@@ -144,15 +144,14 @@ def _peak_growth_mib(call) -> float:
 def test_the_last_position_logits_do_not_copy_the_output_layer():
     """lm_head on hidden[:, -1:, :] (a view with the prompt as its batch stride): torch's bf16
     matmul copied the whole weight for it (+508 MB on the 6B) unless it gets plain rows."""
-    from builder.model.cpu_runtime import RowsLinear, onednn_matmuls, use_row_inputs
+    from builder.model.cpu_linear import RowsLinear, use_row_inputs
 
     head = use_row_inputs(torch.nn.Sequential(torch.nn.Linear(4096, 32768, bias=False))).to(torch.bfloat16)[0]
     assert isinstance(head, RowsLinear)
     hidden = torch.randn(1, 512, 4096, dtype=torch.bfloat16)
     last = hidden[:, -1:, :]
     with torch.inference_mode():
-        with onednn_matmuls():  # the matmul RowsLinear runs (oneDNN may be off for attention)
-            expected = torch.nn.functional.linear(last.reshape(1, 4096).clone(), head.weight)
+        expected = head(last.reshape(1, 4096).clone())  # the same row, plain
         head(last)  # warm
         growth = _peak_growth_mib(lambda: head(last))
         assert torch.equal(head(last).view(1, -1), expected)

@@ -272,9 +272,11 @@ def finish_model(model, device: torch.device, dtype: torch.dtype):
         raise CheckpointError(f"model tensors were never loaded: {leftover[:5]}")
     model.config.dtype = dtype
     if device.type == "cpu":
-        from .cpu_runtime import prepare_for_cpu
+        from .cpu_linear import use_row_inputs
+        from .cpu_runtime import prepare_attention
 
-        prepare_for_cpu(model, dtype)
+        use_row_inputs(model)
+        prepare_attention(dtype)
     return model.eval()
 
 

@@ -183,6 +183,12 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.ops.glm_cpu.int4_mm(x, packed, scale, isa_code())
 
 
+def bf16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bfloat16, weight [N, K] bfloat16 (contiguous) -> [M, N] bfloat16: the same GEMV on a
+    16-bit weight (the output layer, the fp16 variant's projections) for a few rows."""
+    return torch.ops.glm_cpu.bf16_mm(x, weight, isa_code())
+
+
 def dense_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Many rows (a prefill, a large batch): x [M, K] bfloat16, int8 codes [N, K] or THUDM's packed
     int4 [N, K/2], scale [N] (int4 also [N, K/group]) -> bfloat16 [M, N]. Each thread converts a block

@@ -263,7 +263,9 @@ def probe_decode(key: tuple, candidates: dict, x: torch.Tensor, repeats: int = 3
 
 def decode_paths() -> dict[str, str]:
     """What the probes chose in this process: ``{"int8 27392x4096": "glm_kernel", "int8 27392x4096
-    5-8 rows": "torch_kernel", ...}`` (one-row calls unlabelled)."""
+    5-8 rows": "torch_kernel", "bf16 65024x4096": ...}`` (one-row calls unlabelled; bf16: the
+    :mod:`cpu_linear` layers)."""
     labels = {1: "", 4: " 2-4 rows", 8: " 5-8 rows", 9: " 9+ rows"}
-    return {f"int{bits} {out}x{inp}" + (f" g{group}" if group else "") + labels[bucket]: path
+    return {("bf16" if bits == 16 else f"int{bits}") + f" {out}x{inp}" + (f" g{group}" if group else "")
+            + labels[bucket]: path
             for (bits, out, inp, group, _, bucket), path in sorted(_decode_paths.items())}

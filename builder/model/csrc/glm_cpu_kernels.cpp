@@ -1,6 +1,9 @@
 // Weight-only int8/int4 GEMV for a few rows (a decode step), reading THUDM's codes as they are:
 //   y[m, n] = bf16( sum_k x[m, k] * q[n, k] * scale[n, k / group] ),  accumulated in float32.
 // int8: codes [N, K] int8. int4: [N, K/2] bytes, element 2j in the HIGH nibble, two's complement.
+// The same GEMV reads a bfloat16 weight [N, K] (bf16_mm, no scale): the output layer every CPU variant
+// keeps in 16 bits, and the fp16 variant's projections, where oneDNN's one-row matmul reads at a third
+// of the memory's speed.
 //
 // A decode step reads every weight once and does a few flops per byte, so the kernel must stream the
 // codes at memory speed: each code is widened to float32 in registers (int8 codes and int4 nibbles are
@@ -45,11 +48,27 @@ struct Avx2 {
     return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
   GLM_AVX2 static V int8(const int8_t* p) { return _mm256_cvtepi32_ps(widen(p)); }
+  GLM_AVX2 static V bf16(const int8_t* p) {  // L bfloat16s -> float32: each in a lane's upper half
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  }
   // L bytes -> (high nibbles, low nibbles), each signed: elements 2j and 2j+1 of 2L
   GLM_AVX2 static void int4(const int8_t* p, V& high, V& low) {
     __m256i b = widen(p);
     high = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
     low = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+  }
+  // 64 bytes of int4 codes -> 64 high nibbles, then 64 low ones, each a signed byte 16 times the
+  // nibble (elements 2j and 2j+1): two byte-wide ands and a shift, where widening each nibble on its
+  // own took three shifts in the float lanes (the ports the conversions and FMAs need)
+  GLM_AVX2 static void int4_line(const int8_t* p, int8_t* sep) {
+    const __m256i mask = _mm256_set1_epi8(static_cast<char>(0xF0));
+    for (int h = 0; h < 2; ++h) {
+      __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sep + 32 * h), _mm256_and_si256(b, mask));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sep + 64 + 32 * h),
+                          _mm256_and_si256(_mm256_slli_epi16(b, 4), mask));
+    }
   }
   GLM_AVX2 static float sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -70,10 +89,20 @@ struct Avx512 {
     return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   GLM_AVX512 static V int8(const int8_t* p) { return _mm512_cvtepi32_ps(widen(p)); }
+  GLM_AVX512 static V bf16(const int8_t* p) {
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  }
   GLM_AVX512 static void int4(const int8_t* p, V& high, V& low) {
     __m512i b = widen(p);
     high = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));
     low = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+  }
+  GLM_AVX512 static void int4_line(const int8_t* p, int8_t* sep) {
+    const __m512i mask = _mm512_set1_epi8(static_cast<char>(0xF0));
+    __m512i b = _mm512_loadu_si512(p);
+    _mm512_storeu_si512(sep, _mm512_and_si512(b, mask));
+    _mm512_storeu_si512(sep + 64, _mm512_and_si512(_mm512_slli_epi16(b, 4), mask));
   }
   GLM_AVX512 static float sum(V v) { return _mm512_reduce_add_ps(v); }
 };
@@ -85,7 +114,7 @@ struct Problem {
   const float* xs;      // [K / step][M][step] float32; int4: each step's even inputs, then its odd
   const float* xt;      // [M][K - full]: the inputs past the last whole step, in order
   const int8_t* w;      // [N, row_bytes]
-  const float* scale;   // [N, G] float32
+  const float* scale;   // [N, G] float32 (bfloat16 weights: none)
   at::BFloat16* y;      // [M, N]
   int64_t M, N, K, full, row_bytes, G, group;  // full: inputs in whole steps; group = K / G
 };
@@ -93,6 +122,16 @@ struct Problem {
 inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM int4 row
   int8_t b = row[k >> 1];
   return (k & 1) ? static_cast<int8_t>(static_cast<int8_t>(b << 4) >> 4) : static_cast<int8_t>(b >> 4);
+}
+
+template <int BITS>
+inline float weight_at(const int8_t* row, int64_t k) {  // element k of a row of codes, or of bfloat16s
+  if (BITS == 8) return row[k];
+  if (BITS == 4) return nibble(row, k);
+  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(row)[k]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
 
 // R output rows [n, n + R) for M (<= kMaxRows) rows of x, x rows [m0, m0 + M). The next R rows are
@@ -104,34 +143,49 @@ inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM in
                                                   int64_t Mall) {                                    \
     using V = typename I::V;                                                                         \
     constexpr int L = I::L;                                                                          \
-    constexpr int64_t step = BITS == 8 ? L : 2 * L; /* inputs per vector load of codes */            \
-    constexpr int64_t lines = 64 / L;               /* steps per 64 bytes of codes */                \
+    constexpr int64_t step = BITS == 4 ? 2 * L : L; /* inputs per vector load of codes */            \
+    constexpr int64_t bytes = BITS == 16 ? 2 * L : L; /* bytes of codes per step */                 \
+    constexpr int64_t lines = 64 / bytes;           /* steps per 64 bytes of codes */                \
     const int64_t K = p.K, xstride = Mall * step;                                                    \
     const float* xs = p.xs + m0 * step;                                                              \
     const int8_t* w[R];                                                                              \
     for (int r = 0; r < R; ++r) w[r] = p.w + (n + r) * p.row_bytes;                                  \
     const int64_t ahead = R * p.row_bytes;                                                           \
     V acc[R][M], total[R][M];                                                                        \
+    alignas(64) int8_t sep[R][128]; /* int4: the current line's nibbles, 16 x each */                \
+    constexpr float unit = BITS == 4 ? 1.0f / 16 : 1.0f; /* undoes that 16 (exact) */                \
     for (int r = 0; r < R; ++r)                                                                      \
       for (int m = 0; m < M; ++m) acc[r][m] = I::zero(), total[r][m] = I::zero();                   \
     const int64_t steps_per_group = p.G == 1 ? p.full / step : p.group / step;                      \
     int64_t s = 0;                                                                                   \
     for (int64_t g = 0; g < p.G; ++g) {                                                              \
       for (const int64_t stop = s + steps_per_group; s < stop; ++s) {                                \
-        const int64_t byte = s * L; /* codes' offset in the row: L bytes per step */                 \
+        const int64_t byte = s * bytes; /* codes' offset in the row */                               \
         if (s % lines == 0)                                                                          \
           for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + ahead + byte), _MM_HINT_T0); \
         const float* xv = xs + s * xstride;                                                          \
-        if (BITS == 8) {                                                                             \
+        if (BITS != 4) {                                                                             \
           V c[R];                                                                                    \
-          for (int r = 0; r < R; ++r) c[r] = I::int8(w[r] + byte);                                   \
+          for (int r = 0; r < R; ++r) c[r] = BITS == 8 ? I::int8(w[r] + byte) : I::bf16(w[r] + byte);\
           for (int m = 0; m < M; ++m) {                                                              \
             V xm = I::load(xv + m * step);                                                           \
             for (int r = 0; r < R; ++r) acc[r][m] = I::fma(c[r], xm, acc[r][m]);                     \
           }                                                                                          \
-        } else {                                                                                     \
+        } else { /* a line's nibbles separated once (16 x each), then widened a step at a time */     \
+          const int64_t at = (s % lines) * L;                                                        \
+          if (at == 0)                                                                               \
+            for (int r = 0; r < R; ++r) {                                                            \
+              if (byte + 64 <= p.row_bytes) {                                                        \
+                I::int4_line(w[r] + byte, sep[r]);                                                   \
+              } else { /* the row's last, partial line */                                            \
+                alignas(64) int8_t line[64] = {};                                                    \
+                std::memcpy(line, w[r] + byte, p.row_bytes - byte);                                  \
+                I::int4_line(line, sep[r]);                                                          \
+              }                                                                                      \
+            }                                                                                        \
           V hi[R], lo[R];                                                                            \
-          for (int r = 0; r < R; ++r) I::int4(w[r] + byte, hi[r], lo[r]);                            \
+          for (int r = 0; r < R; ++r)                                                                \
+            hi[r] = I::int8(sep[r] + at), lo[r] = I::int8(sep[r] + 64 + at);                         \
           for (int m = 0; m < M; ++m) {                                                              \
             V xe = I::load(xv + m * step), xo = I::load(xv + m * step + L);                          \
             for (int r = 0; r < R; ++r) {                                                            \
@@ -143,7 +197,7 @@ inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM in
       }                                                                                              \
       if (p.G > 1) { /* a group's sum times its scale */                                             \
         for (int r = 0; r < R; ++r) {                                                                \
-          V sc = I::set1(p.scale[(n + r) * p.G + g]);                                                \
+          V sc = I::set1(p.scale[(n + r) * p.G + g] * unit);                                         \
           for (int m = 0; m < M; ++m) total[r][m] = I::fma(acc[r][m], sc, total[r][m]),              \
                                       acc[r][m] = I::zero();                                         \
         }                                                                                            \
@@ -156,11 +210,11 @@ inline int8_t nibble(const int8_t* row, int64_t k) {  // element k of a THUDM in
         if (p.G > 1) {                                                                               \
           sum = I::sum(total[r][m]);                                                                 \
         } else {                                                                                     \
-          sum = I::sum(acc[r][m]);                                                                   \
+          sum = I::sum(acc[r][m]) * unit;                                                            \
           const float* xt = p.xt + (m0 + m) * tail;                                                  \
           for (int64_t k = p.full; k < K; ++k) /* the inputs past the last whole step */            \
-            sum += xt[k - p.full] * (BITS == 8 ? w[r][k] : nibble(w[r], k));                         \
-          sum *= p.scale[n + r];                                                                     \
+            sum += xt[k - p.full] * weight_at<BITS>(w[r], k);                                        \
+          if (BITS != 16) sum *= p.scale[n + r];                                                     \
         }                                                                                            \
         p.y[(m0 + m) * p.N + n + r] = c10::BFloat16(sum);                                            \
       }                                                                                              \
@@ -173,7 +227,7 @@ GLM_KERNEL("avx512f,avx512bw,avx512vl,avx2,fma", Avx512)
 // Output rows per tile, by x rows: enough independent accumulators to hide the FMA latency and to
 // reuse each x vector, few enough to stay in registers (16 with AVX2, 32 with AVX-512).
 constexpr int tile_rows(bool avx512, int bits, int m) {
-  if (avx512) return m <= 2 ? 4 : m <= 4 ? 3 : bits == 8 ? 3 : 2;
+  if (avx512) return m <= 2 ? 4 : m <= 4 ? 3 : bits == 4 ? 2 : 3;
   return m == 1 ? 4 : m == 2 ? 3 : m <= 4 ? 2 : 1;
 }
 
@@ -241,7 +295,7 @@ void activations(const at::Tensor& x, int bits, int64_t step, int64_t full, std:
     const at::BFloat16* row = src + m * K;
     for (int64_t k = 0; k < full; k += step) {
       float* dst = xs.data() + k * M + m * step;
-      if (bits == 8) {
+      if (bits != 4) {
         for (int64_t j = 0; j < step; ++j) dst[j] = row[k + j];
       } else {
         for (int64_t j = 0; j < half; ++j) dst[j] = row[k + 2 * j], dst[half + j] = row[k + 2 * j + 1];
@@ -251,34 +305,44 @@ void activations(const at::Tensor& x, int bits, int64_t step, int64_t full, std:
   }
 }
 
-at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+// bits: 8 or 4 (codes int8, scale [N] or [N, groups]), or 16 (a bfloat16 weight [N, K], no scale)
+at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& scale,
                           int64_t bits, int64_t isa) {
-  TORCH_CHECK(bits == 8 || bits == 4, "glm_cpu: bits must be 8 or 4, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
               "glm_cpu: x must be a 2-D bfloat16 CPU tensor");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
-              "glm_cpu: codes must be a contiguous 2-D int8 tensor");
   const int64_t M = x.size(0), N = codes.size(0), K = x.size(1);
-  TORCH_CHECK(codes.size(1) * (8 / bits) == K, "glm_cpu: codes ", codes.sizes(), " do not match ", K,
-              " inputs at ", bits, " bits");
-  TORCH_CHECK(scale.size(0) == N && (scale.dim() == 1 || scale.dim() == 2), "glm_cpu: scale must be [N] or [N, groups]");
+  if (bits == 16) {
+    TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kBFloat16 && codes.is_contiguous() &&
+                codes.device().is_cpu(), "glm_cpu: the weight must be a contiguous 2-D bfloat16 CPU tensor");
+    TORCH_CHECK(codes.size(1) == K, "glm_cpu: weight ", codes.sizes(), " does not match ", K, " inputs");
+  } else {
+    TORCH_CHECK(bits == 8 || bits == 4, "glm_cpu: bits must be 8 or 4, got ", bits);
+    TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+                "glm_cpu: codes must be a contiguous 2-D int8 tensor");
+    TORCH_CHECK(codes.size(1) * (8 / bits) == K, "glm_cpu: codes ", codes.sizes(), " do not match ", K,
+                " inputs at ", bits, " bits");
+    TORCH_CHECK(scale.has_value() && scale->size(0) == N && (scale->dim() == 1 || scale->dim() == 2),
+                "glm_cpu: scale must be [N] or [N, groups]");
+  }
   const bool avx512 = use_avx512(isa);
   const int L = avx512 ? Avx512::L : Avx2::L;
-  const int64_t step = bits == 8 ? L : 2 * L;
-  const int64_t G = scale.dim() == 2 ? scale.size(1) : 1;
+  const int64_t step = bits == 4 ? 2 * L : L;
+  const int64_t G = bits != 16 && scale->dim() == 2 ? scale->size(1) : 1;
   TORCH_CHECK(K % G == 0 && (G == 1 || (K / G) % step == 0), "glm_cpu: groups of ", K / G,
               " inputs are not whole steps of ", step);
   at::Tensor xc = x.contiguous();
-  at::Tensor s = scale.to(at::kFloat).contiguous();
+  at::Tensor s = bits == 16 ? at::Tensor() : scale->to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const int64_t full = G == 1 ? K / step * step : K;
   std::vector<float> xs, xt;
   activations(xc, static_cast<int>(bits), step, full, xs, xt);
-  Problem p{xs.data(), xt.data(), codes.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
-            M, N, K, full, codes.size(1), G, K / G};
+  Problem p{xs.data(), xt.data(), static_cast<const int8_t*>(codes.data_ptr()),
+            bits == 16 ? nullptr : s.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
+            M, N, K, full, codes.size(1) * codes.element_size(), G, K / G};
   if (bits == 8) avx512 ? run<8, true>(p) : run<8, false>(p);
-  else avx512 ? run<4, true>(p) : run<4, false>(p);
+  else if (bits == 4) avx512 ? run<4, true>(p) : run<4, false>(p);
+  else avx512 ? run<16, true>(p) : run<16, false>(p);
   return y;
 }
 
@@ -288,6 +352,10 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t isa) {
   return weight_only_mm(x, packed, scale, 4, isa);
+}
+
+at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight, int64_t isa) {
+  return weight_only_mm(x, weight, c10::nullopt, 16, isa);
 }
 
 // -- many rows (a prefill, a large batch): dequantize in cache, then oneDNN's matmul ------------------
@@ -669,6 +737,7 @@ std::string isa_name(int64_t isa) {
 TORCH_LIBRARY(glm_cpu, m) {
   m.def("int8_mm(Tensor x, Tensor codes, Tensor scale, int isa=0) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scale, int isa=0) -> Tensor");
+  m.def("bf16_mm(Tensor x, Tensor weight, int isa=0) -> Tensor");
   m.def("dense_mm(Tensor x, Tensor codes, Tensor scale, int bits, int block=0, int isa=0) -> Tensor");
   m.def("isa(int isa=0) -> str", &isa_name);  // no tensors: a catch-all kernel
 }
@@ -676,5 +745,6 @@ TORCH_LIBRARY(glm_cpu, m) {
 TORCH_LIBRARY_IMPL(glm_cpu, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
+  m.impl("bf16_mm", &bf16_mm);
   m.impl("dense_mm", &dense_mm);
 }
