@@ -193,7 +193,9 @@ def test_the_output_layer_decode_probe_is_reported(monkeypatch):
         y = head(x)
         expected = torch.nn.functional.linear(x.double(), head.weight.double(), head.bias.double())
     assert torch.allclose(y.double(), expected, rtol=2 ** -7, atol=float(expected.abs().max()) * 2 ** -7)
-    assert cpu_quant.decode_paths()["bf16 1000x512"] in ("glm_kernel", "torch_kernel")
+    assert cpu_quant.decode_paths()["bf16 1000x512"] in ("glm_kernel", "torch_kernel", "dense")
+    with torch.inference_mode():
+        assert ("dense" in head.decode_paths(x)) == cpu_kernels.has_amx()  # the tile unit reads bf16 as it is
 
 
 @needs_kernel
@@ -224,9 +226,10 @@ def dense_variants() -> list[str]:
 @pytest.mark.parametrize("isa", dense_variants())
 def test_dense_path_matches_the_formula(isa, monkeypatch):
     """int8, int4 and group-wise int4 on odd shapes, 1 to 130 rows (the tile unit takes up to 128,
-    oneDNN more): float32 sums of bfloat16-exact codes, one bfloat16 rounding."""
+    oneDNN more): float32 sums of bfloat16-exact codes, one bfloat16 rounding; and a bfloat16 weight
+    (``bf16_dense_mm``)."""
     monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
-    g = torch.Generator().manual_seed(3)
+    g, gw = torch.Generator().manual_seed(3), torch.Generator().manual_seed(16)
     for out_features, in_features in ((37, 96), (200, 512), (65, 200), (16, 4096)):
         for rows in (1, 5, 17, 65, 128, 130):
             x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
@@ -247,6 +250,10 @@ def test_dense_path_matches_the_formula(isa, monkeypatch):
                 err = (y.double() - exact).abs() - slack
                 assert float(err.max()) <= 1e-3 * float(exact.abs().max()), (isa, out_features, in_features,
                                                                              bits, group, rows)
+            weight = torch.randn(out_features, in_features, generator=gw).to(torch.bfloat16)  # bf16_dense_mm
+            y, exact = cpu_kernels.bf16_dense_mm(x, weight).double(), x.double() @ weight.double().t()
+            err = (y - exact).abs() - exact.abs() * 2 ** -8
+            assert float(err.max()) <= 1e-4 * float(exact.abs().max()), (isa, out_features, in_features, rows)
 
 
 def reference_abs(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

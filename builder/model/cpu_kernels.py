@@ -119,6 +119,11 @@ def isa() -> str | None:
     return torch.ops.glm_cpu.isa(isa_code()) if available() else None
 
 
+def has_amx() -> bool:
+    """Whether ``dense_mm`` / ``bf16_dense_mm`` run on the AMX tile unit in this process."""
+    return isa() == "avx512+amx"
+
+
 INT4_PROBE_SHAPE = (4096, 4096)  # ChatGLM2-6B's attention output projection: 8 MiB of int4
 
 
@@ -187,6 +192,15 @@ def bf16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] bfloat16, weight [N, K] bfloat16 (contiguous) -> [M, N] bfloat16: the same GEMV on a
     16-bit weight (the output layer, the fp16 variant's projections) for a few rows."""
     return torch.ops.glm_cpu.bf16_mm(x, weight, isa_code())
+
+
+def bf16_dense_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The same for many rows (up to 128): the AMX tile unit reads the weight's rows as they are, where
+    the CPU has it; otherwise oneDNN's matmul."""
+    from .cpu_runtime import onednn_matmuls
+
+    with onednn_matmuls():
+        return torch.ops.glm_cpu.bf16_dense_mm(x, weight, isa_code())
 
 
 def dense_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

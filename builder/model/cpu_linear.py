@@ -9,10 +9,11 @@ resident) and takes 2.3 s instead of 22 ms for the same row as ``[1, hidden]``. 
 becomes a :class:`RowsLinear`, which reshapes its input to ``[tokens, in]`` first (a view).
 
 **Decode steps.** oneDNN's bfloat16 matmul reads a one-row call's weight at well under the memory's
-speed (the 6B's output layer: 36-41 ms for 532 MB where the memory streams it in ~25). glm-build's
-GEMV reads a bfloat16 weight as it reads int8 codes (:func:`cpu_kernels.bf16_mm`), so up to 8 rows
-take whichever of the two the decode probe (:func:`cpu_quant.probe_decode`) finds faster for the
-shape and rows bucket; more rows (a prefill) take oneDNN's matmul.
+speed (the 6B's output layer: 24-41 ms for 532 MB where the memory streams it in 18-25). glm-build's
+GEMV reads a bfloat16 weight as it reads int8 codes (:func:`cpu_kernels.bf16_mm`), and where the CPU
+has AMX its tile unit reads the weight's rows as they are (:func:`cpu_kernels.bf16_dense_mm`: 8 rows
+cost what one does). Up to 8 rows take whichever the decode probe (:func:`cpu_quant.probe_decode`)
+finds fastest for the shape and rows bucket; more rows (a prefill) take oneDNN's matmul.
 
 >>> use_row_inputs(model)   # in place, on a model loaded on the CPU
 """
@@ -55,8 +56,11 @@ class RowsLinear(torch.nn.Linear):
                 or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.device.type != "cpu"
                 or torch.is_grad_enabled() and weight.requires_grad or not cpu_kernels.available()):
             return None
-        return {"glm_kernel": lambda r: cpu_kernels.bf16_mm(r, weight),
-                "torch_kernel": lambda r: onednn_linear(r, weight)}
+        paths = {"glm_kernel": lambda r: cpu_kernels.bf16_mm(r, weight),
+                 "torch_kernel": lambda r: onednn_linear(r, weight)}
+        if cpu_kernels.has_amx():
+            paths["dense"] = lambda r: cpu_kernels.bf16_dense_mm(r, weight)
+        return paths
 
 
 def use_row_inputs(model: torch.nn.Module) -> torch.nn.Module:

@@ -524,8 +524,8 @@ struct TileConfig {
 
 struct AmxProblem {
   const uint16_t* xb;   // [K32][groups][16 pairs of inputs][16 x rows][2] bfloat16 bits
-  const int8_t* w;      // [N, row_bytes]
-  const float* scale;   // per row [N] (applied to C) or groups [N, G] (applied in the conversion)
+  const int8_t* w;      // [N, row_bytes]: codes, or (bits 16) the bfloat16 weight itself
+  const float* scale;   // per row [N] (applied to C) or groups [N, G] (applied in the conversion); bf16: null
   at::BFloat16* y;      // [M, N]
   int64_t M, N, K, K32, groups, row_bytes, G;
   int bits;
@@ -595,10 +595,10 @@ GLM_AMX inline void store_c(float* c) {
 }
 
 // one pass over a converted block for x groups g0 .. g0+NG-1; leaves y^T's tiles (fp32, 16 x 16) in c
+// (wbuf: 16 weight rows of bfloat16, stride bytes apart)
 template <int NG>
-GLM_AMX void amx_pass(const AmxProblem& p, const uint16_t* wbuf, int64_t g0, float* c) {
+GLM_AMX void amx_pass(const AmxProblem& p, const uint16_t* wbuf, int64_t stride, int64_t g0, float* c) {
   zero_c();
-  const int64_t stride = amx_width(p) * 2;  // bytes per converted row
   int64_t k = 0;
   for (; k + 2 <= p.K32; k += 2) {
     amx_chunk<NG, 0>(p, wbuf, stride, k, g0);
@@ -617,7 +617,7 @@ GLM_AMX void amx_store(const AmxProblem& p, const float* c, int64_t n0, int64_t 
     at::BFloat16* out = p.y + (g * 16 + j) * p.N + n0;
     for (int64_t r = 0; r < rows; ++r) {
       const float v = c[r * 16 + j];
-      out[r] = c10::BFloat16(p.G ? v : v * p.scale[n0 + r]);
+      out[r] = c10::BFloat16(p.G || !p.scale ? v : v * p.scale[n0 + r]);
     }
   }
 }
@@ -631,17 +631,23 @@ GLM_AMX void amx_blocks(const AmxProblem& p, int64_t b0, int64_t b1, std::vector
   alignas(64) float c[4 * 16 * 16];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 16, rows = std::min<int64_t>(16, p.N - n0);
-    for (int64_t r = 0; r < rows; ++r)
-      row_to_bf16(true, p.bits, p.w + (n0 + r) * p.row_bytes, p.K, p.G ? p.scale + (n0 + r) * p.G : nullptr,
-                  p.G, wbuf.data() + r * width);
+    // a bfloat16 weight's 16 whole rows are A tiles as they are (K a multiple of 32: no padding)
+    const bool direct = p.bits == 16 && rows == 16 && p.K % 32 == 0;
+    const uint16_t* a = direct ? reinterpret_cast<const uint16_t*>(p.w + n0 * p.row_bytes) : wbuf.data();
+    const int64_t stride = direct ? p.row_bytes : width * 2;
+    for (int64_t r = 0; r < rows && !direct; ++r) {
+      const int8_t* src = p.w + (n0 + r) * p.row_bytes;
+      if (p.bits == 16) std::memcpy(wbuf.data() + r * width, src, p.row_bytes);
+      else row_to_bf16(true, p.bits, src, p.K, p.G ? p.scale + (n0 + r) * p.G : nullptr, p.G, wbuf.data() + r * width);
+    }
     if (rows < 16) std::fill(wbuf.begin() + rows * width, wbuf.end(), 0);
     for (int64_t g0 = 0; g0 < p.groups; g0 += 4) {
       const int64_t ng = std::min<int64_t>(4, p.groups - g0);
       switch (ng) {
-        case 1: amx_pass<1>(p, wbuf.data(), g0, c); break;
-        case 2: amx_pass<2>(p, wbuf.data(), g0, c); break;
-        case 3: amx_pass<3>(p, wbuf.data(), g0, c); break;
-        default: amx_pass<4>(p, wbuf.data(), g0, c); break;
+        case 1: amx_pass<1>(p, a, stride, g0, c); break;
+        case 2: amx_pass<2>(p, a, stride, g0, c); break;
+        case 3: amx_pass<3>(p, a, stride, g0, c); break;
+        default: amx_pass<4>(p, a, stride, g0, c); break;
       }
       for (int64_t g = 0; g < ng; ++g) amx_store(p, c + g * 256, n0, rows, g0 + g);
     }
@@ -649,6 +655,7 @@ GLM_AMX void amx_blocks(const AmxProblem& p, int64_t b0, int64_t b1, std::vector
   _tile_release();
 }
 
+// bits 16: codes is the bfloat16 weight [N, K] and scale undefined
 at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t bits) {
   const int64_t M = x.size(0), N = codes.size(0), K = x.size(1);
   const int64_t K32 = (K + 31) / 32, groups = (M + 15) / 16;
@@ -659,9 +666,10 @@ at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k)
       xb[((k / 32 * groups + m / 16) * 16 + (k % 32) / 2) * 32 + (m % 16) * 2 + (k & 1)] = xs[m * K + k];
-  at::Tensor s = scale.to(at::kFloat).contiguous();
-  AmxProblem p{xb.data(), codes.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<at::BFloat16>(),
-               M, N, K, K32, groups, codes.size(1), scale.dim() == 2 ? scale.size(1) : 0, static_cast<int>(bits)};
+  at::Tensor s = bits == 16 ? at::Tensor() : scale.to(at::kFloat).contiguous();
+  AmxProblem p{xb.data(), static_cast<const int8_t*>(codes.data_ptr()), bits == 16 ? nullptr : s.data_ptr<float>(),
+               y.data_ptr<at::BFloat16>(), M, N, K, K32, groups, codes.size(1) * codes.element_size(),
+               bits != 16 && scale.dim() == 2 ? scale.size(1) : 0, static_cast<int>(bits)};
   const int64_t blocks = (N + 15) / 16;
   at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<uint16_t> wbuf;
@@ -724,6 +732,19 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   return y;
 }
 
+// y = x @ weight^T, both bfloat16, for a few dozen rows: the tile unit reads the weight's rows as its
+// A tiles where the CPU has AMX (isa 0), else oneDNN's matmul
+at::Tensor bf16_dense_mm(const at::Tensor& x, const at::Tensor& weight, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "glm_cpu: x must be a 2-D bfloat16 CPU tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+              weight.size(1) == x.size(1), "glm_cpu: the weight must be a contiguous bfloat16 [N, ", x.size(1), "]");
+  use_avx512(isa);  // checks isa
+  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+  if (isa == 0 && M > 0 && N > 0 && amx_fits(M, K) && amx_ready()) return amx_mm(x.contiguous(), weight, at::Tensor(), 16);
+  return at::mm(x, weight.t());
+}
+
 std::string isa_name(int64_t isa) {
   if (!has_avx2()) return "none";
   if (isa == 0 && amx_ready()) return "avx512+amx";
@@ -738,6 +759,7 @@ TORCH_LIBRARY(glm_cpu, m) {
   m.def("int8_mm(Tensor x, Tensor codes, Tensor scale, int isa=0) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scale, int isa=0) -> Tensor");
   m.def("bf16_mm(Tensor x, Tensor weight, int isa=0) -> Tensor");
+  m.def("bf16_dense_mm(Tensor x, Tensor weight, int isa=0) -> Tensor");
   m.def("dense_mm(Tensor x, Tensor codes, Tensor scale, int bits, int block=0, int isa=0) -> Tensor");
   m.def("isa(int isa=0) -> str", &isa_name);  // no tensors: a catch-all kernel
 }
@@ -746,5 +768,6 @@ TORCH_LIBRARY_IMPL(glm_cpu, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("bf16_mm", &bf16_mm);
+  m.impl("bf16_dense_mm", &bf16_dense_mm);
   m.impl("dense_mm", &dense_mm);
 }
