@@ -10,6 +10,15 @@ team can be many times slower, which would flatter the batcher. Prints min and m
 
     .venv/bin/python scripts/bench_batcher.py                      # the embedded tiny model
     .venv/bin/python scripts/bench_batcher.py --layers 2 --bits 4  # 2 layers, ChatGLM2-6B shapes
+    .venv/bin/python scripts/bench_batcher.py --layers 2 --bits 8 --steps --serving-prompts \
+        --checkpoint /tmp/glm-synthetic-2l
+
+``--steps`` also splits each path's model time into steps that carry a prompt (prefills, with any
+decode rows batched beside them) and steps of decode rows only, and prints what that implies: a
+prompt's prefill is compute-bound and costs the same batched or not, so N chats at once can be at most
+``N (P + T t1) / (N P + T tN)`` times as fast as one at a time (P: prefill seconds per chat, T: its
+decode steps, t1 / tN: a decode step of 1 / N rows), and no more than ``N (P + T t1) / (N P + T t1)``
+even if N rows cost what one does.
 
 A synthetic checkpoint has random weights and the tiny model's tokenizer: its answers are noise
 (and may stop early at a stop id), so tokens are counted, not assumed.
@@ -17,6 +26,8 @@ A synthetic checkpoint has random weights and the tiny model's tokenizer: its an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import sys
 import threading
@@ -35,6 +46,41 @@ from builder.serving.batcher import Batcher, BatcherConfig  # noqa: E402
 QUESTIONS = ["你好", "Who are you?", "3只鸡和2只兔子一共有几条腿？", "What is 2 plus 3?",
              "4加5等于多少？", "2乘以3等于多少？", "鸡兔同笼，共有10个头，28只脚，鸡和兔子各有几只？",
              "How many legs do 5 chickens and 3 rabbits have?"]
+
+
+class StepTimer:
+    """Wraps ``model.forward`` (keeping its signature: transformers inspects it) and adds each call's
+    seconds to ``prefill`` when it carries more than ``decode_rows`` tokens, else to ``decode``."""
+
+    def __init__(self, model, decode_rows: int):
+        self.model, self.decode_rows = model, decode_rows
+        self.prefill = self.decode = 0.0
+        self.prefill_steps = self.decode_steps = 0
+
+    @contextlib.contextmanager
+    def timing(self):
+        forward = self.model.forward
+
+        @functools.wraps(forward)
+        def timed(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            seconds = time.perf_counter() - start
+            if ids is not None and ids.shape[-1] > self.decode_rows:
+                self.prefill, self.prefill_steps = self.prefill + seconds, self.prefill_steps + 1
+            else:
+                self.decode, self.decode_steps = self.decode + seconds, self.decode_steps + 1
+            return out
+
+        self.model.forward = timed
+        try:
+            yield self
+        finally:
+            del self.model.forward  # the class's method again
+
+    def per_decode_step(self) -> float:
+        return self.decode / max(self.decode_steps, 1)
 
 
 def off_main_thread(fn):
@@ -93,6 +139,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24, help="new tokens per chat (at most)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--serving-prompts", action="store_true",
+                        help="scripts/bench_serving.py's prompts (about 28, 70 and 196 tokens, in turn) "
+                             "instead of short questions")
+    parser.add_argument("--steps", action="store_true",
+                        help="split model time into prefill and decode steps, and print the bound they set")
     args = parser.parse_args()
 
     path = TINY_CHECKPOINT
@@ -104,7 +155,13 @@ def main() -> None:
             write_synthetic_checkpoint(path, num_layers=args.layers)
     start = time.perf_counter()
     model, tok = load_chatglm2(path, bits=args.bits, dtype=getattr(torch, args.dtype))
-    questions = (QUESTIONS * args.requests)[:args.requests]
+    if args.serving_prompts:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_serving import mixed_prompts
+
+        questions = ([prompt for prompt, _ in mixed_prompts(tok, 0)] * args.requests)[:args.requests]
+    else:
+        questions = (QUESTIONS * args.requests)[:args.requests]
     longest = max(len(tok.build_chat_input(q)) for q in questions) + args.new_tokens
     blocks = args.requests * -(-longest // args.block_size)  # every chat at its longest, at once
     config = BatcherConfig(num_blocks=blocks, block_size=args.block_size,
@@ -115,14 +172,34 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {config}", flush=True)
 
     one_at_a_time(model, tok, questions[:2], args.new_tokens)  # warm-up
-    serial = [one_at_a_time(model, tok, questions, args.new_tokens) for _ in range(args.repeats)]
+    alone, together = StepTimer(model, 1), StepTimer(model, args.requests)
+    with alone.timing() if args.steps else contextlib.nullcontext():
+        serial = [one_at_a_time(model, tok, questions, args.new_tokens) for _ in range(args.repeats)]
     serial_rates = report("one at a time", serial)
     with Batcher(model, tok, config) as batcher:
         at_once(batcher, tok, questions[:2], args.new_tokens)  # warm-up
-        batched = [at_once(batcher, tok, questions, args.new_tokens) for _ in range(args.repeats)]
+        with together.timing() if args.steps else contextlib.nullcontext():
+            batched = [at_once(batcher, tok, questions, args.new_tokens) for _ in range(args.repeats)]
     batched_rates = report("batcher", batched)
     speedup = statistics.median(batched_rates) / statistics.median(serial_rates)
     print(f"  speed-up (median) x{speedup:.1f}")
+    if args.steps:
+        steps_report(alone, together, serial, args.requests, args.repeats)
+
+
+def steps_report(alone: StepTimer, together: StepTimer, serial, requests: int, repeats: int) -> None:
+    """The split of model time, and the bound it sets on the batcher's speed-up (see the docstring)."""
+    chats = requests * repeats
+    prefill = alone.prefill / chats  # P: one chat's prompt, alone
+    t1, tn = alone.per_decode_step(), together.per_decode_step()
+    steps = alone.decode_steps / chats  # T: decode steps per chat
+    for label, timer in (("one at a time", alone), ("batcher", together)):
+        print(f"  {label:<14} prefill steps {timer.prefill_steps:4d}: {timer.prefill:6.2f} s; decode steps "
+              f"{timer.decode_steps:4d}: {timer.decode:6.2f} s, {timer.per_decode_step() * 1e3:.1f} ms each")
+    one = prefill + steps * t1
+    print(f"  P {prefill * 1e3:.0f} ms a prompt, T {steps:.1f} decode steps, t1 {t1 * 1e3:.1f} ms, "
+          f"t{requests} {tn * 1e3:.1f} ms ({tn / t1:.2f}x t1): at most x{requests * one / (requests * prefill + steps * tn):.2f} "
+          f"at these step costs, x{requests * one / (requests * prefill + steps * t1):.2f} if {requests} rows cost one")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ starts to win over the faster weight-only kernel: the row threshold of cpu_quant
 
 Random weights with ChatGLM2-6B's projection shapes; ~1 GB resident at most. int4 is built twice:
 in THUDM's layout (what glm-build's kernel and, with it, the dense path read) and in torch's.
+``--bits 16`` times a bfloat16 layer's paths (builder.model.cpu_linear: glm-build's GEMV on the
+bfloat16 weight, oneDNN's matmul, and where the CPU has AMX the tile unit reading the weight), e.g.
+the output layer: ``--bits 16 --shapes output_layer --rows 1,4,8``.
 """
 from __future__ import annotations
 
@@ -20,15 +23,21 @@ import time
 import torch
 
 from builder.model import cpu_kernels, cpu_quant
+from builder.model.cpu_linear import use_row_inputs
 from builder.model.quantization import QuantizedLinear
 
 SHAPES = {"query_key_value": (4608, 4096), "dense": (4096, 4096),
-          "dense_h_to_4h": (27392, 4096), "dense_4h_to_h": (4096, 13696)}
+          "dense_h_to_4h": (27392, 4096), "dense_4h_to_h": (4096, 13696), "output_layer": (65024, 4096)}
 
 
 def paths(weight: torch.Tensor, bits: int) -> dict:
     """The CPU paths of a ``bits``-bit layer of ``weight`` as functions of bfloat16 rows: glm-build's
-    kernel (if built), torch's kernel, and the dense path of the layout in use."""
+    kernel (if built), torch's kernel, and the dense path of the layout in use (16 bits: the bfloat16
+    layer's, the tile unit's as "dense" where the CPU has AMX)."""
+    if bits == 16:
+        layer = use_row_inputs(torch.nn.Sequential(torch.nn.Linear(*weight.shape[::-1], bias=False)))[0]
+        layer.weight = torch.nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+        return layer.decode_paths(torch.zeros(1, weight.shape[1], dtype=torch.bfloat16)) or {}
     layer = QuantizedLinear.from_float(weight, None, bits)
     found = layer._cpu_paths()
     if "torch_kernel" not in found:  # int4 in THUDM's layout: torch's kernel needs its own packing
@@ -44,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,4,8,12,16,24,32,98,512", help="row counts, comma-separated")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="projections, comma-separated")
-    parser.add_argument("--bits", default="8,4", help="8, 4 or both")
+    parser.add_argument("--bits", default="8,4", help="8, 4 or both; 16: a bfloat16 layer's paths")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each path per row count")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--glm-isa", choices=("avx2", "avx512"),
@@ -81,12 +90,12 @@ def main() -> None:
                         fn(x)
                         times[key].append((time.perf_counter() - start) * 1e3)
                 cell = {k: f"{min(v):.2f} / {statistics.median(v):.2f}" for k, v in times.items()}
-                ratio = min(times["dense"]) / min(times["bf16"])
+                ratio = min(times["dense"]) / min(times["bf16"]) if "dense" in times else float("nan")
                 kernel = min(min(times[k]) for k in ("glm_kernel", "torch_kernel") if k in times)
                 gbs = out_features * in_features * bits / 8 / 1e6 / min(times.get("glm_kernel", [kernel]))
                 print(f"| {name} | {bits} | {rows} | {cell.get('glm_kernel', '-')} | {cell['torch_kernel']} "
-                      f"| {cell['dense']} | {cell['bf16']} | {ratio:.2f} | {gbs:.1f} |", flush=True)
-                if crossover is None and min(times["dense"]) < kernel:
+                      f"| {cell.get('dense', '-')} | {cell['bf16']} | {ratio:.2f} | {gbs:.1f} |", flush=True)
+                if crossover is None and "dense" in times and min(times["dense"]) < kernel:
                     crossover = rows
             print(f"<!-- {name} int{bits}: dense path faster from {crossover} rows -->", flush=True)
         del weight, dense_weight
