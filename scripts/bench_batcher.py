@@ -14,11 +14,11 @@ team can be many times slower, which would flatter the batcher. Prints min and m
         --checkpoint /tmp/glm-synthetic-2l
 
 ``--steps`` also splits each path's model time into steps that carry a prompt (prefills, with any
-decode rows batched beside them) and steps of decode rows only, and prints what that implies: a
-prompt's prefill is compute-bound and costs the same batched or not, so N chats at once can be at most
-``N (P + T t1) / (N P + T tN)`` times as fast as one at a time (P: prefill seconds per chat, T: its
-decode steps, t1 / tN: a decode step of 1 / N rows), and no more than ``N (P + T t1) / (N P + T t1)``
-even if N rows cost what one does.
+decode rows batched beside them) and steps of decode rows only, and prints what that implies. A
+prompt's prefill is compute-bound: batched with others it saves little. So N chats at once can be
+at most ``N (P1 + T t1) / (N PN + T tN)`` times as fast as one at a time (P1 / PN: prefill seconds
+per chat alone / in the batcher, T: its decode steps, t1 / tN: a decode step of 1 / N rows), and no
+more than ``N (P1 + T t1) / (N PN + T t1)`` even if N rows cost what one does.
 
 A synthetic checkpoint has random weights and the tiny model's tokenizer: its answers are noise
 (and may stop early at a stop id), so tokens are counted, not assumed.
@@ -190,16 +190,17 @@ def main() -> None:
 def steps_report(alone: StepTimer, together: StepTimer, serial, requests: int, repeats: int) -> None:
     """The split of model time, and the bound it sets on the batcher's speed-up (see the docstring)."""
     chats = requests * repeats
-    prefill = alone.prefill / chats  # P: one chat's prompt, alone
+    prefill, batched = alone.prefill / chats, together.prefill / chats  # P1, PN: one chat's prompt
     t1, tn = alone.per_decode_step(), together.per_decode_step()
     steps = alone.decode_steps / chats  # T: decode steps per chat
     for label, timer in (("one at a time", alone), ("batcher", together)):
         print(f"  {label:<14} prefill steps {timer.prefill_steps:4d}: {timer.prefill:6.2f} s; decode steps "
               f"{timer.decode_steps:4d}: {timer.decode:6.2f} s, {timer.per_decode_step() * 1e3:.1f} ms each")
     one = prefill + steps * t1
-    print(f"  P {prefill * 1e3:.0f} ms a prompt, T {steps:.1f} decode steps, t1 {t1 * 1e3:.1f} ms, "
-          f"t{requests} {tn * 1e3:.1f} ms ({tn / t1:.2f}x t1): at most x{requests * one / (requests * prefill + steps * tn):.2f} "
-          f"at these step costs, x{requests * one / (requests * prefill + steps * t1):.2f} if {requests} rows cost one")
+    print(f"  P1 {prefill * 1e3:.0f} ms, P{requests} {batched * 1e3:.0f} ms a prompt, T {steps:.1f} decode steps, "
+          f"t1 {t1 * 1e3:.1f} ms, t{requests} {tn * 1e3:.1f} ms ({tn / t1:.2f}x t1): model time alone sets "
+          f"x{requests * one / (requests * batched + steps * tn):.2f}, and x{requests * one / (requests * batched + steps * t1):.2f} "
+          f"if {requests} rows cost what one does")
 
 
 if __name__ == "__main__":
