@@ -2,8 +2,8 @@
 //   y[m, n] = bf16( sum_k x[m, k] * q[n, k] * scale[n, k / group] ),  accumulated in float32.
 // int8: codes [N, K] int8. int4: [N, K/2] bytes, element 2j in the HIGH nibble, two's complement.
 // The same GEMV reads a bfloat16 weight [N, K] (bf16_mm, no scale): the output layer every CPU variant
-// keeps in 16 bits, and the fp16 variant's projections, where oneDNN's one-row matmul reads at a third
-// of the memory's speed.
+// keeps in 16 bits, and the fp16 variant's projections, where oneDNN's one-row matmul reads at about two
+// thirds of the memory's speed.
 //
 // A decode step reads every weight once and does a few flops per byte, so the kernel must stream the
 // codes at memory speed: each code is widened to float32 in registers (int8 codes and int4 nibbles are
