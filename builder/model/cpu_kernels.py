@@ -116,7 +116,14 @@ def isa_code() -> int:
 
 def isa() -> str | None:
     """The variant the ops run in this process (``"avx512"``/``"avx2"``), or None if unavailable."""
-    return torch.ops.glm_cpu.isa(isa_code()) if available() else None
+    return _isa_name(isa_code()) if available() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _isa_name(code: int) -> str:
+    """The op's answer for an ISA code: fixed for the process (cpuid), and asked on every decode call
+    of a bfloat16 layer (:func:`has_amx`), so asked once."""
+    return torch.ops.glm_cpu.isa(code)
 
 
 def has_amx() -> bool:
