@@ -1,9 +1,12 @@
 """Shared fixtures: small random checkpoints in THUDM's layout, written without the loader's code."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -80,6 +83,61 @@ def tiny():
     from builder import load_chatglm2
 
     return load_chatglm2(TINY_CHECKPOINT)
+
+
+_FINISHING: list[tuple[str, threading.Thread, list[BaseException]]] = []
+
+
+def finish_later(what: str, stop: Callable[[], object]) -> None:
+    """Run ``stop`` (a module's server shutdown and its checks) on a thread while the next tests
+    run; the session waits for it at its end and fails if it raised.
+
+    Stopping a repository takes about 10 s of waiting, little of it work: Triton's Python backend
+    sleeps 1 s per model instance before it unloads it (``StubLauncher::UpdateHealth``), one
+    instance after another, and the one-response router has 8.
+    """
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            stop()
+        except BaseException as err:  # reported by finished_stops below
+            errors.append(err)
+
+    thread = threading.Thread(target=run, name=f"stop {what}")
+    thread.start()
+    _FINISHING.append((what, thread, errors))
+
+
+@contextlib.contextmanager
+def serving(options, ready_timeout: float = 240):
+    """A started ``TritonServer`` for ``options`` (ready, or stopped and raised); on leaving the
+    block its stop goes to :func:`finish_later`."""
+    from builder.serving.server import TritonServer
+
+    server = TritonServer(options, ready_timeout=ready_timeout)
+    try:
+        server.start().wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        yield server
+    finally:
+        finish_later(f"tritonserver for {options.model_repository}", server.stop)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def finished_stops():
+    """Every :func:`finish_later` stop has ended, without an error, before the session does."""
+    yield
+    failures = []
+    for what, thread, errors in _FINISHING:
+        thread.join(120)
+        if thread.is_alive():
+            failures.append(f"{what}: still stopping after 120 s")
+        failures += [f"{what}: {type(err).__name__}: {err}" for err in errors]
+    assert not failures, failures
 
 
 LIVE_LIMITS = {"fp16": 100, "int8": 400, "int4": 1500}  # tokens: low enough that each variant gets picked

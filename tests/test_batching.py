@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
 from builder.client.chat import ChatGLMClient
 
-from conftest import glm_samples, serve_tiny_repository
+from conftest import finish_later, glm_samples, serve_tiny_repository
 
 pytestmark = pytest.mark.server
 
@@ -33,7 +33,7 @@ QUESTIONS = ["3只鸡和2只兔子一共有几条腿？", "5只鸡有几条腿�
 def server(tmp_path_factory):
     server = serve_tiny_repository(tmp_path_factory.mktemp("batching") / "repo", fallback="none")
     yield server
-    server.stop()
+    finish_later("the batching server", server.stop)
 
 
 def ask(server, question, max_token=64, model=None):

@@ -23,7 +23,7 @@ from builder.build.pipeline import BuildOptions, build
 from builder.serving.server import ServerOptions, TritonServer, free_port
 from builder.model.tokenizer import ChatGLM2Tokenizer
 
-from conftest import SMALL, glm_samples, thudm_state, write_checkpoint
+from conftest import SMALL, finish_later, glm_samples, thudm_state, write_checkpoint
 
 pytestmark = pytest.mark.server
 
@@ -55,7 +55,7 @@ def server(tmp_path_factory):
     server.start().wait_ready()
     server.tokenizer = tokenizer
     yield server
-    server.stop()
+    finish_later("the cancellation server", server.stop)
 
 
 def metrics(server) -> dict[str, float]:

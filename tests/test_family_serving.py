@@ -15,9 +15,9 @@ import pytest
 
 from builder.build.pipeline import BuildOptions, build
 from builder.client.chat import ChatGLMClient
-from builder.serving.server import ServerOptions, TritonServer, free_port
+from builder.serving.server import ServerOptions, free_port
 
-from conftest import thudm_state
+from conftest import serving, thudm_state
 from test_family import (CHATGLM3_TOKENIZER_CONFIG, CHATGLM_SMALL, GLM4_SMALL, thudm_checkpoint,
                          train_bpe, write_tiktoken_file, CORPUS)
 
@@ -55,7 +55,7 @@ def test_a_family_builds_in_three_precisions_and_answers_through_its_router(tmp_
     options = ServerOptions(tmp_path / "repo", http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), address="127.0.0.1",
                             log_file=tmp_path / "server.log", restart_stubs=False)
-    with TritonServer(options, ready_timeout=240) as server:
+    with serving(options) as server:
         client = ChatGLMClient(server.urls["grpc"], temperature=0, max_token=40, model=family)
         try:
             served = {}

@@ -26,7 +26,7 @@ from builder.serving.openai import API_KEY_ENV, GatewayOptions, OpenAIGateway
 from builder.serving.server import free_port
 from builder.model.tokenizer import ChatGLM2Tokenizer
 
-from conftest import LIVE_LIMITS
+from conftest import LIVE_LIMITS, finish_later
 from test_cancellation import metrics, total
 from test_server import group_processes
 
@@ -49,29 +49,38 @@ def server(tmp_path_factory):
                "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
                "--metrics-port", str(ports["metrics"]), "--openai-port", str(ports["openai"]),
                "--log-file", str(base / "server.log"), "--start-timeout", "240"]
-    with open(base / "stderr.txt", "w+") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env=os.environ | {API_KEY_ENV: KEY})
-        watchdog = threading.Timer(300, process.kill)  # a hung start never hangs the run
-        watchdog.start()
+    stderr = open(base / "stderr.txt", "w+")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                               env=os.environ | {API_KEY_ENV: KEY})
+    watchdog = threading.Timer(300, process.kill)  # a hung start never hangs the run
+    watchdog.start()
+
+    def end(group=None):
         try:
-            triton_line = process.stdout.readline()
-            openai_line = process.stdout.readline()
-            watchdog.cancel()
-            assert openai_line.startswith("OpenAI endpoint ready"), (triton_line, openai_line,
-                                                                      stderr.seek(0) or stderr.read())
-            assert "API key required" in openai_line
-            group = int(triton_line.split("pid ")[1].split(")")[0])
-            yield types.SimpleNamespace(
-                repo=repo, url=f"http://127.0.0.1:{ports['openai']}/v1",
-                urls={name: f"127.0.0.1:{port}" for name, port in ports.items()})
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=60) == 0  # glm-serve stops the endpoint and Triton
-            assert group_processes(group) == []
+            if group is not None:
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(timeout=60) == 0  # glm-serve stops the endpoint and Triton
+                assert group_processes(group) == []
         finally:
             watchdog.cancel()
             process.kill()
             process.wait()
+            stderr.close()
+
+    try:
+        triton_line = process.stdout.readline()
+        openai_line = process.stdout.readline()
+        watchdog.cancel()
+        assert openai_line.startswith("OpenAI endpoint ready"), (triton_line, openai_line,
+                                                                  stderr.seek(0) or stderr.read())
+        assert "API key required" in openai_line
+        group = int(triton_line.split("pid ")[1].split(")")[0])
+    except BaseException:
+        end()
+        raise
+    yield types.SimpleNamespace(repo=repo, url=f"http://127.0.0.1:{ports['openai']}/v1",
+                                urls={name: f"127.0.0.1:{port}" for name, port in ports.items()})
+    finish_later("glm-serve with its OpenAI endpoint", lambda: end(group))
 
 
 @pytest.fixture

@@ -360,8 +360,8 @@ def glm4_server(tmp_path_factory):
 
     from builder.build.pipeline import BuildOptions, build
     from builder.serving.openai import GatewayOptions, OpenAIGateway
-    from builder.serving.server import ServerOptions, TritonServer, free_port
-    from conftest import thudm_state
+    from builder.serving.server import ServerOptions, free_port
+    from conftest import serving, thudm_state
     from test_family import CORPUS, GLM4_SMALL, thudm_checkpoint, train_bpe, write_tiktoken_file
 
     base = tmp_path_factory.mktemp("glm4-openai")
@@ -373,7 +373,7 @@ def glm4_server(tmp_path_factory):
                               limits={"fp16": GLM4_LIMIT}), progress=False).out
     options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                             address="127.0.0.1", log_file=base / "server.log")
-    with TritonServer(options, ready_timeout=240) as server, OpenAIGateway(GatewayOptions(
+    with serving(options) as server, OpenAIGateway(GatewayOptions(
             repo, server.urls["grpc"], port=free_port(), address="127.0.0.1")) as gateway:
         gateway.wait_ready(120)
         with httpx.Client(base_url=gateway.url, timeout=120, trust_env=False) as http:
