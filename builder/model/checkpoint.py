@@ -319,7 +319,11 @@ def load_chatglm2(path: str | Path, *, device: str | torch.device = "cpu",
             raise ValueError(f"bits={bits}: {path} holds weights quantized to "
                              f"{config.quantization_bit} bits (config.json quantization_bit); "
                              f"load it with bits={config.quantization_bit}")
-        hook = make_prequantized_hook(model, config.quantization_bit, device=device, dtype=dtype)
+        # A file in the dtype the model computes in is used whole from its memory map (the CPU
+        # variants' --quantize-at build repositories): its codes need no copy either.
+        mapped = device.type == "cpu" and config.torch_dtype == str(dtype).removeprefix("torch.")
+        hook = make_prequantized_hook(model, config.quantization_bit, device=device, dtype=dtype,
+                                      mapped=mapped)
     elif bits != 16:
         hook = make_load_hook(model, bits, group_size, device=device, dtype=dtype)
     load_weights(model, path, config, device=device, dtype=dtype, hook=hook, progress=progress)
@@ -351,6 +355,60 @@ def release_free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# safetensors' dtypes in the order its writer sorts them (its Dtype enum): the file holds the
+# tensors by dtype, last first, then by name. Only what the header's length is predicted from.
+_SAFETENSORS_DTYPES = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3",
+                       "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+_TORCH_TO_SAFETENSORS = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+                         torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+                         torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+FILE_ALIGNMENT = 64
+"""Where :func:`save_aligned` starts a file's tensor data: the CPU kernels' alignment
+(:data:`~builder.model.quantization.KERNEL_ALIGNMENT`), so a code tensor read from the memory map is
+used as it is (safetensors itself starts the data on an 8-byte boundary)."""
+
+
+def _data_start(file: Path) -> int:
+    with open(file, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def _header_length(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """The length safetensors' writer gives the header of ``state`` (compact JSON, the tensors in
+    its order, padded with spaces to 8 bytes): a prediction, checked by :func:`save_aligned`."""
+    order = sorted(state, key=lambda name: (-_SAFETENSORS_DTYPES.index(_TORCH_TO_SAFETENSORS[state[name].dtype]),
+                                            name))
+    header, offset = {"__metadata__": metadata}, 0
+    for name in order:
+        tensor = state[name]
+        end = offset + tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, end]}
+        offset = end
+    length = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return -(-length // 8) * 8
+
+
+def save_aligned(state: dict[str, torch.Tensor], file: Path) -> None:
+    """``safetensors.torch.save_file(state, file)`` with the tensor data starting :data:`FILE_ALIGNMENT`
+    bytes into the file, a ``padding`` metadata entry of spaces making up the difference. Tensors
+    whose sizes are multiples of it (every projection of the GLM models) then start aligned too.
+    The file stays a plain safetensors file; where the predicted header length is wrong (another
+    safetensors), it is written once more with the measured one."""
+    from safetensors.torch import save_file
+
+    try:
+        start = 8 + _header_length(state, {"format": "pt", "padding": ""})
+    except (KeyError, ValueError):  # a dtype not in the tables: measured below instead
+        start = 8
+    padding = " " * ((-start) % FILE_ALIGNMENT)
+    save_file(state, str(file), metadata={"format": "pt", "padding": padding})
+    start = _data_start(file)
+    if start % FILE_ALIGNMENT:
+        padding += " " * ((-start) % FILE_ALIGNMENT)
+        save_file(state, str(file), metadata={"format": "pt", "padding": padding})
+
+
 def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: int | None = None,
                    progress=None, dtype: torch.dtype = torch.float16) -> Path:
     """Quantize checkpoint ``src`` once, offline, into ``dst`` in THUDM's int8/int4 format.
@@ -371,8 +429,6 @@ def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: i
     import shutil
     import tempfile
 
-    from safetensors.torch import save_file
-
     src, dst = Path(src), Path(dst)
     if group_size is not None:
         raise ValueError(f"group_size={group_size}: THUDM's format stores one scale per row; "
@@ -386,7 +442,7 @@ def save_quantized(src: str | Path, dst: str | Path, bits: int, *, group_size: i
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
     try:
-        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_aligned(state, staging / "model.safetensors")
         shutil.copy(src / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if dst.exists():

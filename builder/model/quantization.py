@@ -235,7 +235,7 @@ def _cpu_int4unpack(packed: torch.Tensor, out_features: int, in_features: int) -
 KERNEL_ALIGNMENT = 64  # bytes; torch's CPU allocator's own alignment (one AVX-512 register, one cache line)
 
 
-def owned_aligned(tensor: torch.Tensor) -> torch.Tensor:
+def owned_aligned(tensor: torch.Tensor, *, mapped: bool = False) -> torch.Tensor:
     """``tensor`` itself when it is contiguous, starts on a 64-byte boundary and is all of its storage;
     otherwise a copy that is.
 
@@ -245,11 +245,17 @@ def owned_aligned(tensor: torch.Tensor) -> torch.Tensor:
     16-byte aligned once a call has more than a few rows, and a slice would keep the whole fused
     tensor (or a shard's memory map) alive; a copy made by torch's allocator has neither problem.
 
+    ``mapped``: ``tensor`` comes from a memory-mapped checkpoint whose every tensor the model keeps
+    as it is (:func:`~builder.model.checkpoint.save_quantized`'s files in the model's dtype), so
+    sharing the map keeps nothing alive that is not used: an aligned view is kept, and read from the
+    page cache, instead of copied (a copy would be a second resident copy of the same bytes, the
+    map's pages staying mapped too). ``save_quantized`` aligns its tensors for this.
+
     >>> owned_aligned(torch.zeros(72, dtype=torch.int8)[8:]).data_ptr() % 64
     0
     """
     if (tensor.is_contiguous() and tensor.data_ptr() % KERNEL_ALIGNMENT == 0
-            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()):
+            and (mapped or tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())):
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
 
@@ -270,18 +276,19 @@ class QuantizedLinear(torch.nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 bits: int):
+                 bits: int, *, mapped: bool = False):
         super().__init__()
         check_bits(bits)
         if weight.dtype != torch.int8 or weight.dim() != 2:
             raise ValueError(f"weight must be a 2-D int8 tensor in THUDM's format, got {weight.dtype} "
                              f"{tuple(weight.shape)}")
         self.bits = bits
-        self._set_tensors(weight, weight_scale, bias)
+        self._set_tensors(weight, weight_scale, bias, mapped=mapped)
 
     def _set_tensors(self, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     bias: torch.Tensor | None) -> None:
-        """Keep THUDM's tensors in the format this device's kernel reads (and nothing else)."""
+                     bias: torch.Tensor | None, *, mapped: bool = False) -> None:
+        """Keep THUDM's tensors in the format this device's kernel reads (and nothing else);
+        ``mapped``: see :func:`owned_aligned`."""
         bits = self.bits
         self.out_features = weight.shape[0]
         self.in_features = weight.shape[1] * (8 // bits)
@@ -294,9 +301,10 @@ class QuantizedLinear(torch.nn.Module):
         for name in ("weight", "weight_int4pack", "scales_and_zeros"):
             self._buffers.pop(name, None)
         # Buffers, not parameters, and not persistent: state_dict() writes THUDM's format itself.
-        self.register_buffer("weight_scale", owned_aligned(weight_scale.to(device, torch.float16)),
-                             persistent=False)
-        self.register_buffer("bias", None if bias is None else owned_aligned(bias.detach().to(device)),
+        self.register_buffer("weight_scale", owned_aligned(weight_scale.to(device, torch.float16),
+                                                           mapped=mapped), persistent=False)
+        self.register_buffer("bias", None if bias is None else owned_aligned(bias.detach().to(device),
+                                                                             mapped=mapped),
                              persistent=False)
         self.kernel = "dequantize"  # how forward computes; see the module docstring
         if device.type == "cpu" and bits == 8 and self.in_features % 32 == 0:
@@ -310,7 +318,7 @@ class QuantizedLinear(torch.nn.Module):
         self.int4_layout = None
         if self.kernel == "cpu_int4" and cpu_kernels.int4_wins() and cpu_kernels.available():
             # glm-build's kernel reads THUDM's packed int4 as it is; the dense path unpacks it too
-            self.register_buffer("weight", owned_aligned(weight), persistent=False)
+            self.register_buffer("weight", owned_aligned(weight, mapped=mapped), persistent=False)
             self.int4_layout = "thudm"
         elif self.kernel == "cpu_int4":
             group = _cpu_int4_group(self.in_features, self.group_size)
@@ -324,7 +332,7 @@ class QuantizedLinear(torch.nn.Module):
             self.kernel_group_size = group
             self.int4_layout = "torch"
         else:
-            self.register_buffer("weight", owned_aligned(weight), persistent=False)
+            self.register_buffer("weight", owned_aligned(weight, mapped=mapped), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # .to(device) / .cuda() / .half(): the bias follows fn; the codes and scales keep THUDM's
@@ -360,9 +368,10 @@ class QuantizedLinear(torch.nn.Module):
 
     @classmethod
     def from_thudm(cls, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                   bits: int) -> "QuantizedLinear":
-        """From THUDM's tensors: int8 ``weight`` [out, in] (int4: packed [out, in/2]), fp16 ``weight_scale``."""
-        return cls(weight, weight_scale, bias, bits)
+                   bits: int, *, mapped: bool = False) -> "QuantizedLinear":
+        """From THUDM's tensors: int8 ``weight`` [out, in] (int4: packed [out, in/2]), fp16
+        ``weight_scale``; ``mapped``: see :func:`owned_aligned`."""
+        return cls(weight, weight_scale, bias, bits, mapped=mapped)
 
     # -- THUDM format on demand ---------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -529,7 +538,7 @@ class ProjectionLoader:
 
     def __init__(self, model: torch.nn.Module, bits: int, *, group_size: int | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 prequantized: bool = False, filter_fn: FilterFn | None = None):
+                 prequantized: bool = False, mapped: bool = False, filter_fn: FilterFn | None = None):
         check_bits(bits, group_size)
         if prequantized and group_size is not None:
             raise ValueError("group_size does not apply to a pre-quantized checkpoint (its scales say it)")
@@ -537,6 +546,7 @@ class ProjectionLoader:
         self.device = torch.device(device)
         self.dtype = dtype  # the bias's; None: the float layer's (float32 on a meta-built model)
         self.prequantized = prequantized
+        self.mapped = mapped  # keep the checkpoint's aligned tensors as they are (owned_aligned)
         self.filter_fn = filter_fn or is_projection
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -568,8 +578,12 @@ class ProjectionLoader:
         if bias is not None:
             bias = bias.to(self.device, self.dtype or old.bias.dtype)  # the load dtype: no cast per call
         if self.prequantized:
-            layer = QuantizedLinear.from_thudm(parts["weight"].to(self.device),
-                                               parts["weight_scale"].to(self.device), bias, self.bits)
+            weight, scale = parts["weight"].to(self.device), parts["weight_scale"].to(self.device)
+            if not self.mapped and self.device.type == "cpu":
+                # copies: the file's float tensors are converted, so its memory map must not be
+                # kept open by these (its converted pages would stay resident with it)
+                weight, scale = weight.clone(), scale.clone()
+            layer = QuantizedLinear.from_thudm(weight, scale, bias, self.bits, mapped=self.mapped)
         else:
             weight = parts["weight"]
             if tuple(weight.shape) != (old.out_features, old.in_features):
@@ -608,6 +622,8 @@ def make_load_hook(model: torch.nn.Module, bits: int, group_size: int | None = N
 
 
 def make_prequantized_hook(model: torch.nn.Module, bits: int, *, device: str | torch.device = "cpu",
-                           dtype: torch.dtype | None = None) -> ProjectionLoader:
-    """Place THUDM's pre-quantized ``weight`` (int8) + ``weight_scale`` tensors as they are read."""
-    return ProjectionLoader(model, bits, device=device, dtype=dtype, prequantized=True)
+                           dtype: torch.dtype | None = None, mapped: bool = False) -> ProjectionLoader:
+    """Place THUDM's pre-quantized ``weight`` (int8) + ``weight_scale`` tensors as they are read;
+    ``mapped``: the checkpoint's float tensors are in ``dtype`` already, so every tensor of its memory
+    map is kept and the codes may stay in it too (:func:`owned_aligned`)."""
+    return ProjectionLoader(model, bits, device=device, dtype=dtype, prequantized=True, mapped=mapped)
