@@ -84,12 +84,10 @@ def write_deploy(repo: Path) -> None:
 
 def serve_and_ask(repo: Path) -> None:
     from .client.chat import ChatGLMClient
-    from .serving.server import ServerOptions, TritonServer, free_port
+    from .serving.server import ServerOptions, TritonServer
 
     banner(f"glm-serve {repo}  (Triton Inference Server on this machine's CPU)")
-    options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), address="127.0.0.1",
-                            log_file=repo / "server.log")
+    options = ServerOptions.on_loopback(repo, log_file=repo / "server.log")
     start = time.perf_counter()
     with TritonServer(options, ready_timeout=300) as server:
         group = server.pid  # the server leads its own process group; its stubs are in it

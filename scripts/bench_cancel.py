@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builder import TINY_CHECKPOINT  # noqa: E402
 from builder.build.pipeline import BuildOptions, build  # noqa: E402
 from builder.model.config import ChatGLM2Config  # noqa: E402
-from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
+from builder.serving.server import ServerOptions, TritonServer  # noqa: E402
 from builder.model.synthetic import write_synthetic_checkpoint  # noqa: E402
 
 LIMITS = {"fp16": 1000, "int8": 1500, "int4": 2000}
@@ -179,8 +179,7 @@ def main(argv=None) -> int:
                                                 config=config)
         build(BuildOptions(quant=tuple(LIMITS), gpu="cpu", out=tmp / "repo", limits=LIMITS,
                            model=str(checkpoint)), progress=False)
-        options = ServerOptions(tmp / "repo", http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), address="127.0.0.1", log_file=tmp / "server.log")
+        options = ServerOptions.on_loopback(tmp / "repo", log_file=tmp / "server.log")
         with TritonServer(options, ready_timeout=240) as server:
             every, idle, routed, one_idle = [], [], [], []
             for r in range(args.rounds):

@@ -44,7 +44,7 @@ from builder.build.pipeline import BuildOptions, build  # noqa: E402
 from builder.client.chat import STREAM_ROUTER, ChatGLMClient  # noqa: E402
 from builder.deploy.curves import curve_record  # noqa: E402
 from builder.stats import percentile  # noqa: E402
-from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
+from builder.serving.server import ServerOptions, TritonServer  # noqa: E402
 
 PROMPT = "你好"  # the tiny model answers it word for word: every request does the same work
 BATCHED_TARGETS = ("chatglm2-6b-fp16", "chatglm2-6b-int8", "chatglm2-6b-int4", "chatglm2-6b-stream")
@@ -133,9 +133,7 @@ def batched(args) -> None:
         repo = Path(tmp) / "repo"
         build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", model=str(checkpoint), out=repo),
               progress=False)
-        options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), address="127.0.0.1",
-                                log_file=Path(tmp) / "server.log")
+        options = ServerOptions.on_loopback(repo, log_file=Path(tmp) / "server.log")
         with TritonServer(options, ready_timeout=600) as server:
             url, metrics_url = server.urls["grpc"], server.urls["metrics"]
             for target in targets:  # warm up: first calls pay for lazy initialisation
@@ -231,9 +229,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=repo), progress=False)
-        options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), address="127.0.0.1",
-                                log_file=Path(tmp) / "server.log")
+        options = ServerOptions.on_loopback(repo, log_file=Path(tmp) / "server.log")
         with TritonServer(options, ready_timeout=300) as server:
             url = server.urls["grpc"]
             warm = ChatGLMClient(url, temperature=0, max_token=64)

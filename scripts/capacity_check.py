@@ -33,7 +33,7 @@ from builder.client.chat import STREAM_ROUTER  # noqa: E402
 from builder.deploy.capacity import simulate_fleet  # noqa: E402
 from builder.deploy.curves import ServiceCurve, curve_record  # noqa: E402
 from builder.client.loadtest import run_arrivals, run_load  # noqa: E402
-from builder.serving.server import ServerOptions, TritonServer, free_port  # noqa: E402
+from builder.serving.server import ServerOptions, TritonServer  # noqa: E402
 from builder.model.tokenizer import ChatGLM2Tokenizer  # noqa: E402
 
 QUESTION = "3只鸡和2只兔子一共有几条腿？"
@@ -57,9 +57,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="glm-capacity-"))
     repo = build(BuildOptions(quant=("fp16",), gpu="cpu", out=tmp / "repo"), progress=False).out
-    options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), address="127.0.0.1",
-                            log_file=tmp / "server.log")
+    options = ServerOptions.on_loopback(repo, log_file=tmp / "server.log")
     load_before = os.getloadavg()
     tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")
     load = dict(max_token=MAX_TOKEN, model=STREAM_ROUTER,

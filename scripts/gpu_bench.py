@@ -186,11 +186,10 @@ def serve_round_trip(repo: Path, prompt: str, timeout: float, log: Path | None =
 
     The result: ``ok``, ``seconds`` (the request), ``answer`` and ``variant``, or ``error``."""
     from builder.client.chat import ChatGLMClient
-    from builder.serving.server import ServerOptions, TritonServer, free_port
+    from builder.serving.server import ServerOptions, TritonServer
 
     try:
-        options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), address="127.0.0.1", log_file=log)
+        options = ServerOptions.on_loopback(repo, log_file=log)
         with TritonServer(options, ready_timeout=timeout) as server:
             client = ChatGLMClient(url=server.urls["grpc"], temperature=0.0, max_token=64)
             try:

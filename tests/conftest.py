@@ -148,13 +148,11 @@ def serve_tiny_repository(out: Path, **build_options):
     and start a real tritonserver on free loopback ports; the caller stops it. ``server.repo`` is
     ``out``."""
     from builder.build.pipeline import BuildOptions, build
-    from builder.serving.server import ServerOptions, TritonServer, free_port
+    from builder.serving.server import ServerOptions, TritonServer
 
     build(BuildOptions(quant=("fp16", "int8", "int4"), gpu="cpu", out=out, limits=LIVE_LIMITS,
                        **build_options), progress=False)
-    options = ServerOptions(out, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), address="127.0.0.1",
-                            log_file=out.parent / "server.log")
+    options = ServerOptions.on_loopback(out, log_file=out.parent / "server.log")
     server = TritonServer(options, ready_timeout=240)
     server.start().wait_ready()
     server.repo = out

@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 
 from builder import TINY_CHECKPOINT
 from builder.build.pipeline import BuildOptions, build
-from builder.serving.server import ServerOptions, TritonServer, free_port
+from builder.serving.server import ServerOptions, TritonServer
 from builder.model.tokenizer import ChatGLM2Tokenizer
 
 from conftest import SMALL, finish_later, glm_samples, thudm_state, write_checkpoint
@@ -49,9 +49,7 @@ def server(tmp_path_factory):
                        model=str(checkpoint)), progress=False)
     config.write_text(config.read_text() + 'parameters {\n  key: "max_running"\n  value: '
                       f'{{ string_value: "{INT4_RUNNING}" }}\n}}\n')
-    server = TritonServer(ServerOptions(repo, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), address="127.0.0.1",
-                                        log_file=base / "server.log"), ready_timeout=240)
+    server = TritonServer(ServerOptions.on_loopback(repo, log_file=base / "server.log"), ready_timeout=240)
     server.start().wait_ready()
     server.tokenizer = tokenizer
     yield server

@@ -15,7 +15,7 @@ import pytest
 
 from builder.build.pipeline import BuildOptions, build
 from builder.client.chat import ChatGLMClient
-from builder.serving.server import ServerOptions, free_port
+from builder.serving.server import ServerOptions
 
 from conftest import serving, thudm_state
 from test_family import (CHATGLM3_TOKENIZER_CONFIG, CHATGLM_SMALL, GLM4_SMALL, thudm_checkpoint,
@@ -52,9 +52,7 @@ def test_a_family_builds_in_three_precisions_and_answers_through_its_router(tmp_
     assert {p.name for p in (tmp_path / "repo").iterdir() if p.is_dir()} == names
     assert json.loads((tmp_path / "repo" / "build.json").read_text())["plan"]["model_name"] == family
     assert result.plan.model_name == family
-    options = ServerOptions(tmp_path / "repo", http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), address="127.0.0.1",
-                            log_file=tmp_path / "server.log", restart_stubs=False)
+    options = ServerOptions.on_loopback(tmp_path / "repo", log_file=tmp_path / "server.log", restart_stubs=False)
     with serving(options) as server:
         client = ChatGLMClient(server.urls["grpc"], temperature=0, max_token=40, model=family)
         try:

@@ -371,8 +371,7 @@ def glm4_server(tmp_path_factory):
                                   extra={"eos_token_id": [370, 377, 379], "pad_token_id": 370})
     repo = build(BuildOptions(model=str(checkpoint), quant=("fp16",), gpu="cpu", out=base / "repo",
                               limits={"fp16": GLM4_LIMIT}), progress=False).out
-    options = ServerOptions(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                            address="127.0.0.1", log_file=base / "server.log")
+    options = ServerOptions.on_loopback(repo, log_file=base / "server.log")
     with serving(options) as server, OpenAIGateway(GatewayOptions(
             repo, server.urls["grpc"], port=free_port(), address="127.0.0.1")) as gateway:
         gateway.wait_ready(120)

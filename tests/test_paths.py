@@ -27,12 +27,12 @@ from builder.model.checkpoint import check_checkpoint
 from builder.serving import cli
 from builder.serving.load_causes import LoadCauses
 from builder.serving.params import resolve_path
-from builder.serving.server import TritonServer
+from builder.serving.server import ServerOptions, TritonServer
 from builder.serving.params import ALIASES_ENV
 from builder.serving.stub_paths import StubPaths, model_paths, stub_safe
 
 from conftest import LIVE_LIMITS
-from test_server import group_processes, loopback_options, write_model
+from test_server import group_processes, write_model
 
 ODD = "my \"odd\" 'path' \\ 模型 dir"  # every character the stub launcher cannot take, at once
 CHARACTERS = [" ", "'", '"', "\\", "模型"]
@@ -96,7 +96,7 @@ def test_triton_loads_a_model_from_a_folder_with_each_character(tmp_path, charac
     runtime.mkdir()
     os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     try:
-        with TritonServer(loopback_options(repo, tmp_path / "log.txt"), ready_timeout=60) as server:
+        with TritonServer(ServerOptions.on_loopback(repo, log_file=tmp_path / "log.txt"), ready_timeout=60) as server:
             alias = server.stub_paths.repository
             assert alias.parent.parent == runtime and alias.resolve() == repo.resolve()
     finally:
@@ -191,7 +191,7 @@ def test_glm_serve_prints_the_cause_of_a_stub_that_cannot_start(tmp_path):
     write_model(tmp_path / "repo", "nostub", "import os, sys\nprint('no GPU driver here', file=sys.stderr, "
                 "flush=True)\nos._exit(3)\n")
     write_model(tmp_path / "repo", "broken", "raise RuntimeError('checkpoint missing: /nowhere')\n")
-    options = loopback_options(tmp_path / "repo", tmp_path / "log.txt")
+    options = ServerOptions.on_loopback(tmp_path / "repo", log_file=tmp_path / "log.txt")
     command = [sys.executable, "-m", "builder.serving.cli", str(options.model_repository),
                "--address", "127.0.0.1", "--http-port", str(options.http_port),
                "--grpc-port", str(options.grpc_port), "--metrics-port", str(options.metrics_port),
@@ -218,7 +218,7 @@ def test_a_repository_in_an_odd_folder_builds_loads_and_answers(tmp_path):
                        limits=LIVE_LIMITS), progress=False)
     runtime = tmp_path / "run"
     runtime.mkdir()
-    options = loopback_options(out, tmp_path / ODD / "server log.txt")
+    options = ServerOptions.on_loopback(out, log_file=tmp_path / ODD / "server log.txt")
     command = [sys.executable, "-m", "builder.serving.cli", str(out), "--address", "127.0.0.1",
                "--http-port", str(options.http_port), "--grpc-port", str(options.grpc_port),
                "--metrics-port", str(options.metrics_port), "--log-file", str(options.log_file),

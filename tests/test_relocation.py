@@ -14,7 +14,7 @@ from builder import TINY_CHECKPOINT
 from builder.build.pipeline import BuildError, BuildOptions, build
 from builder.cli import build_parser, options_from_args
 from builder.client.chat import ChatGLMClient
-from builder.serving.server import ServerOptions, free_port
+from builder.serving.server import ServerOptions
 
 from conftest import serving
 from test_render import fake_checkpoint, params, parse
@@ -114,9 +114,7 @@ def test_a_moved_and_renamed_repository_serves(built, tmp_path_factory):
     elsewhere.parent.mkdir(parents=True)
     shutil.move(str(out), str(elsewhere))
     shutil.rmtree(checkpoint)  # what the repository was built from is gone
-    options = ServerOptions(elsewhere, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), address="127.0.0.1",
-                            log_file=elsewhere.parent / "server.log")
+    options = ServerOptions.on_loopback(elsewhere, log_file=elsewhere.parent / "server.log")
     with serving(options) as server:
         client = ChatGLMClient(server.urls["grpc"], temperature=0, max_token=64, timeout_s=60)
         try:

@@ -32,7 +32,6 @@ from builder.serving.server import (
     ServerStartError,
     TritonServer,
     find_tritonserver,
-    free_port,
     prepare_server_tree,
     server_command,
     server_environment,
@@ -142,15 +141,6 @@ def write_model(repo: Path, name: str, code: str, extra_config: str = "") -> Non
     (repo / name / "1" / "model.py").write_text(textwrap.dedent(code))
 
 
-def loopback_options(repo: Path, log_file: Path) -> ServerOptions:
-    ports: set[int] = set()
-    while len(ports) < 3:  # free_port() may hand the same port out twice in a row
-        ports.add(free_port())
-    http, grpc, metrics = sorted(ports)
-    return ServerOptions(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=log_file,
-                         address="127.0.0.1")
-
-
 def group_processes(group: int) -> list[psutil.Process]:
     """Live tritonserver / stub processes in process group ``group``."""
     found = []
@@ -176,7 +166,7 @@ def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     for name, (code, extra_config) in MODELS.items():
         write_model(repo, name, code, extra_config)
-    options = loopback_options(repo, tmp_path_factory.mktemp("log") / "tritonserver.log")
+    options = ServerOptions.on_loopback(repo, log_file=tmp_path_factory.mktemp("log") / "tritonserver.log")
     with TritonServer(options, ready_timeout=60) as running:
         yield running
 
@@ -264,7 +254,7 @@ def test_decoupled_bls_relays_a_stream(server):
 def test_stop_ends_the_server_and_every_stub(tmp_path):
     write_model(tmp_path / "repo", "echo", ECHO)
     write_model(tmp_path / "repo", "words", WORDS, DECOUPLED)
-    with TritonServer(loopback_options(tmp_path / "repo", tmp_path / "log.txt"), ready_timeout=60) as running:
+    with TritonServer(ServerOptions.on_loopback(tmp_path / "repo", log_file=tmp_path / "log.txt"), ready_timeout=60) as running:
         group = running.pid
         stubs = [p for p in group_processes(group) if p.info["name"] == STUB_NAME]
         assert len(stubs) == 2  # one per model instance, in the server's process group
@@ -278,7 +268,7 @@ def test_a_broken_model_fails_fast_with_the_log(tmp_path):
     write_model(tmp_path / "repo", "broken", "this is not python\n")
     started = time.monotonic()
     with pytest.raises(ServerStartError, match="exited with code") as error:
-        with TritonServer(loopback_options(tmp_path / "repo", tmp_path / "log.txt"), ready_timeout=60):
+        with TritonServer(ServerOptions.on_loopback(tmp_path / "repo", log_file=tmp_path / "log.txt"), ready_timeout=60):
             pass
     assert "broken" in str(error.value)  # the log tail names the model that failed
     assert time.monotonic() - started < 30
@@ -287,7 +277,7 @@ def test_a_broken_model_fails_fast_with_the_log(tmp_path):
 @pytest.mark.server
 def test_glm_serve_stops_on_sigterm(tmp_path):
     write_model(tmp_path / "repo", "echo", ECHO)
-    options = loopback_options(tmp_path / "repo", tmp_path / "log.txt")
+    options = ServerOptions.on_loopback(tmp_path / "repo", log_file=tmp_path / "log.txt")
     command = [sys.executable, "-m", "builder.serving.cli", str(options.model_repository),
                "--http-port", str(options.http_port), "--grpc-port", str(options.grpc_port),
                "--metrics-port", str(options.metrics_port), "--log-file", str(options.log_file),

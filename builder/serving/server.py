@@ -65,6 +65,21 @@ class ServerOptions:
     metrics_address: Optional[str] = None  # None: the same as address; 127.0.0.1 hides metrics
     restart_stubs: bool = True  # reload a model whose stub process died (builder.serving.watchdog)
 
+    @classmethod
+    def on_loopback(cls, model_repository, **options) -> "ServerOptions":
+        """Options for a server on 127.0.0.1 with three distinct free ports (the demo, tests and
+        benchmarks; another process may still take a port before the server binds it).
+
+        >>> ServerOptions.on_loopback("generated_repo", log_file=Path("server.log")).address
+        '127.0.0.1'
+        """
+        ports: set[int] = set()
+        while len(ports) < 3:  # free_port() may hand out the same port twice in a row
+            ports.add(free_port())
+        http, grpc, metrics = sorted(ports)
+        return cls(model_repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                   address="127.0.0.1", **options)
+
     def __post_init__(self):
         object.__setattr__(self, "model_repository", Path(self.model_repository))
         if self.log_file is not None:
@@ -409,7 +424,7 @@ def _is_ready(url: str) -> bool:
 def free_port() -> int:
     """A TCP port free on loopback right now (for tests: another process may take it later).
 
-    >>> ServerOptions(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    >>> ServerOptions(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())  # or ServerOptions.on_loopback(repo)
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
