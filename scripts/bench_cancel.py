@@ -32,13 +32,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from builder import TINY_CHECKPOINT  # noqa: E402
 from builder.build.pipeline import BuildOptions, build  # noqa: E402
+from builder.client.chat import contract_inputs  # noqa: E402
 from builder.model.config import ChatGLM2Config  # noqa: E402
 from builder.serving.server import ServerOptions, TritonServer  # noqa: E402
 from builder.model.synthetic import write_synthetic_checkpoint  # noqa: E402
@@ -66,14 +66,7 @@ def busy(found: dict) -> float:
 
 
 def inputs(max_token: int) -> list:
-    values = {"prompt": [PROMPT.encode()], "history": [], "temperature": [b"0"],
-              "max_token": [str(max_token).encode()], "history_len": [b"0"]}
-    out = []
-    for name, items in values.items():
-        tensor = grpcclient.InferInput(name, [len(items)], "BYTES")
-        tensor.set_data_from_numpy(np.array(items, dtype=object).reshape(len(items)))
-        out.append(tensor)
-    return out
+    return contract_inputs(PROMPT, temperature=0, max_token=max_token, history_len=0)
 
 
 class Poller(threading.Thread):

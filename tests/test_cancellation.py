@@ -14,12 +14,12 @@ import dataclasses
 import queue
 import time
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from builder import TINY_CHECKPOINT
 from builder.build.pipeline import BuildOptions, build
+from builder.client.chat import contract_inputs
 from builder.serving.server import ServerOptions, TritonServer
 from builder.model.tokenizer import ChatGLM2Tokenizer
 
@@ -69,16 +69,9 @@ def total(found: dict, name: str, prefix: str = "") -> float:
 
 
 def inputs(prompt: str, max_token: int, stream: bool = False) -> list:
-    values = {"prompt": [prompt.encode()], "history": [], "temperature": [b"0"],
-              "max_token": [str(max_token).encode()], "history_len": [b"0"]}
-    if stream:  # a variant streams its partial answers only when asked (a router always does)
-        values["stream"] = [b"1"]
-    out = []
-    for name, items in values.items():
-        tensor = grpcclient.InferInput(name, [len(items)], "BYTES")
-        tensor.set_data_from_numpy(np.array(items, dtype=object).reshape(len(items)))
-        out.append(tensor)
-    return out
+    # a variant streams its partial answers only when asked (a router always does)
+    return contract_inputs(prompt, temperature=0, max_token=max_token, history_len=0,
+                           stream=True if stream else None)
 
 
 class Stream:

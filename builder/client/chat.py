@@ -45,6 +45,29 @@ def _strings(values: Sequence[str]) -> np.ndarray:
     return np.array([v.encode("utf-8") for v in values], dtype=object)
 
 
+def contract_inputs(prompt: str, history: Sequence[Sequence[str]] = (), *, temperature: float,
+                    max_token: int, history_len: int, stream: bool | None = None,
+                    protocol: str = "grpc") -> list:
+    """The contract's input tensors for one request, as tritonclient's ``InferInput`` of ``protocol``.
+    ``stream``: variants only (the routers set it themselves); None leaves the input out.
+
+    >>> client.async_stream_infer("chatglm2-6b-int4", contract_inputs("你好", temperature=0,
+    ...                           max_token=64, history_len=0, stream=True))
+    """
+    module = _client_module(protocol)
+    flat = [text for pair in history for text in pair]
+    values = {"prompt": [prompt], "history": flat, "temperature": [str(temperature)],
+              "max_token": [str(max_token)], "history_len": [str(history_len)]}
+    if stream is not None:
+        values["stream"] = ["1" if stream else "0"]
+    out = []
+    for name, items in values.items():
+        tensor = module.InferInput(name, [len(items)], "BYTES")
+        tensor.set_data_from_numpy(_strings(items).reshape(len(items)))
+        out.append(tensor)
+    return out
+
+
 @dataclass
 class ChatGLMClient:
     """A chat client; ``url`` is "host:port" as tritonclient spells it (8001 gRPC, 8000 HTTP)."""
@@ -79,17 +102,8 @@ class ChatGLMClient:
 
     def inputs(self, prompt: str, history: Sequence[Sequence[str]] = (), *,
                stream: bool | None = None) -> list:
-        flat = [text for pair in history for text in pair]
-        values = {"prompt": [prompt], "history": flat, "temperature": [str(self.temperature)],
-                  "max_token": [str(self.max_token)], "history_len": [str(self.history_len)]}
-        if stream is not None:  # variants only: the routers set it themselves
-            values["stream"] = ["1" if stream else "0"]
-        out = []
-        for name, items in values.items():
-            tensor = self._module.InferInput(name, [len(items)], "BYTES")
-            tensor.set_data_from_numpy(_strings(items).reshape(len(items)))
-            out.append(tensor)
-        return out
+        return contract_inputs(prompt, history, temperature=self.temperature, max_token=self.max_token,
+                               history_len=self.history_len, stream=stream, protocol=self.protocol)
 
     @staticmethod
     def _result(result, started: float) -> ChatResult:
