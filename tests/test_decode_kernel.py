@@ -222,12 +222,31 @@ def dense_variants() -> list[str]:
     return [""] + variants()
 
 
+def check_dense(x: torch.Tensor, bits: int, group: int | None, out_features: int,
+                g: torch.Generator, label) -> None:
+    """``dense_mm`` on random codes against the formula: float32 sums of bfloat16-exact codes, one
+    bfloat16 rounding (group-wise: each weight rounded to bfloat16 first)."""
+    in_features = x.shape[1]
+    low, high = (-128, 128) if bits == 8 else (-8, 8)
+    q = torch.randint(low, high, (out_features, in_features), generator=g, dtype=torch.int8)
+    shape = (out_features,) if group is None else (out_features, in_features // group)
+    scale = (torch.rand(shape, generator=g) * 0.01 + 1e-3).to(torch.float16)
+    codes = q if bits == 8 else pack_int4(q)
+    y = cpu_kernels.dense_mm(x, codes, scale, bits)
+    exact = reference(x, q, scale)
+    if group is None:  # the scale multiplies the bfloat16 sum (AMX: the float32 one)
+        slack = exact.abs() * 2 ** -7
+    else:  # each weight is rounded to bfloat16 first: 2^-8 of each term
+        slack = (x.double().abs() @ reference_abs(q, scale).t()) * 2 ** -8 + exact.abs() * 2 ** -8
+    err = (y.double() - exact).abs() - slack
+    assert float(err.max()) <= 1e-3 * float(exact.abs().max()), (label, bits, group)
+
+
 @needs_kernel
 @pytest.mark.parametrize("isa", dense_variants())
 def test_dense_path_matches_the_formula(isa, monkeypatch):
     """int8, int4 and group-wise int4 on odd shapes, 1 to 130 rows (the tile unit takes up to 128,
-    oneDNN more): float32 sums of bfloat16-exact codes, one bfloat16 rounding; and a bfloat16 weight
-    (``bf16_dense_mm``)."""
+    oneDNN more); and a bfloat16 weight (``bf16_dense_mm``)."""
     monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
     g, gw = torch.Generator().manual_seed(3), torch.Generator().manual_seed(16)
     for out_features, in_features in ((37, 96), (200, 512), (65, 200), (16, 4096)):
@@ -236,24 +255,24 @@ def test_dense_path_matches_the_formula(isa, monkeypatch):
             for bits, group in ((8, None), (4, None), (4, 32)):
                 if bits == 4 and (in_features % 2 or (group and in_features % group)):
                     continue
-                low, high = (-128, 128) if bits == 8 else (-8, 8)
-                q = torch.randint(low, high, (out_features, in_features), generator=g, dtype=torch.int8)
-                shape = (out_features,) if group is None else (out_features, in_features // group)
-                scale = (torch.rand(shape, generator=g) * 0.01 + 1e-3).to(torch.float16)
-                codes = q if bits == 8 else pack_int4(q)
-                y = cpu_kernels.dense_mm(x, codes, scale, bits)
-                exact = reference(x, q, scale)
-                if group is None:  # the scale multiplies the bfloat16 sum (AMX: the float32 one)
-                    slack = exact.abs() * 2 ** -7
-                else:  # each weight is rounded to bfloat16 first: 2^-8 of each term
-                    slack = (x.double().abs() @ reference_abs(q, scale).t()) * 2 ** -8 + exact.abs() * 2 ** -8
-                err = (y.double() - exact).abs() - slack
-                assert float(err.max()) <= 1e-3 * float(exact.abs().max()), (isa, out_features, in_features,
-                                                                             bits, group, rows)
+                check_dense(x, bits, group, out_features, g, (isa, out_features, in_features, rows))
             weight = torch.randn(out_features, in_features, generator=gw).to(torch.bfloat16)  # bf16_dense_mm
             y, exact = cpu_kernels.bf16_dense_mm(x, weight).double(), x.double() @ weight.double().t()
             err = (y - exact).abs() - exact.abs() * 2 ** -8
             assert float(err.max()) <= 1e-4 * float(exact.abs().max()), (isa, out_features, in_features, rows)
+
+
+@needs_kernel
+def test_the_streamed_tile_pass_matches_the_formula_for_every_group_count():
+    """Where the CPU has AMX, int8 and per-row int4 with up to 64 rows (1-4 groups of 16 x rows) and
+    K a multiple of 32 convert each chunk of codes just before its multiplies; a partial last block of
+    weight rows multiplies zeros. Elsewhere this checks the dense path on the same shapes."""
+    g = torch.Generator().manual_seed(40)
+    for out_features, in_features in ((37, 96), (16, 4096)):
+        for rows in (3, 20, 40, 64):
+            x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+            for bits in (8, 4):
+                check_dense(x, bits, None, out_features, g, (out_features, in_features, rows))
 
 
 def reference_abs(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
