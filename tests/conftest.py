@@ -115,12 +115,7 @@ def serving(options, ready_timeout: float = 240):
     block its stop goes to :func:`finish_later`."""
     from builder.serving.server import TritonServer
 
-    server = TritonServer(options, ready_timeout=ready_timeout)
-    try:
-        server.start().wait_ready()
-    except BaseException:
-        server.stop()
-        raise
+    server = TritonServer(options, ready_timeout=ready_timeout).__enter__()  # stops itself if not ready
     try:
         yield server
     finally:

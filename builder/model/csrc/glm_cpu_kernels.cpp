@@ -458,28 +458,37 @@ bool has_avx512bf16() {
   return yes;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
-void row_to_bf16_avx512bf16(int bits, const int8_t* src, int64_t K, const float* scale, int64_t G, uint16_t* dst) {
-  if (G) return row_to_bf16_avx512(bits, src, K, scale, G, dst);
-  int64_t k = 0;
-  if (bits == 8) {
-    for (; k + 32 <= K; k += 32) {
-      __m512 a = Avx512::int8(src + k), b = Avx512::int8(src + k + 16);
-      _mm512_storeu_si512(dst + k, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
-    }
+#define GLM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+
+alignas(64) static const uint16_t kNibbleBf16[32] = {  // bfloat16 of 0..7, -8..-1, then unused
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
+
+// 32 codes (int8: 32 bytes; int4: 16 bytes) -> 32 bfloat16s at dst; table: kNibbleBf16, loaded by the
+// caller once (the stores to dst would keep the compiler from hoisting the load)
+template <int BITS>
+GLM_AVX512_BF16 inline void bf16x32(const int8_t* src, uint16_t* dst, __m512i table) {
+  if constexpr (BITS == 8) {
+    const __m512 a = Avx512::int8(src), b = Avx512::int8(src + 16);
+    _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
   } else {
-    alignas(64) static const uint16_t nibbles[32] = {  // bfloat16 of 0..7, -8..-1, then unused
-        0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-        0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
-    const __m512i table = _mm512_load_si512(nibbles);
-    const __m512i low = _mm512_set1_epi32(15);
-    for (; k + 32 <= K; k += 32) {
-      __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k / 2)));
-      // lane j: element 2j (the high nibble) in its low word, 2j+1 (the low nibble) in its high word
-      __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, low), 16));
-      _mm512_storeu_si512(dst + k, _mm512_permutexvar_epi16(idx, table));
-    }
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    // lane j: element 2j (the high nibble) in its low word, 2j+1 (the low nibble) in its high word
+    const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4),
+                                        _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(15)), 16));
+    _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(idx, table));
   }
+}
+
+GLM_AVX512_BF16 void row_to_bf16_avx512bf16(int bits, const int8_t* src, int64_t K, const float* scale, int64_t G,
+                                            uint16_t* dst) {
+  if (G) return row_to_bf16_avx512(bits, src, K, scale, G, dst);
+  const __m512i table = _mm512_load_si512(kNibbleBf16);
+  int64_t k = 0;
+  if (bits == 8)
+    for (; k + 32 <= K; k += 32) bf16x32<8>(src + k, dst + k, table);
+  else
+    for (; k + 32 <= K; k += 32) bf16x32<4>(src + k / 2, dst + k, table);
   row_tail_to_bf16(bits, src, k, K, nullptr, K, dst);
 }
 
@@ -575,11 +584,6 @@ GLM_AMX inline void amx_group(const uint16_t* xc) {
   }
 }
 
-template <int NG, int Q>
-GLM_AMX inline void amx_chunk(const AmxProblem& p, const uint16_t* wbuf, int64_t stride, int64_t c, int64_t g0) {
-  tile_load(Q, wbuf + c * 32, stride);
-  amx_group<NG, Q, 0>(p.xb + (c * p.groups + g0) * 512);
-}
 
 GLM_AMX inline void zero_c() {
   _tile_zero(4);
@@ -594,22 +598,6 @@ GLM_AMX inline void store_c(float* c) {
   _tile_stored(7, c + 768, 64);
 }
 
-// one pass over a converted block for x groups g0 .. g0+NG-1; leaves y^T's tiles (fp32, 16 x 16) in c
-// (wbuf: 16 weight rows of bfloat16, stride bytes apart)
-template <int NG>
-GLM_AMX void amx_pass(const AmxProblem& p, const uint16_t* wbuf, int64_t stride, int64_t g0, float* c) {
-  zero_c();
-  int64_t k = 0;
-  for (; k + 2 <= p.K32; k += 2) {
-    amx_chunk<NG, 0>(p, wbuf, stride, k, g0);
-    amx_chunk<NG, 1>(p, wbuf, stride, k + 1, g0);
-  }
-  if (k < p.K32) amx_chunk<NG, 0>(p, wbuf, stride, k, g0);
-  store_c(c);
-  if constexpr (NG <= 2)  // tiles 4+5 (group 0), 6+7 (group 1): sum the even and odd chunks
-    for (int i = 0; i < 256; ++i) c[i] += c[256 + i], c[256 + i] = c[512 + i] + c[768 + i];
-}
-
 // y for x group g from its C tile (c: [16 weight rows][16 x rows] fp32)
 GLM_AMX void amx_store(const AmxProblem& p, const float* c, int64_t n0, int64_t rows, int64_t g) {
   const int64_t m_end = std::min<int64_t>(16, p.M - g * 16);
@@ -622,13 +610,23 @@ GLM_AMX void amx_store(const AmxProblem& p, const float* c, int64_t n0, int64_t 
   }
 }
 
-// The streamed pass, for int8 and per-row-scaled int4 with up to 64 rows of x (4 groups: one pass),
-// where the CPU has AVX512-BF16 (every CPU with AMX has it): each chunk of 16 weight rows x 32 inputs
-// is converted just before its multiplies, into one of two 1 KiB buffers that stay in L1. The tile
-// unit multiplies one chunk while the vector units convert the next, where converting a whole block
-// first (amx_pass) left them taking turns: 8 rows of 27392x4096 int8 went from 10.3 to 5.9 ms (in
-// cache; 6.0 ms from DRAM, where the GEMV takes 9.5).
+// Where a pass's A tiles (16 weight rows x 32 inputs of bfloat16) come from: a converted block, or a
+// bfloat16 weight as it is (a: 16 rows, stride bytes apart); or, streamed (a null), the codes of
+// `rows` weight rows at w, each chunk converted just before its multiplies into one of two 1 KiB
+// buffers (abuf) that stay in L1.
+//
+// Streaming is for int8 and per-row-scaled int4 with up to 64 rows of x (4 groups: one pass), where
+// the CPU has AVX512-BF16 (every CPU with AMX has it). The tile unit multiplies one chunk while the
+// vector units convert the next, where converting a whole block first left them taking turns: 8 rows
+// of 27392x4096 int8 went from 10.3 to 5.9 ms (in cache; 6.0 ms from DRAM, where the GEMV takes 9.5).
 // The same conversions and the same order of multiplies: the results are equal.
+struct AmxA {
+  const uint16_t* a;
+  int64_t stride;
+  const int8_t* w;
+  int64_t rows;
+  uint16_t* abuf;
+};
 
 // Bytes ahead in each of the 16 weight rows the streamed pass prefetches: the hardware prefetchers do not
 // follow 16 rows read 16-32 bytes at a time (int4 from DRAM: 7.3 -> 5.3 ms for 8 rows of 27392x4096;
@@ -636,51 +634,42 @@ GLM_AMX void amx_store(const AmxProblem& p, const float* c, int64_t n0, int64_t 
 constexpr int64_t kAmxPrefetch = 256;
 #define GLM_AMX_BF16 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
-GLM_AMX_BF16 inline void convert_chunk(const AmxProblem& p, const int8_t* w, int64_t rows, int64_t k,
-                                       uint16_t* dst) {
-  const int64_t at = k * (p.bits == 8 ? 32 : 16);  // the chunk's first byte in each row
+GLM_AMX_BF16 inline void convert_chunk(const AmxProblem& p, const AmxA& A, int64_t k, uint16_t* dst) {
+  const int64_t at = k * p.bits * 4;  // the chunk's first byte in each row (32 codes)
   if (at % 64 == 0 && at + kAmxPrefetch < p.row_bytes)  // 16 rows at once outrun the prefetchers
-    for (int64_t r = 0; r < rows; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * p.row_bytes + at + kAmxPrefetch), _MM_HINT_T0);
-  if (p.bits == 8) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int8_t* src = w + r * p.row_bytes + k * 32;
-      const __m512 a = Avx512::int8(src), b = Avx512::int8(src + 16);
-      _mm512_store_si512(dst + r * 32, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
-    }
-  } else {  // 16 bytes of THUDM's int4 per row, through the nibbles' bfloat16 table (row_to_bf16)
-    alignas(64) static const uint16_t nibbles[32] = {
-        0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-        0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
-    const __m512i table = _mm512_load_si512(nibbles), low = _mm512_set1_epi32(15);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512i d = _mm512_cvtepu8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * p.row_bytes + k * 16)));
-      const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, low), 16));
-      _mm512_store_si512(dst + r * 32, _mm512_permutexvar_epi16(idx, table));
-    }
-  }
+    for (int64_t r = 0; r < A.rows; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(A.w + r * p.row_bytes + at + kAmxPrefetch), _MM_HINT_T0);
+  const __m512i table = _mm512_load_si512(kNibbleBf16);
+  if (p.bits == 8)
+    for (int64_t r = 0; r < A.rows; ++r) bf16x32<8>(A.w + r * p.row_bytes + at, dst + r * 32, table);
+  else
+    for (int64_t r = 0; r < A.rows; ++r) bf16x32<4>(A.w + r * p.row_bytes + at, dst + r * 32, table);
 }
 
 template <int NG, int Q>
-GLM_AMX_BF16 inline void amx_chunk_streamed(const AmxProblem& p, const int8_t* w, int64_t rows, int64_t k,
-                                            uint16_t* abuf) {
-  convert_chunk(p, w, rows, k, abuf + Q * 512);
-  tile_load(Q, abuf + Q * 512, 64);
-  amx_group<NG, Q, 0>(p.xb + k * p.groups * 512);
+GLM_AMX_BF16 inline void amx_chunk(const AmxProblem& p, const AmxA& A, int64_t k, int64_t g0) {
+  if (A.a) {
+    tile_load(Q, A.a + k * 32, A.stride);
+  } else {
+    convert_chunk(p, A, k, A.abuf + Q * 512);
+    tile_load(Q, A.abuf + Q * 512, 64);
+  }
+  amx_group<NG, Q, 0>(p.xb + (k * p.groups + g0) * 512);
 }
 
+// one pass over a block of 16 weight rows for x groups g0 .. g0+NG-1; leaves y^T's tiles (fp32,
+// 16 x 16) in c
 template <int NG>
-GLM_AMX_BF16 void amx_pass_streamed(const AmxProblem& p, int64_t n0, int64_t rows, uint16_t* abuf, float* c) {
+GLM_AMX_BF16 void amx_pass(const AmxProblem& p, const AmxA& A, int64_t g0, float* c) {
   zero_c();
-  const int8_t* w = p.w + n0 * p.row_bytes;
   int64_t k = 0;
   for (; k + 2 <= p.K32; k += 2) {
-    amx_chunk_streamed<NG, 0>(p, w, rows, k, abuf);
-    amx_chunk_streamed<NG, 1>(p, w, rows, k + 1, abuf);
+    amx_chunk<NG, 0>(p, A, k, g0);
+    amx_chunk<NG, 1>(p, A, k + 1, g0);
   }
-  if (k < p.K32) amx_chunk_streamed<NG, 0>(p, w, rows, k, abuf);
+  if (k < p.K32) amx_chunk<NG, 0>(p, A, k, g0);
   store_c(c);
-  if constexpr (NG <= 2)
+  if constexpr (NG <= 2)  // tiles 4+5 (group 0), 6+7 (group 1): sum the even and odd chunks
     for (int i = 0; i < 256; ++i) c[i] += c[256 + i], c[256 + i] = c[512 + i] + c[768 + i];
 }
 
@@ -699,34 +688,27 @@ GLM_AMX void amx_blocks(const AmxProblem& p, int64_t b0, int64_t b1, std::vector
   alignas(64) uint16_t abuf[2 * 512] = {};  // the streamed pass's two chunks
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 16, rows = std::min<int64_t>(16, p.N - n0);
+    AmxA A{nullptr, 64, p.w + n0 * p.row_bytes, rows, abuf};
     if (streamed) {
       if (rows < 16) std::fill(abuf, abuf + 2 * 512, 0);  // the missing rows multiply as zeros
-      switch (p.groups) {
-        case 1: amx_pass_streamed<1>(p, n0, rows, abuf, c); break;
-        case 2: amx_pass_streamed<2>(p, n0, rows, abuf, c); break;
-        case 3: amx_pass_streamed<3>(p, n0, rows, abuf, c); break;
-        default: amx_pass_streamed<4>(p, n0, rows, abuf, c); break;
+    } else if (p.bits == 16 && rows == 16 && p.K % 32 == 0) {
+      A.a = reinterpret_cast<const uint16_t*>(A.w), A.stride = p.row_bytes;  // whole rows: A tiles as they are
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* src = p.w + (n0 + r) * p.row_bytes;
+        if (p.bits == 16) std::memcpy(wbuf.data() + r * width, src, p.row_bytes);
+        else row_to_bf16(true, p.bits, src, p.K, p.G ? p.scale + (n0 + r) * p.G : nullptr, p.G, wbuf.data() + r * width);
       }
-      for (int64_t g = 0; g < p.groups; ++g) amx_store(p, c + g * 256, n0, rows, g);
-      continue;
+      if (rows < 16) std::fill(wbuf.begin() + rows * width, wbuf.end(), 0);
+      A.a = wbuf.data(), A.stride = width * 2;
     }
-    // a bfloat16 weight's 16 whole rows are A tiles as they are (K a multiple of 32: no padding)
-    const bool direct = p.bits == 16 && rows == 16 && p.K % 32 == 0;
-    const uint16_t* a = direct ? reinterpret_cast<const uint16_t*>(p.w + n0 * p.row_bytes) : wbuf.data();
-    const int64_t stride = direct ? p.row_bytes : width * 2;
-    for (int64_t r = 0; r < rows && !direct; ++r) {
-      const int8_t* src = p.w + (n0 + r) * p.row_bytes;
-      if (p.bits == 16) std::memcpy(wbuf.data() + r * width, src, p.row_bytes);
-      else row_to_bf16(true, p.bits, src, p.K, p.G ? p.scale + (n0 + r) * p.G : nullptr, p.G, wbuf.data() + r * width);
-    }
-    if (rows < 16) std::fill(wbuf.begin() + rows * width, wbuf.end(), 0);
     for (int64_t g0 = 0; g0 < p.groups; g0 += 4) {
       const int64_t ng = std::min<int64_t>(4, p.groups - g0);
       switch (ng) {
-        case 1: amx_pass<1>(p, a, stride, g0, c); break;
-        case 2: amx_pass<2>(p, a, stride, g0, c); break;
-        case 3: amx_pass<3>(p, a, stride, g0, c); break;
-        default: amx_pass<4>(p, a, stride, g0, c); break;
+        case 1: amx_pass<1>(p, A, g0, c); break;
+        case 2: amx_pass<2>(p, A, g0, c); break;
+        case 3: amx_pass<3>(p, A, g0, c); break;
+        default: amx_pass<4>(p, A, g0, c); break;
       }
       for (int64_t g = 0; g < ng; ++g) amx_store(p, c + g * 256, n0, rows, g0 + g);
     }
