@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from builder import TINY_CHECKPOINT, chat, load_chatglm2
-from builder.model.generation import PromptTooLongError
+from builder.model.generation import NUCLEUS_FIRST_K, PromptTooLongError, sample_rows
 from builder.serving.batcher import (Batcher, BatcherConfig, BatcherFullError, BatcherStoppedError,
-                                     GreedyRows)
+                                     ChatSampling)
 
 PAST = [("你好", "你好！"), ("1加1等于多少？", "1加1等于2。")]
 # (query, history): greetings, arithmetic and 鸡兔同笼 in both languages, one with two past rounds.
@@ -77,16 +77,37 @@ def test_config_names_the_bad_field_and_value(field, value):
         BatcherConfig(**kwargs)
 
 
-def test_greedy_rows_keep_only_their_first_best_logit():
-    rows = [SimpleNamespace(state=SimpleNamespace(logit_processor_kwargs=kwargs))
-            for kwargs in ({"greedy": True}, {"greedy": False, "temperature": 0.7}, {})]
-    flags = GreedyRows().prepare_tensor_args(rows)
-    assert flags.tolist() == [1, 0, 0] and flags.dtype == torch.int32
-    scores = torch.tensor([[1.0, 3.0, 3.0, 0.5]] * 3)  # a tie at the top, as argmax sees it
-    out = GreedyRows()(scores, flags)
-    assert out[0].tolist() == [-math.inf, 3.0, -math.inf, -math.inf]
-    assert torch.equal(out[1:], scores[1:])
-    assert torch.multinomial(out[0].softmax(-1), 20, replacement=True).unique().tolist() == [1]
+def test_chat_sampling_takes_each_request_s_own_greedy_or_top_p():
+    rows = [SimpleNamespace(has_new_token=True, state=SimpleNamespace(logit_processor_kwargs=kwargs))
+            for kwargs in ({"temperature": 0.0, "top_p": 1.0}, {"temperature": 0.75, "top_p": 0.625}, {})]
+    sampling = ChatSampling()
+    storage = torch.zeros(sampling.tensors_required, 4, dtype=torch.int32)
+    sampling.fill_defaults(storage[:, 3:])
+    args = sampling.prepare_tensor_args(rows, storage)
+    assert args.view(torch.float32)[:, :3].tolist() == [[0.0, 0.75, 0.0], [1.0, 0.625, 1.0]]
+    assert args.view(torch.float32)[:, 3].tolist() == [0.0, 1.0]  # the defaults: greedy
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.5], [0.0, 3.0, 1.0, 2.9], [1.0, 3.0, 3.0, 0.5]])
+    torch.manual_seed(0)
+    draws = [sampling(None, scores, args).argmax(-1).tolist() for _ in range(40)]
+    assert {d[0] for d in draws} == {1} and {d[2] for d in draws} == {1}  # the first best, ties too
+    assert {d[1] for d in draws} == {1, 3}  # top-p 0.625 keeps only the two leading tokens
+    out = sampling(None, scores, args)
+    assert (out.isfinite().sum(-1) == 1).all()  # only the chosen token is left to the arg-max
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_sample_rows_finds_the_whole_nucleus_beyond_its_first_guess(sync_free):
+    vocab = 4 * NUCLEUS_FIRST_K
+    logits = torch.zeros(2, vocab)  # flat: the nucleus of top-p 0.9 holds 90% of the vocabulary
+    logits[1, 7] = 50.0  # peaked: its nucleus is one token
+    temperature, top_p = torch.tensor([1.0, 1.0]), torch.tensor([0.9, 0.9])
+    g = torch.Generator().manual_seed(1)
+    draws = torch.stack([sample_rows(logits, temperature, top_p, g, sync_free=sync_free)
+                         for _ in range(300)])
+    assert draws[:, 1].unique().tolist() == [7]
+    assert draws[:, 0].unique().numel() > NUCLEUS_FIRST_K  # drawn from past the first 64
+    assert torch.equal(sample_rows(logits, torch.zeros(2), top_p, sync_free=sync_free),
+                       torch.tensor([0, 7]))
 
 
 def check_eight_questions(model, tok):

@@ -21,7 +21,7 @@ from builder.serving.batcher import (KV_BUCKETS, Q_PADDING_TOKENS, Batcher, Batc
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CONFIG = BatcherConfig(num_blocks=64, block_size=16, max_batch_tokens=256, seed=3)
 # What the batcher asked for before graphs (and still asks for on a CPU), key for key.
-BEFORE = dict(num_blocks=64, page_size=16, max_batch_tokens=256, per_request_processors=True,
+BEFORE = dict(num_blocks=64, page_size=16, max_batch_tokens=256,
               allow_block_sharing=True, seed=3)
 GRAPH_KEYS = {"use_cuda_graph", "use_async_batching", "q_padding_interval_size",
               "kv_padding_interval_size"}

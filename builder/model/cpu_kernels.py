@@ -40,9 +40,10 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "glm_cpu_kernels.cpp"
-ISAS = {"": 0, "auto": 0, "avx2": 2, "avx512": 5}
+ISAS = {"": 0, "auto": 0, "avx2": 2, "avx512": 5, "avx512bf16": 6}
 """``GLM_CPU_KERNEL_ISA`` -> the ops' code: 0 is the best the CPU has, AMX included (``dense_mm``'s
-tile path); ``avx512`` and ``avx2`` leave AMX out (what a CPU without it gets)."""
+tile path); ``avx512bf16``, ``avx512`` and ``avx2`` leave AMX out (what a CPU without it gets), and
+``avx512`` also AVX512-BF16's dot products (the int4 GEMV's float form, as on a CPU without them)."""
 
 
 def cache_dir() -> Path:
@@ -110,7 +111,7 @@ def isa_code() -> int:
     """``GLM_CPU_KERNEL_ISA`` (``avx2``, ``avx512``; default: the best the CPU has) as the ops' code."""
     name = os.environ.get("GLM_CPU_KERNEL_ISA", "").strip().lower()
     if name not in ISAS:
-        raise ValueError(f"GLM_CPU_KERNEL_ISA must be avx2 or avx512, got {name!r}")
+        raise ValueError(f"GLM_CPU_KERNEL_ISA must be avx2, avx512 or avx512bf16, got {name!r}")
     return ISAS[name]
 
 

@@ -43,17 +43,60 @@ def fit_history(tokenizer, query: str, history: History, max_length: int) -> tup
         history = history[1:]
 
 
+NUCLEUS_FIRST_K = 64
+"""Where :func:`sample_rows` first looks for a row's nucleus: its 64 most likely tokens, then 8×
+as many until the nucleus ends inside them (a peaked row never sorts its whole vocabulary)."""
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None = None) -> int:
     """Next token from last-position logits [vocab]: greedy when temperature ≤ 0, else top-p."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the top token
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
+    return int(sample_rows(logits[None], torch.tensor([float(temperature)]),
+                           torch.tensor([float(top_p)]), generator)[0])
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                generator: torch.Generator | None = None, *, sync_free: bool = False) -> torch.Tensor:
+    """Each row's next token from ``logits`` [rows, vocab]: its first arg-max where ``temperature``
+    [rows] is ≤ 0 (greedy), else a draw, after dividing by the temperature, from the smallest set of
+    most likely tokens whose probability reaches ``top_p`` [rows] (the nucleus; the top token always
+    stays). Returns [rows] int64 on the logits' device.
+
+    Greedy rows cost an arg-max only, and a sampled row's nucleus is looked for among its
+    :data:`NUCLEUS_FIRST_K` most likely tokens first. Both decisions read values on the host, which a
+    CUDA graph cannot: ``sync_free`` computes every row the same way, sorting the whole vocabulary.
+
+    >>> sample_rows(torch.tensor([[0., 3., 1.]]), torch.tensor([0.]), torch.tensor([1.]))
+    tensor([1])
+    """
+    logits = logits.float()
+    tokens = logits.argmax(-1)
+    sampled = temperature.to(logits.device) > 0
+    top_p = top_p.to(logits.device)
+    if sync_free:
+        draws = _nucleus_draws(logits, temperature.to(logits.device).clamp_min(1e-6), top_p,
+                               generator, first_k=logits.size(-1))
+        return torch.where(sampled, draws, tokens)
+    rows = sampled.nonzero().flatten()
+    if rows.numel():
+        tokens[rows] = _nucleus_draws(logits[rows], temperature.to(logits.device)[rows], top_p[rows],
+                                      generator, first_k=NUCLEUS_FIRST_K)
+    return tokens
+
+
+def _nucleus_draws(logits, temperature, top_p, generator, first_k: int) -> torch.Tensor:
+    """One top-p draw per row (every temperature > 0). The nucleus is exact whatever ``first_k``:
+    the top k is widened until every row's nucleus ends inside it."""
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    vocab, k = probs.size(-1), min(first_k, probs.size(-1))
+    while True:
+        top, order = probs.sort(-1, descending=True) if k == vocab else probs.topk(k, -1)
+        keep = top.cumsum(-1) - top < top_p[:, None]  # the mass before each token is under top_p
+        if k == vocab or not bool(keep[:, -1].any()):
+            break
+        k = min(k * 8, vocab)
+    choice = torch.multinomial(top * keep, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
 
 
 def decode_answer(tokenizer, new_ids: Sequence[int], *, final: bool = True) -> str | None:

@@ -29,10 +29,11 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import RequestStatus
 from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingLogitsProcessor)
+    ContinuousBatchingLogitsProcessorList)
+from transformers.generation.logits_process import LogitsProcessorList
 
 from ..model.cuda_quant import FUSED_MAX_TOKENS
-from ..model.generation import decode_answer, fit_history, graphs_switched_off
+from ..model.generation import decode_answer, fit_history, graphs_switched_off, sample_rows
 
 log = logging.getLogger("glm-build.batcher")
 
@@ -149,26 +150,40 @@ class BatchRequest:
         return True
 
 
-class GreedyRows(ContinuousBatchingLogitsProcessor):
-    """Per-request greedy decoding inside a sampling batch: a row flagged ``greedy`` keeps only its
-    first arg-max logit, so the batch's multinomial draw returns exactly ``argmax`` (what
-    ``sample_next`` does at temperature 0, ties included)."""
+class ChatSampling(ContinuousBatchingLogitsProcessorList):
+    """Every request's own sampling in one pass over the batch's logits (:func:`sample_rows`):
+    greedy at temperature 0 (the first arg-max, as ``sample_next``), else temperature and top-p.
 
-    supported_kwargs = {"greedy": bool}
-    ignored_kwargs = ()
+    It stands in for transformers' list of per-request processors, whose top-p sorts every row's
+    whole vocabulary, greedy ones included, before a multinomial draw over it: 15-17 ms a step for
+    8 rows of ChatGLM2's 65,024 logits on 2 cores, against 0.1 ms for 8 greedy rows here. Each
+    row comes back with only its chosen token finite, and the manager (built with
+    ``do_sample=False``) takes that arg-max. Two argument rows per request: temperature, top-p.
+    """
+
+    KEYS = ("temperature", "top_p")
+
+    def __init__(self):
+        super().__init__(LogitsProcessorList())
+        self.tensors_required = len(self.KEYS)
+        self.supported_keys = {key: float for key in self.KEYS}
+        self.do_processing = True
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(0)
+        int32_tensor.copy_(torch.tensor([[0.0], [1.0]]).view(torch.int32))  # greedy
 
-    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
-        flags = [r.state.logit_processor_kwargs.get("greedy", False) for r in requests_with_new_token]
-        return torch.tensor(flags, dtype=torch.int32)
+    def prepare_tensor_args(self, requests_in_batch, arg_storage: torch.Tensor) -> torch.Tensor:
+        rows = [r.state.logit_processor_kwargs for r in requests_in_batch if r.has_new_token]
+        values = torch.tensor([[row.get(key, default) for row in rows]
+                               for key, default in zip(self.KEYS, (0.0, 1.0))], dtype=torch.float32)
+        arg_storage[:, : len(rows)] = values.view(torch.int32).to(arg_storage.device)
+        return arg_storage
 
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        greedy = tensor_arg[: scores.size(0)].bool().unsqueeze(-1)  # [rows, 1]
-        best = scores.argmax(dim=-1, keepdim=True)  # [rows, 1]
-        only_best = torch.full_like(scores, -math.inf).scatter(-1, best, scores.gather(-1, best))
-        return torch.where(greedy, only_best, scores)  # [rows, vocab]
+    def __call__(self, input_ids, scores: torch.Tensor, logits_processor_args: torch.Tensor):
+        args = logits_processor_args[:, : scores.size(0)].view(torch.float32)
+        tokens = sample_rows(scores, args[0], args[1], sync_free=scores.device.type != "cpu")
+        chosen = torch.full_like(scores, -math.inf)
+        return chosen.scatter_(-1, tokens[:, None], 0.0)
 
 
 Q_PADDING_TOKENS = FUSED_MAX_TOKENS
@@ -221,7 +236,7 @@ def continuous_batching_config(config: BatcherConfig, device) -> dict:
     64
     """
     kwargs = dict(num_blocks=config.num_blocks, page_size=config.block_size,
-                  max_batch_tokens=config.max_batch_tokens, per_request_processors=True,
+                  max_batch_tokens=config.max_batch_tokens,
                   allow_block_sharing=config.prefix_sharing, seed=config.seed,
                   max_requests_per_batch=config.max_running)
     on, _ = cuda_graphs_decision(config, device)
@@ -243,28 +258,19 @@ def _say_graphs_once(config: BatcherConfig, device) -> None:
 
 
 def _make_manager(model, tokenizer, config: BatcherConfig):
-    """transformers' manager, sized from ``config``, sampling per request, with greedy rows; on
-    CUDA with graphs on, its steps are captured here (warm-up) so the first request does not pay."""
-    # Sampling on, with temperature and top-p warpers that each request overrides: the manager
-    # builds a warper only for a default that differs from "no-op" (temperature 1, top-p 1).
-    generation_config = GenerationConfig(do_sample=True, temperature=0.8, top_p=0.8, top_k=None,
-                                         eos_token_id=list(tokenizer.stop_ids),
+    """transformers' manager, sized from ``config``, sampling per request (:class:`ChatSampling`);
+    on CUDA with graphs on, its steps are captured here (warm-up) so the first request does not pay."""
+    # do_sample=False: the manager's own step takes the arg-max of what ChatSampling leaves
+    generation_config = GenerationConfig(do_sample=False, eos_token_id=list(tokenizer.stop_ids),
                                          pad_token_id=tokenizer.pad_id)
     device = model.device
     _say_graphs_once(config, device)
     cb_config = ContinuousBatchingConfig(**continuous_batching_config(config, device))
     manager = model.init_continuous_batching(generation_config=generation_config,
                                              continuous_batching_config=cb_config)
-    # transformers has no public hook for a custom per-request processor: add ours first, before
-    # start() sizes the per-request argument tensors from `tensors_required`.
-    processors = manager.logit_processor
-    processors.logits_processor.insert(0, GreedyRows())
-    processors.tensors_required += 1
-    processors._retrieve_processors_kwargs()
-    processors.do_processing = True
-    if not {"greedy", "temperature", "top_p"} <= set(processors.supported_keys):
-        raise RuntimeError(f"transformers' continuous batching did not take per-request greedy, "
-                           f"temperature and top_p (it supports {sorted(processors.supported_keys)})")
+    # transformers has no public hook for per-request sampling of one's own: put ours in place of
+    # its (empty) list, before start() sizes the per-request argument rows from tensors_required.
+    manager.logit_processor = ChatSampling()
     if any(manager.continuous_batching_config.cuda_graph_booleans):
         # Captures the largest step (and the decode fast path's sizes) into the graph pool now;
         # the generation loop reuses this batch processor. Later buckets are captured on first use.
@@ -399,8 +405,8 @@ class Batcher:
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if temperature > 0:
-            return {"greedy": False, "temperature": float(temperature), "top_p": float(top_p)}
-        return {"greedy": True, "temperature": 1.0, "top_p": 1.0}  # the warpers leave the kept logit
+            return {"temperature": float(temperature), "top_p": float(top_p)}
+        return {"temperature": 0.0, "top_p": 1.0}
 
     def submit_ids(self, prompt_ids: Sequence[int], *, max_length: int,
                    ignore_stop: bool = False) -> BatchRequest:
@@ -411,7 +417,7 @@ class Batcher:
         if max_length > self.config.max_tokens:
             raise ValueError(f"max_length={max_length} is more than the KV pool holds for one request: "
                              f"{self.config.max_tokens} tokens")
-        sampling = {"greedy": True, "temperature": 1.0, "top_p": 1.0}
+        sampling = {"temperature": 0.0, "top_p": 1.0}
         return self._add("", (), list(prompt_ids), max_length, sampling, lambda *update: None,
                          [] if ignore_stop else list(self._stop_ids))
 
