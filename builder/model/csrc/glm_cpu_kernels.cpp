@@ -473,7 +473,11 @@ bool has_avx512bf16() {
 
 #define GLM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
-alignas(64) static const uint16_t kNibbleBf16[32] = {  // bfloat16 of 0..7, -8..-1, then unused
+// bfloat16 of the nibbles 0..7, -8..-1, twice: vpermw reads an index's low 5 bits, so int4_dot's
+// lookup of a whole byte needs no mask
+alignas(64) static const uint16_t kNibbleBf16[32] = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
     0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
     0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
 
@@ -517,16 +521,9 @@ void row_to_bf16(bool avx512, int bits, const int8_t* src, int64_t K, const floa
 // its FMAs, and on a host whose cores are slow beside their memory (2 Zen 4 cores: 35 GB/s) that, not
 // the memory, bounds it (6.3 ms per 6B layer, 16 GB/s of codes). Here 32 bytes of codes (64 inputs)
 // become two registers of exact bfloat16s, the high nibbles (even inputs) and the low ones (odd), by
-// one zero-extension, one shift and two table lookups (vpermw reads an index's low 5 bits: the table
-// holds the 16 nibbles twice, so a byte needs no mask); vdpbf16ps then multiplies each with x's
+// one zero-extension, one shift and two lookups in kNibbleBf16; vdpbf16ps then multiplies each with x's
 // bfloat16 inputs of the same parity, summing pairs into float32 lanes. x is laid out once per call as
 // [K / 64][M][evens, odds] (bfloat16, as given). Per-row scales only (THUDM's int4), K a multiple of 64.
-alignas(64) static const uint16_t kNibbleBf16Twice[32] = {
-    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
-    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
-
 struct DotProblem {
   const uint16_t* xs;  // [K / 64][M][64] bfloat16: each step's 32 even inputs, then its 32 odd ones
   const int8_t* w;     // [N, K / 2] THUDM int4
@@ -538,7 +535,7 @@ struct DotProblem {
 // R output rows [n, n + R) for M rows of x from m0; the next R rows are prefetched as these are read
 template <int M, int R>
 GLM_AVX512_BF16 void int4_dot_rows(const DotProblem& p, int64_t n, int64_t m0) {
-  const __m512i table = _mm512_load_si512(kNibbleBf16Twice);
+  const __m512i table = _mm512_load_si512(kNibbleBf16);
   const int8_t* w[R];
   for (int r = 0; r < R; ++r) w[r] = p.w + (n + r) * p.row_bytes;
   const int64_t ahead = R * p.row_bytes, xstride = p.M * 64;
