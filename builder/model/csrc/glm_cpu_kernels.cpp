@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -231,36 +232,49 @@ constexpr int tile_rows(bool avx512, int bits, int m) {
   return m == 1 ? 4 : m == 2 ? 3 : m <= 4 ? 2 : 1;
 }
 
-using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
-
-template <int BITS, int M, bool AVX512>
-void run_rows(const Problem& p, int64_t m0) {
-  constexpr int R = tile_rows(AVX512, BITS, M);
-  RowsFn tile = AVX512 ? &rows_Avx512<BITS, M, R> : &rows_Avx2<BITS, M, R>;
-  RowsFn one = AVX512 ? &rows_Avx512<BITS, M, 1> : &rows_Avx2<BITS, M, 1>;
+// Every tile of R output rows on the threads (contiguous runs of tiles per thread; a small problem
+// stays on one), then the rows past the last whole tile one at a time. P: a problem with N and
+// row_bytes; tile and one: (p, first output row, first x row).
+template <typename P>
+void over_tiles(const P& p, int64_t m0, int R, void (*tile)(const P&, int64_t, int64_t),
+                void (*one)(const P&, int64_t, int64_t)) {
   const int64_t tiles = p.N / R;
-  // contiguous runs of tiles per thread; small problems stay on one thread
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(p.row_bytes * R, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) tile(p, t * R, m0, p.M);
+    for (int64_t t = begin; t < end; ++t) tile(p, t * R, m0);
   });
-  for (int64_t n = tiles * R; n < p.N; ++n) one(p, n, m0, p.M);
+  for (int64_t n = tiles * R; n < p.N; ++n) one(p, n, m0);
+}
+
+// pass(std::integral_constant<int, m>(), m0) for each group of up to kMaxRows rows of x from m0,
+// m its row count: the kernels are compiled per row count
+template <typename F>
+void by_row_groups(int64_t M, F&& pass) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    switch (std::min<int64_t>(M - m0, kMaxRows)) {
+      case 1: pass(std::integral_constant<int, 1>(), m0); break;
+      case 2: pass(std::integral_constant<int, 2>(), m0); break;
+      case 3: pass(std::integral_constant<int, 3>(), m0); break;
+      case 4: pass(std::integral_constant<int, 4>(), m0); break;
+      case 5: pass(std::integral_constant<int, 5>(), m0); break;
+      case 6: pass(std::integral_constant<int, 6>(), m0); break;
+      case 7: pass(std::integral_constant<int, 7>(), m0); break;
+      default: pass(std::integral_constant<int, 8>(), m0); break;
+    }
+  }
+}
+
+template <int BITS, int M, int R, bool AVX512>
+void rows(const Problem& p, int64_t n, int64_t m0) {
+  AVX512 ? rows_Avx512<BITS, M, R>(p, n, m0, p.M) : rows_Avx2<BITS, M, R>(p, n, m0, p.M);
 }
 
 template <int BITS, bool AVX512>
 void run(const Problem& p) {
-  for (int64_t m0 = 0; m0 < p.M; m0 += kMaxRows) {
-    switch (std::min<int64_t>(p.M - m0, kMaxRows)) {
-      case 1: run_rows<BITS, 1, AVX512>(p, m0); break;
-      case 2: run_rows<BITS, 2, AVX512>(p, m0); break;
-      case 3: run_rows<BITS, 3, AVX512>(p, m0); break;
-      case 4: run_rows<BITS, 4, AVX512>(p, m0); break;
-      case 5: run_rows<BITS, 5, AVX512>(p, m0); break;
-      case 6: run_rows<BITS, 6, AVX512>(p, m0); break;
-      case 7: run_rows<BITS, 7, AVX512>(p, m0); break;
-      default: run_rows<BITS, 8, AVX512>(p, m0); break;
-    }
-  }
+  by_row_groups(p.M, [&](auto m, int64_t m0) {
+    constexpr int M = decltype(m)::value, R = tile_rows(AVX512, BITS, M);
+    over_tiles(p, m0, R, &rows<BITS, M, R, AVX512>, &rows<BITS, M, 1, AVX512>);
+  });
 }
 
 // -- which ISA --------------------------------------------------------------------------------------
@@ -568,17 +582,6 @@ GLM_AVX512_BF16 void int4_dot_rows(const DotProblem& p, int64_t n, int64_t m0) {
 // rows per tile: independent accumulators to hide vdpbf16ps's latency, within 32 registers
 constexpr int dot_tile_rows(int m) { return m == 1 ? 8 : m <= 4 ? 4 : 2; }
 
-template <int M>
-void int4_dot_pass(const DotProblem& p, int64_t m0) {
-  constexpr int R = dot_tile_rows(M);
-  const int64_t tiles = p.N / R;
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(p.row_bytes * R, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) int4_dot_rows<M, R>(p, t * R, m0);
-  });
-  for (int64_t n = tiles * R; n < p.N; ++n) int4_dot_rows<M, 1>(p, n, m0);
-}
-
 void int4_dot(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), steps = K / 64;
   std::vector<uint16_t> xs(M * K);
@@ -591,18 +594,10 @@ void int4_dot(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
     }
   DotProblem p{xs.data(), static_cast<const int8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
                y.data_ptr<at::BFloat16>(), M, codes.size(0), K, codes.size(1)};
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    switch (std::min<int64_t>(M - m0, kMaxRows)) {
-      case 1: int4_dot_pass<1>(p, m0); break;
-      case 2: int4_dot_pass<2>(p, m0); break;
-      case 3: int4_dot_pass<3>(p, m0); break;
-      case 4: int4_dot_pass<4>(p, m0); break;
-      case 5: int4_dot_pass<5>(p, m0); break;
-      case 6: int4_dot_pass<6>(p, m0); break;
-      case 7: int4_dot_pass<7>(p, m0); break;
-      default: int4_dot_pass<8>(p, m0); break;
-    }
-  }
+  by_row_groups(M, [&](auto m, int64_t m0) {
+    constexpr int M = decltype(m)::value, R = dot_tile_rows(M);
+    over_tiles(p, m0, R, &int4_dot_rows<M, R>, &int4_dot_rows<M, 1>);
+  });
 }
 
 // -- AMX (Sapphire Rapids and later): the same conversion, multiplied by the tile unit -----------------
