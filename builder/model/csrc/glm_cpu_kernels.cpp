@@ -292,7 +292,7 @@ bool has_avx512() {
 bool has_avx512bf16();
 
 // isa: 0 = the best this CPU has, 2 = AVX2, 5 = AVX-512 (float FMAs), 6 = AVX-512 with AVX512-BF16's
-// dot products for int4 (int4_dot below; the best where the CPU has it)
+// dot products (dot_mm below; the best where the CPU has it)
 bool use_avx512(int64_t isa) {
   TORCH_CHECK(isa == 0 || isa == 2 || isa == 5 || isa == 6,
               "glm_cpu: isa must be 0 (best), 2 (AVX2), 5 (AVX-512) or 6 (AVX512-BF16), got ", isa);
@@ -326,7 +326,8 @@ void activations(const at::Tensor& x, int bits, int64_t step, int64_t full, std:
   }
 }
 
-void int4_dot(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y);
+bool dot_fits(int64_t bits, int64_t G, int64_t K);
+void dot_mm(int64_t bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y);
 
 // bits: 8 or 4 (codes int8, scale [N] or [N, groups]), or 16 (a bfloat16 weight [N, K], no scale)
 at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& codes, const c10::optional<at::Tensor>& scale,
@@ -357,8 +358,8 @@ at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& codes, const c1
   at::Tensor s = bits == 16 ? at::Tensor() : scale->to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  if (bits == 4 && G == 1 && K % 64 == 0 && use_dot(isa)) {
-    int4_dot(xc, codes, s, y);
+  if (use_dot(isa) && dot_fits(bits, G, K)) {
+    dot_mm(bits, xc, codes, s, y);
     return y;
   }
   const int64_t full = G == 1 ? K / step * step : K;
@@ -487,7 +488,7 @@ bool has_avx512bf16() {
 
 #define GLM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
-// bfloat16 of the nibbles 0..7, -8..-1, twice: vpermw reads an index's low 5 bits, so int4_dot's
+// bfloat16 of the nibbles 0..7, -8..-1, twice: vpermw reads an index's low 5 bits, so dot_rows's
 // lookup of a whole byte needs no mask
 alignas(64) static const uint16_t kNibbleBf16[32] = {
     0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
@@ -497,11 +498,15 @@ alignas(64) static const uint16_t kNibbleBf16[32] = {
 
 // 32 codes (int8: 32 bytes; int4: 16 bytes) -> 32 bfloat16s at dst; table: kNibbleBf16, loaded by the
 // caller once (the stores to dst would keep the compiler from hoisting the load)
+// 32 int8 codes -> 32 bfloat16s (exact: small integers), in order
+GLM_AVX512_BF16 inline __m512i int8_bf16(const int8_t* src) {
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(Avx512::int8(src + 16), Avx512::int8(src)));
+}
+
 template <int BITS>
 GLM_AVX512_BF16 inline void bf16x32(const int8_t* src, uint16_t* dst, __m512i table) {
   if constexpr (BITS == 8) {
-    const __m512 a = Avx512::int8(src), b = Avx512::int8(src + 16);
-    _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+    _mm512_storeu_si512(dst, int8_bf16(src));
   } else {
     const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     // lane j: element 2j (the high nibble) in its low word, 2j+1 (the low nibble) in its high word
@@ -530,49 +535,56 @@ void row_to_bf16(bool avx512, int bits, const int8_t* src, int64_t K, const floa
   else row_to_bf16_avx2(bits, src, K, scale, G, dst);
 }
 
-// -- int4 decode as bfloat16 dot products (AVX512-BF16: Zen 4, Sapphire Rapids and later) ------------
-// The float GEMV above spends ~7 vector operations per 32 int4 codes widening nibbles to float32 before
-// its FMAs, and on a host whose cores are slow beside their memory (2 Zen 4 cores: 35 GB/s) that, not
-// the memory, bounds it (6.3 ms per 6B layer, 16 GB/s of codes). Here 32 bytes of codes (64 inputs)
-// become two registers of exact bfloat16s, the high nibbles (even inputs) and the low ones (odd), by
-// one zero-extension, one shift and two lookups in kNibbleBf16; vdpbf16ps then multiplies each with x's
-// bfloat16 inputs of the same parity, summing pairs into float32 lanes. x is laid out once per call as
-// [K / 64][M][evens, odds] (bfloat16, as given). Per-row scales only (THUDM's int4), K a multiple of 64.
+// -- decode as bfloat16 dot products (AVX512-BF16: Zen 4, Sapphire Rapids and later) -----------------
+// The float GEMV above widens every code to float32 before its FMAs: ~7 vector operations per 32 int4
+// codes, and per row of x one FMA per 16 codes. On a host whose cores are slow beside their memory
+// (2 Zen 4 cores, 35 GB/s) that, not the memory, bounds int4 (6.3 ms per 6B layer, 16 GB/s of codes)
+// and int8 with several rows of x. Here each 32 bytes of codes become exact bfloat16s in registers,
+// and vdpbf16ps multiplies them with x's bfloat16 inputs, 32 per instruction, summing pairs into
+// float32 lanes (2 Zen 4 cores, codes from DRAM, 27392x4096 at 1 / 8 rows: int4 2.3 / 5.3 ms against
+// 2.6 / 13.9 in float32, int8 5.0 / 8.3 against 5.5 / 12.1):
+// - int4 (THUDM's, per-row scales, K a multiple of 64): 64 codes, the high nibbles (even inputs) and
+//   the low ones (odd) in two registers, by one zero-extension, one shift and two lookups in
+//   kNibbleBf16; x is laid out once per call as [K / 64][M][32 evens, 32 odds];
+// - int8 (K a multiple of 32): 32 codes by int8_bf16; x as [K / 32][M][32].
 struct DotProblem {
-  const uint16_t* xs;  // [K / 64][M][64] bfloat16: each step's 32 even inputs, then its 32 odd ones
-  const int8_t* w;     // [N, K / 2] THUDM int4
+  const uint16_t* xs;  // x's bfloat16s, laid out as above: [K / step][M][step]
+  const int8_t* w;     // [N, row_bytes] codes
   const float* scale;  // [N]
   at::BFloat16* y;     // [M, N]
   int64_t M, N, K, row_bytes;
 };
 
 // R output rows [n, n + R) for M rows of x from m0; the next R rows are prefetched as these are read
-template <int M, int R>
-GLM_AVX512_BF16 void int4_dot_rows(const DotProblem& p, int64_t n, int64_t m0) {
+template <int BITS, int M, int R>
+GLM_AVX512_BF16 void dot_rows(const DotProblem& p, int64_t n, int64_t m0) {
+  constexpr int64_t step = BITS == 4 ? 64 : 32;  // inputs per 32 bytes of codes
   const __m512i table = _mm512_load_si512(kNibbleBf16);
   const int8_t* w[R];
   for (int r = 0; r < R; ++r) w[r] = p.w + (n + r) * p.row_bytes;
-  const int64_t ahead = R * p.row_bytes, xstride = p.M * 64;
-  const uint16_t* xs = p.xs + m0 * 64;
+  const int64_t ahead = R * p.row_bytes, xstride = p.M * step;
+  const uint16_t* xs = p.xs + m0 * step;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t byte = 0; byte < p.row_bytes; byte += 32, xs += xstride) {
     if ((byte & 63) == 0)
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + ahead + byte), _MM_HINT_T0);
-    __m512i hi[R], lo[R];
+    __m512i c[R][BITS == 4 ? 2 : 1];  // int4: even inputs, odd inputs
     for (int r = 0; r < R; ++r) {
-      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + byte)));
-      hi[r] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
-      lo[r] = _mm512_permutexvar_epi16(b, table);
-    }
-    for (int m = 0; m < M; ++m) {
-      const __m512i xe = _mm512_loadu_si512(xs + m * 64), xo = _mm512_loadu_si512(xs + m * 64 + 32);
-      for (int r = 0; r < R; ++r) {
-        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)hi[r], (__m512bh)xe);
-        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)lo[r], (__m512bh)xo);
+      if constexpr (BITS == 4) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + byte)));
+        c[r][0] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
+        c[r][1] = _mm512_permutexvar_epi16(b, table);
+      } else {
+        c[r][0] = int8_bf16(w[r] + byte);
       }
     }
+    for (int m = 0; m < M; ++m)
+      for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
+        const __m512i xv = _mm512_loadu_si512(xs + m * step + 32 * h);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)c[r][h], (__m512bh)xv);
+      }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m)
@@ -582,21 +594,28 @@ GLM_AVX512_BF16 void int4_dot_rows(const DotProblem& p, int64_t n, int64_t m0) {
 // rows per tile: independent accumulators to hide vdpbf16ps's latency, within 32 registers
 constexpr int dot_tile_rows(int m) { return m == 1 ? 8 : m <= 4 ? 4 : 2; }
 
-void int4_dot(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), steps = K / 64;
+// whether dot_mm takes this weight (bits, per-row scale, K), on the CPU and isa of use_dot
+bool dot_fits(int64_t bits, int64_t G, int64_t K) { return G == 1 && K % (bits == 4 ? 64 : 32) == 0 && bits != 16; }
+
+void dot_mm(int64_t bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), step = bits == 4 ? 64 : 32, steps = K / step;
   std::vector<uint16_t> xs(M * K);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t s = 0; s < steps; ++s) {
-      uint16_t* dst = xs.data() + (s * M + m) * 64;
-      const uint16_t* row = src + m * K + s * 64;
-      for (int j = 0; j < 32; ++j) dst[j] = row[2 * j], dst[32 + j] = row[2 * j + 1];
+      uint16_t* dst = xs.data() + (s * M + m) * step;
+      const uint16_t* row = src + m * K + s * step;
+      if (bits == 4)
+        for (int j = 0; j < 32; ++j) dst[j] = row[2 * j], dst[32 + j] = row[2 * j + 1];
+      else
+        std::memcpy(dst, row, step * sizeof(uint16_t));
     }
   DotProblem p{xs.data(), static_cast<const int8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
                y.data_ptr<at::BFloat16>(), M, codes.size(0), K, codes.size(1)};
   by_row_groups(M, [&](auto m, int64_t m0) {
     constexpr int M = decltype(m)::value, R = dot_tile_rows(M);
-    over_tiles(p, m0, R, &int4_dot_rows<M, R>, &int4_dot_rows<M, 1>);
+    if (bits == 4) over_tiles(p, m0, R, &dot_rows<4, M, R>, &dot_rows<4, M, 1>);
+    else over_tiles(p, m0, R, &dot_rows<8, M, R>, &dot_rows<8, M, 1>);
   });
 }
 
