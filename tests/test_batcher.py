@@ -2,7 +2,6 @@
 trouble kept to itself."""
 from __future__ import annotations
 
-import math
 import threading
 import time
 from types import SimpleNamespace
