@@ -43,7 +43,7 @@ SOURCE = Path(__file__).parent / "csrc" / "glm_cpu_kernels.cpp"
 ISAS = {"": 0, "auto": 0, "avx2": 2, "avx512": 5, "avx512bf16": 6}
 """``GLM_CPU_KERNEL_ISA`` -> the ops' code: 0 is the best the CPU has, AMX included (``dense_mm``'s
 tile path); ``avx512bf16``, ``avx512`` and ``avx2`` leave AMX out (what a CPU without it gets), and
-``avx512`` also AVX512-BF16's dot products (the int4 GEMV's float form, as on a CPU without them)."""
+``avx512`` also AVX512-BF16's dot products (the GEMVs' float32 form, as on a CPU without them)."""
 
 
 def cache_dir() -> Path:
@@ -108,7 +108,8 @@ def available() -> bool:
 
 
 def isa_code() -> int:
-    """``GLM_CPU_KERNEL_ISA`` (``avx2``, ``avx512``; default: the best the CPU has) as the ops' code."""
+    """``GLM_CPU_KERNEL_ISA`` (``avx2``, ``avx512``, ``avx512bf16``; default: the best the CPU has)
+    as the ops' code."""
     name = os.environ.get("GLM_CPU_KERNEL_ISA", "").strip().lower()
     if name not in ISAS:
         raise ValueError(f"GLM_CPU_KERNEL_ISA must be avx2, avx512 or avx512bf16, got {name!r}")

@@ -70,17 +70,17 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     tensor([1])
     """
     logits = logits.float()
+    temperature, top_p = temperature.to(logits.device), top_p.to(logits.device)
     tokens = logits.argmax(-1)
-    sampled = temperature.to(logits.device) > 0
-    top_p = top_p.to(logits.device)
+    sampled = temperature > 0
     if sync_free:
-        draws = _nucleus_draws(logits, temperature.to(logits.device).clamp_min(1e-6), top_p,
-                               generator, first_k=logits.size(-1))
+        draws = _nucleus_draws(logits, temperature.clamp_min(1e-6), top_p, generator,
+                               first_k=logits.size(-1))
         return torch.where(sampled, draws, tokens)
     rows = sampled.nonzero().flatten()
     if rows.numel():
-        tokens[rows] = _nucleus_draws(logits[rows], temperature.to(logits.device)[rows], top_p[rows],
-                                      generator, first_k=NUCLEUS_FIRST_K)
+        tokens[rows] = _nucleus_draws(logits[rows], temperature[rows], top_p[rows], generator,
+                                      first_k=NUCLEUS_FIRST_K)
     return tokens
 
 

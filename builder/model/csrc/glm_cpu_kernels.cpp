@@ -496,13 +496,13 @@ alignas(64) static const uint16_t kNibbleBf16[32] = {
     0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
     0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80};
 
-// 32 codes (int8: 32 bytes; int4: 16 bytes) -> 32 bfloat16s at dst; table: kNibbleBf16, loaded by the
-// caller once (the stores to dst would keep the compiler from hoisting the load)
 // 32 int8 codes -> 32 bfloat16s (exact: small integers), in order
 GLM_AVX512_BF16 inline __m512i int8_bf16(const int8_t* src) {
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(Avx512::int8(src + 16), Avx512::int8(src)));
 }
 
+// 32 codes (int8: 32 bytes; int4: 16 bytes) -> 32 bfloat16s at dst; table: kNibbleBf16, loaded by the
+// caller once (the stores to dst would keep the compiler from hoisting the load)
 template <int BITS>
 GLM_AVX512_BF16 inline void bf16x32(const int8_t* src, uint16_t* dst, __m512i table) {
   if constexpr (BITS == 8) {
@@ -711,7 +711,6 @@ GLM_AMX inline void amx_group(const uint16_t* xc) {
     amx_group<NG, Q, G + 1>(xc);
   }
 }
-
 
 GLM_AMX inline void zero_c() {
   _tile_zero(4);
@@ -939,8 +938,8 @@ std::string isa_name(int64_t isa) {
   if (isa == 0 && amx_ready()) return "avx512+amx";
   if (isa == 2) return "avx2";
   if (isa == 5) return has_avx512() ? "avx512" : "none";
-  if (isa == 6 || has_avx512bf16()) return has_avx512bf16() ? "avx512bf16" : "none";
-  return has_avx512() ? "avx512" : "avx2";
+  if (isa == 6) return has_avx512bf16() ? "avx512bf16" : "none";
+  return has_avx512bf16() ? "avx512bf16" : has_avx512() ? "avx512" : "avx2";
 }
 
 }  // namespace
