@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--bits", default="8,4", help="8, 4 or both; 16: a bfloat16 layer's paths")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each path per row count")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--glm-isa", choices=("avx2", "avx512", "avx512bf16"),
+    parser.add_argument("--glm-isa", choices=("avx2", "avx2i16", "avx512", "avx512bf16"),
                         help="the variant of glm-build's kernel (default: the best the CPU has)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -28,11 +28,12 @@ def thudm_int4(monkeypatch):
 
 
 def variants() -> list[str]:
-    """The ISA variants this CPU runs: AVX2 always, AVX-512 and AVX512-BF16 where cpuid has them."""
+    """The ISA variants this CPU runs: AVX2's two forms always, AVX-512 and AVX512-BF16 where cpuid
+    has them."""
     if not cpu_kernels.available():
-        return ["avx2"]
-    return ["avx2"] + [name for name, code in (("avx512", 5), ("avx512bf16", 6))
-                       if torch.ops.glm_cpu.isa(code) == name]
+        return ["avx2", "avx2i16"]
+    return ["avx2", "avx2i16"] + [name for name, code in (("avx512", 5), ("avx512bf16", 6))
+                                  if torch.ops.glm_cpu.isa(code) == name]
 
 
 def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -83,6 +84,36 @@ def test_kernel_matches_the_formula(isa, monkeypatch):
     monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
     check_kernel(isa)
     assert cpu_kernels.isa() == isa
+
+
+@needs_kernel
+def test_the_int16_form_rounds_only_inputs_far_below_their_steps_largest(monkeypatch):
+    """int4 as 16-bit integer dot products (``avx2i16``): x is held as integers with one power of two
+    per 64 inputs, so an input more than 2^7 below its step's largest is rounded, by at most 2^-15 of
+    that largest; everything else is as exact as the float32 form. Outliers (x1000) and tiny inputs
+    (x1e-4) in the same steps stay within that bound, and an infinity or a NaN reaches the output."""
+    monkeypatch.setenv("GLM_CPU_KERNEL_ISA", "avx2i16")
+    g = torch.Generator().manual_seed(16)
+    N, K = 40, 4096
+    codes, scale = quantize_weight(torch.randn(N, K, generator=g) * 0.05, 4, None)
+    q = unpack_int4(codes)
+    for rows in (1, 3, 8, 9):
+        x = torch.randn(rows, K, generator=g)
+        x[:, ::97] *= 1000  # an outlier in most steps
+        x[:, 1::5] *= 1e-4
+        x = x.to(torch.bfloat16)
+        y = cpu_kernels.int4_mm(x, codes, scale)
+        exact = reference(x, q, scale)
+        step_max = x.double().abs().view(rows, K // 64, 64).amax(-1).repeat_interleave(64, dim=1)
+        rounding = (step_max * 2 ** -15) @ (q.double().abs() * scale.double()[:, None]).t()
+        err = (y.double() - exact).abs() - exact.abs() * 2 ** -8 - rounding
+        assert float(err.max()) <= 1e-4 * float(exact.abs().max()), rows
+        # the bound is not vacuous: all the rounding allowed is far below the outputs
+        assert float(rounding.max()) < 1e-2 * float(exact.abs().max())
+    x = torch.randn(2, K, generator=g).to(torch.bfloat16)
+    x[0, 100], x[1, 4000] = float("inf"), float("nan")
+    y = cpu_kernels.int4_mm(x, codes, scale)
+    assert not torch.isfinite(y).any()
 
 
 @needs_kernel

@@ -7,6 +7,8 @@ and torch's kernels where they cannot be built.
   nibble), widens them to float32 in registers and accumulates in float32:
   ``y = bf16(sum_k x[m, k] * q[n, k] * scale[n, k / group])``. One build runs on any x86-64 host with
   AVX2+FMA; an AVX-512 variant is picked from cpuid at run time (not from ``ATEN_CPU_CAPABILITY``).
+  Where the CPU has AVX512-BF16 the codes become bfloat16 and meet x in its dot products; elsewhere
+  per-row-scaled int4 meets x held as 16-bit integers (a power of two per 64 inputs) in AVX2's.
 - **Many rows** (:func:`dense_mm`: a prefill, a batch of sequences): each thread converts a block of
   weight rows to bfloat16 in its own cache (the codes are exact there) and multiplies it there: with
   the AMX tile unit where the CPU and OS grant it (up to 128 rows; the codes are read once, so 16 rows
@@ -15,8 +17,8 @@ and torch's kernels where they cannot be built.
 Built at ``make setup`` (``python -m builder.model.cpu_kernels``) or at first use, into
 ``$GLM_CPU_KERNELS_CACHE`` (default ``~/.cache/glm-build/cpu-kernels/<torch version>``); needs a C++
 compiler (g++) and ninja. If the build fails, one warning is logged and the callers keep torch's
-kernels. ``GLM_CPU_KERNELS=0`` turns it off; ``GLM_CPU_KERNEL_ISA=avx2`` (or ``avx512``) runs that
-variant and leaves AMX out (to measure what such a host gets).
+kernels. ``GLM_CPU_KERNELS=0`` turns it off; ``GLM_CPU_KERNEL_ISA`` names one form and leaves AMX
+out (:data:`ISAS`; ``avx2i16`` is what an AVX2-only host gets).
 
 int8 weights are in THUDM's layout for every path, and a probe per projection shape and row bucket
 picks the fastest (:func:`cpu_quant.probe_decode`). int4 weights are stored once, in THUDM's layout
@@ -40,10 +42,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "glm_cpu_kernels.cpp"
-ISAS = {"": 0, "auto": 0, "avx2": 2, "avx512": 5, "avx512bf16": 6}
+ISAS = {"": 0, "auto": 0, "avx2": 2, "avx2i16": 3, "avx512": 5, "avx512bf16": 6}
 """``GLM_CPU_KERNEL_ISA`` -> the ops' code: 0 is the best the CPU has, AMX included (``dense_mm``'s
-tile path); ``avx512bf16``, ``avx512`` and ``avx2`` leave AMX out (what a CPU without it gets), and
-``avx512`` also AVX512-BF16's dot products (the GEMVs' float32 form, as on a CPU without them)."""
+tile path). The others leave AMX out and name one form of the GEMVs: ``avx512bf16`` bfloat16 dot
+products (the best where the CPU has them); ``avx2i16`` int4 as 16-bit integer dot products and the
+rest in float32 (what a CPU without AVX512-BF16 runs); ``avx512`` and ``avx2`` float32 throughout."""
 
 
 def cache_dir() -> Path:
@@ -108,11 +111,11 @@ def available() -> bool:
 
 
 def isa_code() -> int:
-    """``GLM_CPU_KERNEL_ISA`` (``avx2``, ``avx512``, ``avx512bf16``; default: the best the CPU has)
-    as the ops' code."""
+    """``GLM_CPU_KERNEL_ISA`` (``avx2``, ``avx2i16``, ``avx512``, ``avx512bf16``; default: the best the
+    CPU has) as the ops' code."""
     name = os.environ.get("GLM_CPU_KERNEL_ISA", "").strip().lower()
     if name not in ISAS:
-        raise ValueError(f"GLM_CPU_KERNEL_ISA must be avx2, avx512 or avx512bf16, got {name!r}")
+        raise ValueError(f"GLM_CPU_KERNEL_ISA must be avx2, avx2i16, avx512 or avx512bf16, got {name!r}")
     return ISAS[name]
 
 
