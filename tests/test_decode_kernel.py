@@ -110,6 +110,12 @@ def test_the_int16_form_rounds_only_inputs_far_below_their_steps_largest(monkeyp
         assert float(err.max()) <= 1e-4 * float(exact.abs().max()), rows
         # the bound is not vacuous: all the rounding allowed is far below the outputs
         assert float(rounding.max()) < 1e-2 * float(exact.abs().max())
+    # inputs below 2^-113 (their steps take a slower path), and a step of zeros
+    x = (torch.randn(3, K, generator=g) * 1e-36).to(torch.bfloat16)
+    x[:, :64] = 0
+    exact = reference(x, q, scale)
+    err = (cpu_kernels.int4_mm(x, codes, scale).double() - exact).abs() - exact.abs() * 2 ** -8
+    assert float(err.max()) <= 1e-4 * float(exact.abs().max())
     x = torch.randn(2, K, generator=g).to(torch.bfloat16)
     x[0, 100], x[1, 4000] = float("inf"), float("nan")
     y = cpu_kernels.int4_mm(x, codes, scale)

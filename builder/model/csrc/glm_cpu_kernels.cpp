@@ -706,32 +706,61 @@ constexpr int int16_tile_rows(int m) { return m == 1 ? 4 : m <= 3 ? 2 : 1; }
 // whether int16_mm takes this weight: int4 with per-row scales, K a multiple of 64
 bool int16_fits(int64_t bits, int64_t G, int64_t K) { return bits == 4 && G == 1 && K % 64 == 0; }
 
+// float32 lanes (bits) times up, rounded to the nearest integer (even on a tie)
+GLM_AVX2 __m256i ints(__m256i lane, __m256 up) { return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castsi256_ps(lane), up)); }
+
+// 64 bfloat16 inputs -> 64 integers in int16_rows's order, and their power of two
+GLM_AVX2_FN void int16_step(const uint16_t* in, int16_t* dst, float* scale) {
+  const __m256i* v = reinterpret_cast<const __m256i*>(in);
+  const __m256i exponent = _mm256_set1_epi16(0x7F80);
+  __m256i top = _mm256_max_epu16(_mm256_max_epu16(_mm256_and_si256(_mm256_loadu_si256(v), exponent),
+                                                  _mm256_and_si256(_mm256_loadu_si256(v + 1), exponent)),
+                                 _mm256_max_epu16(_mm256_and_si256(_mm256_loadu_si256(v + 2), exponent),
+                                                  _mm256_and_si256(_mm256_loadu_si256(v + 3), exponent)));
+  __m128i t = _mm_max_epu16(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+  t = _mm_sub_epi16(_mm_set1_epi16(-1), t);  // the largest as the smallest of 0xFFFF - e
+  const int largest = 0xFFFF - (_mm_cvtsi128_si32(_mm_minpos_epu16(t)) & 0xFFFF);
+  const int E = std::max(1, largest >> 7);  // 0: zeros and subnormals, whose exponent is 1
+  if (E == 255) {  // an infinity or a NaN
+    std::memset(dst, 0, 64 * sizeof(int16_t));
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  *scale = std::ldexp(1.0f, E - 141);
+  if (E < 14) {  // 2^(141 - E) is past float32's range: inputs below 2^-113, one at a time
+    const double up = std::ldexp(1.0, 141 - E);
+    for (int j = 0; j < 64; ++j) {  // input j: byte j / 2 of the step, its high nibble if j is even
+      const int byte = j / 2, at = (byte / 16) * 32 + (j % 2) * 16 + byte % 16;
+      uint32_t bits = static_cast<uint32_t>(in[j]) << 16;
+      float f;
+      std::memcpy(&f, &bits, sizeof f);
+      dst[at] = static_cast<int16_t>(std::nearbyint(f * up));
+    }
+    return;
+  }
+  // a pair of bfloat16s is one 32-bit lane: the even input its low half, the odd one its high half
+  const __m256 up = _mm256_set1_ps(std::ldexp(1.0f, 141 - E));  // exact: a power of two
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int h = 0; h < 2; ++h) {  // 32 inputs: 16 evens, then 16 odds
+    const __m256i a = _mm256_loadu_si256(v + 2 * h), b = _mm256_loadu_si256(v + 2 * h + 1);
+    // packs interleaves 128-bit halves: the permutation puts them back in order (|ints| <= 32640)
+    const __m256i even = _mm256_permute4x64_epi64(
+        _mm256_packs_epi32(ints(_mm256_slli_epi32(a, 16), up), ints(_mm256_slli_epi32(b, 16), up)), 0xD8);
+    const __m256i odd = _mm256_permute4x64_epi64(
+        _mm256_packs_epi32(ints(_mm256_and_si256(a, high), up), ints(_mm256_and_si256(b, high), up)), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * h), even);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * h + 16), odd);
+  }
+}
+
 void int16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), steps = K / 64;
   std::vector<int16_t> xs(M * K);
   std::vector<float> xscale(M * steps);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t s = 0; s < steps; ++s) {
-      const uint16_t* in = src + m * K + s * 64;
-      int E = 1;
-      for (int j = 0; j < 64; ++j) E = std::max(E, (in[j] >> 7) & 0xFF);
-      int16_t* dst = xs.data() + (s * M + m) * 64;
-      if (E == 255) {  // an infinity or a NaN
-        std::memset(dst, 0, 64 * sizeof(int16_t));
-        xscale[s * M + m] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      xscale[s * M + m] = std::ldexp(1.0f, E - 141);
-      const double up = std::ldexp(1.0, 141 - E);
-      for (int j = 0; j < 64; ++j) {  // input j: byte j / 2 of the step, its high nibble if j is even
-        const int byte = j / 2, at = (byte / 16) * 32 + (j % 2) * 16 + byte % 16;
-        uint32_t bits = static_cast<uint32_t>(in[j]) << 16;
-        float v;
-        std::memcpy(&v, &bits, sizeof v);
-        dst[at] = static_cast<int16_t>(std::nearbyint(v * up));
-      }
-    }
+    for (int64_t s = 0; s < steps; ++s)
+      int16_step(src + m * K + s * 64, xs.data() + (s * M + m) * 64, xscale.data() + s * M + m);
   IntProblem p{xs.data(), xscale.data(), static_cast<const int8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
                y.data_ptr<at::BFloat16>(), M, codes.size(0), K, codes.size(1)};
   by_row_groups(M, [&](auto m, int64_t m0) {
