@@ -178,11 +178,14 @@ def test_int4_is_stored_once_in_thudms_layout():
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", variants())
 @pytest.mark.parametrize("bits", [8, 4])
-def test_greedy_answers_unchanged_with_the_kernel_on_or_off(bits, monkeypatch):
+def test_greedy_answers_unchanged_with_the_kernel_on_or_off(bits, isa, monkeypatch):
+    """In every form of the kernel this CPU runs (int4's int16 form included)."""
     from test_kernels import IDS, _greedy
 
     monkeypatch.setattr(cpu_quant, "_decode_paths", {})
+    monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
     ids = torch.tensor(IDS)
     answers = {}
     for switch in ("1", "0"):
@@ -197,12 +200,15 @@ def test_greedy_answers_unchanged_with_the_kernel_on_or_off(bits, monkeypatch):
 
 
 @needs_kernel
-def test_bfloat16_layers_decode_on_the_kernel_and_answer_the_same(monkeypatch):
+@pytest.mark.parametrize("isa", variants())
+def test_bfloat16_layers_decode_on_the_kernel_and_answer_the_same(isa, monkeypatch):
     """The fp16 variant on the CPU (bfloat16): its linear layers' one-row calls take glm-build's GEMV
-    when the decode choice names it, and the greedy answer equals oneDNN's."""
+    when the decode choice names it, and the greedy answer equals oneDNN's, in every form of the
+    kernel (a prefill widened to float32 blocks where bfloat16 is not native included)."""
     from builder.model.cpu_linear import RowsLinear
     from test_kernels import IDS, _greedy
 
+    monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
     ids = torch.tensor(IDS)
     answers = {}
     for switch in ("1", "0"):
@@ -300,6 +306,32 @@ def test_dense_path_matches_the_formula(isa, monkeypatch):
             y, exact = cpu_kernels.bf16_dense_mm(x, weight).double(), x.double() @ weight.double().t()
             err = (y - exact).abs() - exact.abs() * 2 ** -8
             assert float(err.max()) <= 1e-4 * float(exact.abs().max()), (isa, out_features, in_features, rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", variants())
+def test_a_bfloat16_prefill_widens_to_float32_where_bfloat16_is_not_native(isa, monkeypatch):
+    """A bfloat16 layer (the fp16 variant's projections) called with more rows than a decode step
+    takes float32 blocks of its weight (``bf16_dense_mm``) exactly where the ISA in use does not
+    multiply bfloat16 natively, and keeps oneDNN's bfloat16 matmul where it does; either way the
+    result is the formula's to one bfloat16 rounding."""
+    from builder.model.cpu_linear import RowsLinear
+
+    monkeypatch.setenv("GLM_CPU_KERNEL_ISA", isa)
+    g = torch.Generator().manual_seed(32)
+    layer = RowsLinear(512, 96, bias=True).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(96, 512, generator=g))
+        layer.bias.copy_(torch.randn(96, generator=g))
+    x = torch.randn(2, 20, 512, generator=g).to(torch.bfloat16)
+    rows = x.reshape(-1, 512)
+    assert layer.widened(rows) == (isa not in ("avx512bf16",))
+    assert not layer.widened(rows[:8])  # a decode step: the GEMVs
+    with torch.inference_mode():
+        y = layer(x)
+    exact = (x.double() @ layer.weight.double().t()).add(layer.bias.double())
+    err = (y.double() - exact).abs() - exact.abs() * 2 ** -7
+    assert y.shape == (2, 20, 96) and float(err.max()) <= 1e-3 * float(exact.abs().max())
 
 
 @needs_kernel

@@ -136,6 +136,13 @@ def has_amx() -> bool:
     return isa() == "avx512+amx"
 
 
+def native_bf16() -> bool:
+    """Whether this process multiplies bfloat16 natively (AVX512-BF16 or AMX, and an ISA that uses
+    them). Where not, ``dense_mm`` / ``bf16_dense_mm`` widen their blocks to float32: oneDNN's own
+    bfloat16 matmul runs at a fraction of float32's speed there."""
+    return isa() in ("avx512bf16", "avx512+amx")
+
+
 INT4_PROBE_SHAPE = (4096, 4096)  # ChatGLM2-6B's attention output projection: 8 MiB of int4
 
 
@@ -207,8 +214,9 @@ def bf16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_dense_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The same for many rows (up to 128): the AMX tile unit reads the weight's rows as they are, where
-    the CPU has it; otherwise oneDNN's matmul."""
+    """The same for many rows: the AMX tile unit reads the weight's rows as they are (up to 128 rows),
+    where the CPU has it; oneDNN's bfloat16 matmul where the CPU multiplies bfloat16 natively
+    (:func:`native_bf16`); elsewhere blocks of the weight widened to float32 in each thread's cache."""
     from .cpu_runtime import onednn_matmuls
 
     with onednn_matmuls():
@@ -218,7 +226,8 @@ def bf16_dense_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def dense_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Many rows (a prefill, a large batch): x [M, K] bfloat16, int8 codes [N, K] or THUDM's packed
     int4 [N, K/2], scale [N] (int4 also [N, K/group]) -> bfloat16 [M, N]. Each thread converts a block
-    of weight rows to bfloat16 in its own cache and multiplies it with oneDNN's matmul there."""
+    of weight rows to bfloat16 (float32 where not :func:`native_bf16`) in its own cache and multiplies
+    it with oneDNN's matmul there."""
     from .cpu_runtime import onednn_matmuls
 
     with onednn_matmuls():

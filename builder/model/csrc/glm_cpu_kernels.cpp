@@ -1009,8 +1009,62 @@ at::Tensor amx_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
 }
 
 // y = x @ (codes * scale)^T for many rows of x: x [M, K] bfloat16; codes int8 [N, K] or THUDM int4
-// [N, K/2]; scale [N] (applied to the output, in bfloat16) or [N, groups] (int4: applied to the
-// weight). block: weight rows per conversion on the oneDNN path (0: 1 MiB of bfloat16, >= 64 rows).
+// [N, K/2]; scale [N] (applied to the output) or [N, groups] (int4: applied to the weight); or (bits
+// 16) a bfloat16 weight [N, K], no scale. block: weight rows per conversion on the matmul path (0: 1 MiB
+// of the block's dtype, >= 64 rows).
+//
+// The block's dtype: bfloat16 where the CPU multiplies it natively (AVX512-BF16: use_dot). Elsewhere
+// (AVX2, AVX-512 without BF16) oneDNN's bfloat16 matmul widens its operands itself at a fraction of
+// the float32 matmul's speed (2 Zen 4 cores under ONEDNN_MAX_CPU_ISA=AVX2: 49 GFLOPS, float32
+// 111-174), so the block is widened once more, in cache, and multiplied in float32.
+at::Tensor blocks_mm(const at::Tensor& xc, const at::Tensor& codes, const at::Tensor& scale, int64_t bits,
+                     int64_t block, int64_t isa) {
+  const bool avx512 = use_avx512(isa), f32 = !use_dot(isa);
+  const int64_t M = xc.size(0), N = codes.size(0), K = xc.size(1);
+  const int64_t row_bytes = codes.size(1) * codes.element_size();
+  const int64_t G = bits != 16 && scale.dim() == 2 ? scale.size(1) : 0;
+  at::Tensor y = at::empty({M, N}, xc.options());
+  if (M == 0 || N == 0) return y;
+  const auto dtype = f32 ? at::kFloat : at::kBFloat16;
+  at::Tensor xm = f32 ? xc.to(at::kFloat) : xc;
+  at::Tensor group_scale = G ? scale.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor row_scale = bits == 16 || G ? at::Tensor() : scale.to(dtype).contiguous();
+  // 1 MiB, and at least 64 rows: oneDNN's matmul is slow on narrower blocks
+  if (block <= 0) block = std::max<int64_t>(64, (1 << 20) / (f32 ? 4 : 2) / K / 16 * 16);
+  block = std::min(block, N);
+  const int64_t blocks = (N + block - 1) / block;
+  const int8_t* src = static_cast<const int8_t*>(codes.data_ptr());
+  const float* gs = G ? group_scale.data_ptr<float>() : nullptr;
+  const at::ThreadLocalState state;  // the caller's inference mode, grad mode etc., for the workers
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard guard(state);
+    // inside the parallel region ATen's ops (and oneDNN's matmul) run on this thread alone
+    at::Tensor w = bits == 16 && !f32 ? at::Tensor() : at::empty({block, K}, xc.options());
+    at::Tensor wf = f32 ? at::empty({block, K}, xm.options()) : at::Tensor();
+    at::Tensor out = at::empty({M, block}, xm.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * block, n = std::min(block, N - n0);
+      at::Tensor rows;  // the block's weight rows, in bfloat16
+      if (bits == 16) {
+        rows = codes.narrow(0, n0, n);
+      } else {
+        uint16_t* wp = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
+        for (int64_t r = 0; r < n; ++r)
+          row_to_bf16(avx512, static_cast<int>(bits), src + (n0 + r) * row_bytes, K,
+                      G ? gs + (n0 + r) * G : nullptr, G, wp + r * K);
+        rows = w.narrow(0, 0, n);
+      }
+      if (f32) rows = wf.narrow(0, 0, n).copy_(rows);
+      at::Tensor part = n == block ? out : out.narrow(1, 0, n);
+      at::mm_out(part, xm, rows.t());
+      at::Tensor dst = y.narrow(1, n0, n);
+      if (row_scale.defined()) at::mul_out(part, part, row_scale.narrow(0, n0, n));
+      dst.copy_(part);
+    }
+  });
+  return y;
+}
+
 at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t bits,
                     int64_t block, int64_t isa) {
   TORCH_CHECK(bits == 8 || bits == 4, "glm_cpu: bits must be 8 or 4, got ", bits);
@@ -1023,47 +1077,17 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
               " inputs at ", bits, " bits");
   TORCH_CHECK(scale.size(0) == N && (scale.dim() == 1 || (scale.dim() == 2 && bits == 4 && K % scale.size(1) == 0)),
               "glm_cpu: scale must be [N] (int4 also [N, groups])");
-  const bool avx512 = use_avx512(isa);
+  use_avx512(isa);  // checks isa
   const int64_t G = scale.dim() == 2 ? scale.size(1) : 0;
   at::Tensor xc = x.contiguous();
   if (isa == 0 && amx_fits(M, K) && amx_ready() && M > 0 && N > 0 && (G == 0 || (K / G) % 32 == 0))
     return amx_mm(xc, codes, scale, bits);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  at::Tensor group_scale = G ? scale.to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor row_scale = G ? at::Tensor() : scale.to(at::kBFloat16).contiguous();
-  // 1 MiB of bfloat16, and at least 64 rows: oneDNN's matmul is slow on narrower blocks
-  if (block <= 0) block = std::max<int64_t>(64, (1 << 19) / K / 16 * 16);
-  block = std::min(block, N);
-  const int64_t blocks = (N + block - 1) / block;
-  const int8_t* src = codes.data_ptr<int8_t>();
-  const float* gs = G ? group_scale.data_ptr<float>() : nullptr;
-  const at::ThreadLocalState state;  // the caller's inference mode, grad mode etc., for the workers
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    at::ThreadLocalStateGuard guard(state);
-    // inside the parallel region ATen's ops (and oneDNN's matmul) run on this thread alone
-    at::Tensor w = at::empty({block, K}, x.options());
-    at::Tensor out = at::empty({M, block}, x.options());
-    uint16_t* wp = reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>());
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * block, n = std::min(block, N - n0);
-      for (int64_t r = 0; r < n; ++r) {
-        const int8_t* row = src + (n0 + r) * row_bytes;
-        const float* rs = G ? gs + (n0 + r) * G : nullptr;
-        row_to_bf16(avx512, static_cast<int>(bits), row, K, rs, G, wp + r * K);
-      }
-      at::Tensor part = n == block ? out : out.narrow(1, 0, n);
-      at::mm_out(part, xc, w.narrow(0, 0, n).t());
-      at::Tensor dst = y.narrow(1, n0, n);
-      if (G) dst.copy_(part);
-      else at::mul_out(dst, part, row_scale.narrow(0, n0, n));
-    }
-  });
-  return y;
+  return blocks_mm(xc, codes, scale, bits, block, isa);
 }
 
 // y = x @ weight^T, both bfloat16, for a few dozen rows: the tile unit reads the weight's rows as its
-// A tiles where the CPU has AMX (isa 0), else oneDNN's matmul
+// A tiles where the CPU has AMX (isa 0), else oneDNN's bfloat16 matmul where the CPU multiplies
+// bfloat16 natively, else blocks of the weight widened to float32 in cache (blocks_mm)
 at::Tensor bf16_dense_mm(const at::Tensor& x, const at::Tensor& weight, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
               "glm_cpu: x must be a 2-D bfloat16 CPU tensor");
@@ -1072,6 +1096,7 @@ at::Tensor bf16_dense_mm(const at::Tensor& x, const at::Tensor& weight, int64_t 
   use_avx512(isa);  // checks isa
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
   if (isa == 0 && M > 0 && N > 0 && amx_fits(M, K) && amx_ready()) return amx_mm(x.contiguous(), weight, at::Tensor(), 16);
+  if (!use_dot(isa)) return blocks_mm(x.contiguous(), weight, at::Tensor(), 16, 0, isa);
   return at::mm(x, weight.t());
 }
 
