@@ -87,22 +87,25 @@ def test_kernel_matches_the_formula(isa, monkeypatch):
 
 
 @needs_kernel
-def test_the_int16_form_rounds_only_inputs_far_below_their_steps_largest(monkeypatch):
-    """int4 as 16-bit integer dot products (``avx2i16``): x is held as integers with one power of two
-    per 64 inputs, so an input more than 2^7 below its step's largest is rounded, by at most 2^-15 of
-    that largest; everything else is as exact as the float32 form. Outliers (x1000) and tiny inputs
-    (x1e-4) in the same steps stay within that bound, and an infinity or a NaN reaches the output."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_int16_form_rounds_only_inputs_far_below_their_steps_largest(bits, monkeypatch):
+    """int4 (any rows) and int8 (5 rows and more) as 16-bit integer dot products (``avx2i16``): x is
+    held as integers with one power of two per 64 inputs, so an input more than 2^7 below its step's
+    largest is rounded, by at most 2^-15 of that largest; everything else is as exact as the float32
+    form. Outliers (x1000) and tiny inputs (x1e-4) in the same steps stay within that bound, and an
+    infinity or a NaN reaches the output."""
     monkeypatch.setenv("GLM_CPU_KERNEL_ISA", "avx2i16")
     g = torch.Generator().manual_seed(16)
     N, K = 40, 4096
-    codes, scale = quantize_weight(torch.randn(N, K, generator=g) * 0.05, 4, None)
-    q = unpack_int4(codes)
-    for rows in (1, 3, 8, 9):
+    codes, scale = quantize_weight(torch.randn(N, K, generator=g) * 0.05, bits, None)
+    q = unpack_int4(codes) if bits == 4 else codes
+    mm = cpu_kernels.int4_mm if bits == 4 else cpu_kernels.int8_mm
+    for rows in ((1, 3, 8, 9) if bits == 4 else (5, 8, 13)):
         x = torch.randn(rows, K, generator=g)
         x[:, ::97] *= 1000  # an outlier in most steps
         x[:, 1::5] *= 1e-4
         x = x.to(torch.bfloat16)
-        y = cpu_kernels.int4_mm(x, codes, scale)
+        y = mm(x, codes, scale)
         exact = reference(x, q, scale)
         step_max = x.double().abs().view(rows, K // 64, 64).amax(-1).repeat_interleave(64, dim=1)
         rounding = (step_max * 2 ** -15) @ (q.double().abs() * scale.double()[:, None]).t()
@@ -111,15 +114,25 @@ def test_the_int16_form_rounds_only_inputs_far_below_their_steps_largest(monkeyp
         # the bound is not vacuous: all the rounding allowed is far below the outputs
         assert float(rounding.max()) < 1e-2 * float(exact.abs().max())
     # inputs below 2^-113 (their steps take a slower path), and a step of zeros
-    x = (torch.randn(3, K, generator=g) * 1e-36).to(torch.bfloat16)
+    x = (torch.randn(6, K, generator=g) * 1e-36).to(torch.bfloat16)
     x[:, :64] = 0
     exact = reference(x, q, scale)
-    err = (cpu_kernels.int4_mm(x, codes, scale).double() - exact).abs() - exact.abs() * 2 ** -8
+    err = (mm(x, codes, scale).double() - exact).abs() - exact.abs() * 2 ** -8
     assert float(err.max()) <= 1e-4 * float(exact.abs().max())
-    x = torch.randn(2, K, generator=g).to(torch.bfloat16)
+    x = torch.randn(6, K, generator=g).to(torch.bfloat16)
     x[0, 100], x[1, 4000] = float("inf"), float("nan")
-    y = cpu_kernels.int4_mm(x, codes, scale)
-    assert not torch.isfinite(y).any()
+    y = mm(x, codes, scale)
+    assert not torch.isfinite(y[:2]).any() and torch.isfinite(y[2:]).all()
+    # the form is in use: an input 2^20 below its step's largest rounds to nothing there, and not in
+    # the float32 form
+    x = torch.zeros(6, K, dtype=torch.bfloat16)
+    x[:, 0], x[:, 1] = 2.0 ** 20, 1.0
+    lone = torch.zeros(1, K, dtype=torch.int8)
+    lone[0, 1] = 3
+    codes1, scale1 = (pack_int4(lone) if bits == 4 else lone), torch.ones(1, dtype=torch.float16)
+    assert torch.equal(mm(x, codes1, scale1), torch.zeros(6, 1, dtype=torch.bfloat16))
+    monkeypatch.setenv("GLM_CPU_KERNEL_ISA", "avx2")
+    assert torch.equal(mm(x, codes1, scale1), torch.full((6, 1), 3.0, dtype=torch.bfloat16))
 
 
 @needs_kernel

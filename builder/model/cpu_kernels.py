@@ -8,7 +8,8 @@ and torch's kernels where they cannot be built.
   ``y = bf16(sum_k x[m, k] * q[n, k] * scale[n, k / group])``. One build runs on any x86-64 host with
   AVX2+FMA; an AVX-512 variant is picked from cpuid at run time (not from ``ATEN_CPU_CAPABILITY``).
   Where the CPU has AVX512-BF16 the codes become bfloat16 and meet x in its dot products; elsewhere
-  per-row-scaled int4 meets x held as 16-bit integers (a power of two per 64 inputs) in AVX2's.
+  per-row-scaled int4 (and int8 with 5-8 rows of x) meets x held as 16-bit integers (a power of two
+  per 64 inputs) in AVX2's.
 - **Many rows** (:func:`dense_mm`: a prefill, a batch of sequences): each thread converts a block of
   weight rows to bfloat16 in its own cache (the codes are exact there) and multiplies it there: with
   the AMX tile unit where the CPU and OS grant it (up to 128 rows; the codes are read once, so 16 rows
@@ -45,8 +46,9 @@ SOURCE = Path(__file__).parent / "csrc" / "glm_cpu_kernels.cpp"
 ISAS = {"": 0, "auto": 0, "avx2": 2, "avx2i16": 3, "avx512": 5, "avx512bf16": 6}
 """``GLM_CPU_KERNEL_ISA`` -> the ops' code: 0 is the best the CPU has, AMX included (``dense_mm``'s
 tile path). The others leave AMX out and name one form of the GEMVs: ``avx512bf16`` bfloat16 dot
-products (the best where the CPU has them); ``avx2i16`` int4 as 16-bit integer dot products and the
-rest in float32 (what a CPU without AVX512-BF16 runs); ``avx512`` and ``avx2`` float32 throughout."""
+products (the best where the CPU has them); ``avx2i16`` int4, and int8 from 5 rows, as 16-bit integer
+dot products and the rest in float32 (what a CPU without AVX512-BF16 runs); ``avx512`` and ``avx2``
+float32 throughout."""
 
 
 def cache_dir() -> Path:

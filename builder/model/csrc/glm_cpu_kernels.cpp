@@ -12,7 +12,8 @@
 // attribute and one is picked at run time from cpuid (GCC's __builtin_cpu_supports), so one build runs
 // on any x86-64 host with AVX2+FMA, and uses AVX-512 where the CPU has it. Where that widening, not the
 // memory, is the bound, the codes are multiplied without it: as bfloat16 dot products (dot_mm, with
-// AVX512-BF16), or, for int4 without them, as 16-bit integer dot products (int16_mm, AVX2).
+// AVX512-BF16), or, without them, int4 and int8 with 5-8 rows of x as 16-bit integer dot products
+// (int16_mm, AVX2).
 //
 // Many rows (dense_mm, below): a block of codes converted to bfloat16 in each thread's cache and
 // multiplied there, by the AMX tile unit where the CPU has it, else by oneDNN's matmul. Built with
@@ -295,9 +296,10 @@ bool has_avx512() {
 
 bool has_avx512bf16();
 
-// isa: 0 = the best this CPU has, 2 = AVX2 (float FMAs), 3 = AVX2 with int4 as 16-bit integer dot
-// products (int16_mm below; the best for int4 where the CPU lacks AVX512-BF16), 5 = AVX-512 (float
-// FMAs), 6 = AVX-512 with AVX512-BF16's dot products (dot_mm below; the best where the CPU has it)
+// isa: 0 = the best this CPU has, 2 = AVX2 (float FMAs), 3 = AVX2 with int4, and int8 from 5 rows, as
+// 16-bit integer dot products (int16_mm below; the best there where the CPU lacks AVX512-BF16),
+// 5 = AVX-512 (float FMAs), 6 = AVX-512 with AVX512-BF16's dot products (dot_mm below; the best where
+// the CPU has it)
 bool use_avx512(int64_t isa) {
   TORCH_CHECK(isa == 0 || isa == 2 || isa == 3 || isa == 5 || isa == 6,
               "glm_cpu: isa must be 0 (best), 2 (AVX2), 3 (AVX2, int16 form), 5 (AVX-512) or 6 (AVX512-BF16), got ", isa);
@@ -336,8 +338,8 @@ void activations(const at::Tensor& x, int bits, int64_t step, int64_t full, std:
 }
 
 bool dot_fits(int64_t bits, int64_t G, int64_t K);
-bool int16_fits(int64_t bits, int64_t G, int64_t K);
-void int16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y);
+bool int16_fits(int64_t bits, int64_t G, int64_t K, int64_t M);
+void int16_mm(int64_t bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y);
 void dot_mm(int64_t bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y);
 
 // bits: 8 or 4 (codes int8, scale [N] or [N, groups]), or 16 (a bfloat16 weight [N, K], no scale)
@@ -373,8 +375,8 @@ at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& codes, const c1
     dot_mm(bits, xc, codes, s, y);
     return y;
   }
-  if (use_int16(isa) && int16_fits(bits, G, K)) {
-    int16_mm(xc, codes, s, y);
+  if (use_int16(isa) && int16_fits(bits, G, K, M)) {
+    int16_mm(bits, xc, codes, s, y);
     return y;
   }
   const int64_t full = G == 1 ? K / step * step : K;
@@ -642,22 +644,24 @@ void dot_mm(int64_t bits, const at::Tensor& x, const at::Tensor& codes, const at
   });
 }
 
-// -- int4 decode as 16-bit integer dot products (AVX2) -----------------------------------------------
+// -- int4 and int8 decode as 16-bit integer dot products (AVX2) ---------------------------------------
 // Without AVX-512 the float GEMV widens each nibble to float32 (a sign-extension and a conversion per 8)
 // before its FMAs: ~14 vector operations per 32 codes, so on a host whose cores are slow beside their
-// memory int4 reads its codes no faster than int8 does. Here x is held as 16-bit integers and vpmaddwd
-// multiplies 16 codes by 16 inputs and sums pairs into int32 lanes: a nibble needs one shift or two
-// (sign-extended bytes, as int16), ~9 operations per 64 codes and row of x on top.
+// memory int4 reads its codes no faster than int8 does; and with several rows of x, int8 is bound by
+// its FMAs (8 products each). Here x is held as 16-bit integers and vpmaddwd multiplies 16 codes by 16
+// inputs and sums pairs into int32 lanes: a code needs one or two shifts (int4: of its sign-extended
+// byte; int8: of a 16-bit lane holding two codes), ~9 operations per 64 codes and row of x on top.
 // x, bfloat16, becomes integers exactly: each step of 64 inputs shares the power of two of its largest
 // (xi = x * 2^(141 - E), E its largest biased exponent), so an input within 2^7 of the step's largest
 // keeps all 8 significant bits in 15; a smaller one is rounded to 2^-15 of the largest (a term below
-// bfloat16's resolution of the step's largest term). A step's sum of 64 products (|sum| < 2^24) is exact
-// in int32 and in float32, and goes into the float32 accumulator times the step's power of two.
+// bfloat16's resolution of the step's largest term). A step's sum of 64 products is exact in int32 and
+// goes into the float32 accumulator times the step's power of two: int4's (|sum| < 2^24) exactly, int8's
+// (< 2^25) rounded at most once, by 2^-24 of it, as one float32 accumulation would.
 // An infinite or NaN input makes its step's power of two a NaN, and so the output.
 struct IntProblem {
-  const int16_t* xs;    // [K / 64][M][64]: per 32 bytes of codes, bytes 0-15's even then odd inputs, 16-31's
+  const int16_t* xs;    // [K / 64][M][64]: per 32 inputs (int4: bytes 0-15, then 16-31) the even, then odd ones
   const float* xscale;  // [K / 64][M]: each step's power of two
-  const int8_t* w;      // [N, K / 2] THUDM int4 codes
+  const int8_t* w;      // [N, K] int8 codes, or [N, K / 2] THUDM int4 codes
   const float* scale;   // [N]
   at::BFloat16* y;      // [M, N]
   int64_t M, N, K, row_bytes;
@@ -665,8 +669,9 @@ struct IntProblem {
 
 #define GLM_AVX2_FN __attribute__((target("avx2,fma")))
 
-template <int M, int R>
+template <int BITS, int M, int R>
 GLM_AVX2_FN void int16_rows(const IntProblem& p, int64_t n, int64_t m0) {
+  constexpr int64_t bytes = BITS == 4 ? 32 : 64;  // codes of a step of 64 inputs
   const int8_t* w[R];
   for (int r = 0; r < R; ++r) w[r] = p.w + (n + r) * p.row_bytes;
   const int64_t ahead = R * p.row_bytes, xstride = p.M * 64;
@@ -675,15 +680,21 @@ GLM_AVX2_FN void int16_rows(const IntProblem& p, int64_t n, int64_t m0) {
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t byte = 0; byte < p.row_bytes; byte += 32, xs += xstride, xsc += p.M) {
+  for (int64_t byte = 0; byte < p.row_bytes; byte += bytes, xs += xstride, xsc += p.M) {
     if ((byte & 63) == 0)
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + ahead + byte), _MM_HINT_T0);
-    __m256i c[R][4];  // bytes 0-15: high nibbles (even inputs), low (odd); then bytes 16-31
+    __m256i c[R][4];  // inputs 0-31: the even ones, the odd ones; then inputs 32-63
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < 2; ++h) {
-        const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + byte + 16 * h)));
-        c[r][2 * h] = _mm256_srai_epi16(b, 4);
-        c[r][2 * h + 1] = _mm256_srai_epi16(_mm256_slli_epi16(b, 12), 12);
+        if constexpr (BITS == 4) {  // 16 bytes, a byte per lane: the high nibble is the even input
+          const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + byte + 16 * h)));
+          c[r][2 * h] = _mm256_srai_epi16(b, 4);
+          c[r][2 * h + 1] = _mm256_srai_epi16(_mm256_slli_epi16(b, 12), 12);
+        } else {  // 32 bytes, two codes per lane: the low byte is the even input
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + byte + 32 * h));
+          c[r][2 * h] = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8);
+          c[r][2 * h + 1] = _mm256_srai_epi16(b, 8);
+        }
       }
     for (int m = 0; m < M; ++m) {
       const __m256i* xv = reinterpret_cast<const __m256i*>(xs + m * 64);
@@ -703,8 +714,13 @@ GLM_AVX2_FN void int16_rows(const IntProblem& p, int64_t n, int64_t m0) {
 
 constexpr int int16_tile_rows(int m) { return m == 1 ? 4 : m <= 3 ? 2 : 1; }
 
-// whether int16_mm takes this weight: int4 with per-row scales, K a multiple of 64
-bool int16_fits(int64_t bits, int64_t G, int64_t K) { return bits == 4 && G == 1 && K % 64 == 0; }
+// whether int16_mm takes this call: per-row scales, K a multiple of 64; int4 always, int8 from 5 rows
+// of x. Below that int8 reads its codes at about the memory's speed in float32 too, and the integer
+// form's per-step conversion costs more than it saves (2 Zen 4 cores, 27392x4096 at 1 / 4 / 8 rows:
+// 4.1 / 6.7 / 11.5 ms against the float32 form's 3.9 / 6.3 / 18.6).
+bool int16_fits(int64_t bits, int64_t G, int64_t K, int64_t M) {
+  return (bits == 4 || (bits == 8 && M > 4)) && G == 1 && K % 64 == 0;
+}
 
 // float32 lanes (bits) times up, rounded to the nearest integer (even on a tie)
 GLM_AVX2 __m256i ints(__m256i lane, __m256 up) { return _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castsi256_ps(lane), up)); }
@@ -729,8 +745,8 @@ GLM_AVX2_FN void int16_step(const uint16_t* in, int16_t* dst, float* scale) {
   *scale = std::ldexp(1.0f, E - 141);
   if (E < 14) {  // 2^(141 - E) is past float32's range: inputs below 2^-113, one at a time
     const double up = std::ldexp(1.0, 141 - E);
-    for (int j = 0; j < 64; ++j) {  // input j: byte j / 2 of the step, its high nibble if j is even
-      const int byte = j / 2, at = (byte / 16) * 32 + (j % 2) * 16 + byte % 16;
+    for (int j = 0; j < 64; ++j) {  // input j: the (j % 32) / 2-th even or odd one of its 32
+      const int at = (j / 32) * 32 + (j % 2) * 16 + (j % 32) / 2;
       uint32_t bits = static_cast<uint32_t>(in[j]) << 16;
       float f;
       std::memcpy(&f, &bits, sizeof f);
@@ -753,7 +769,7 @@ GLM_AVX2_FN void int16_step(const uint16_t* in, int16_t* dst, float* scale) {
   }
 }
 
-void int16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y) {
+void int16_mm(int64_t bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), steps = K / 64;
   std::vector<int16_t> xs(M * K);
   std::vector<float> xscale(M * steps);
@@ -765,7 +781,8 @@ void int16_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sc
                y.data_ptr<at::BFloat16>(), M, codes.size(0), K, codes.size(1)};
   by_row_groups(M, [&](auto m, int64_t m0) {
     constexpr int M = decltype(m)::value, R = int16_tile_rows(M);
-    over_tiles(p, m0, R, &int16_rows<M, R>, &int16_rows<M, 1>);
+    if (bits == 4) over_tiles(p, m0, R, &int16_rows<4, M, R>, &int16_rows<4, M, 1>);
+    else over_tiles(p, m0, R, &int16_rows<8, M, R>, &int16_rows<8, M, 1>);
   });
 }
 
