@@ -41,36 +41,37 @@ class RowsLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [tokens, in]: strides (in, 1)
         candidates = self.decode_paths(rows)
-        if candidates is None and self.widened(rows):
-            y = cpu_kernels.bf16_dense_mm(rows, self.weight)
-            if self.bias is not None:
-                y = y + self.bias
-        elif candidates is None:
-            y = onednn_linear(rows, self.weight, self.bias)
-        else:
+        if candidates is not None:
             key = cpu_quant.decode_key(16, self.out_features, self.in_features, None, candidates, rows.shape[0])
             y = candidates[cpu_quant.probe_decode(key, candidates, rows)](rows)
-            if self.bias is not None:
-                y = y + self.bias
+        elif self.widened(rows):
+            y = cpu_kernels.bf16_dense_mm(rows, self.weight)
+        else:
+            return onednn_linear(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
-    def widened(self, rows: torch.Tensor) -> bool:
-        """Whether a call of more rows than a decode step takes float32 blocks of the weight: a
-        bfloat16 call on a CPU that does not multiply bfloat16 natively."""
+    def kernels_read(self, rows: torch.Tensor) -> bool:
+        """Whether glm-build's kernels can take this call at all: bfloat16 rows and a contiguous
+        bfloat16 weight on the CPU, no autograd, the kernels built."""
         weight = self.weight
-        return (rows.shape[0] > cpu_quant.ROW_BUCKETS[-1] and rows.dtype == torch.bfloat16
-                and weight.dtype == torch.bfloat16 and weight.is_contiguous() and weight.device.type == "cpu"
-                and not (torch.is_grad_enabled() and weight.requires_grad) and cpu_kernels.available()
+        return (rows.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+                and weight.device.type == "cpu" and not (torch.is_grad_enabled() and weight.requires_grad)
+                and cpu_kernels.available())
+
+    def widened(self, rows: torch.Tensor) -> bool:
+        """Whether a call of more rows than a decode step takes float32 blocks of the weight: one the
+        kernels read, on a CPU that does not multiply bfloat16 natively."""
+        return (rows.shape[0] > cpu_quant.ROW_BUCKETS[-1] and self.kernels_read(rows)
                 and not cpu_kernels.native_bf16())
 
     def decode_paths(self, rows: torch.Tensor) -> dict | None:
         """The GEMVs a call of ``rows`` may take (:data:`cpu_quant.DECODE_PATHS` names), or None
         where it is not a decode step on bfloat16 that glm-build's kernel reads."""
-        weight = self.weight
-        if (rows.shape[0] == 0 or rows.shape[0] > cpu_quant.ROW_BUCKETS[-1] or rows.dtype != torch.bfloat16
-                or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.device.type != "cpu"
-                or torch.is_grad_enabled() and weight.requires_grad or not cpu_kernels.available()):
+        if not 0 < rows.shape[0] <= cpu_quant.ROW_BUCKETS[-1] or not self.kernels_read(rows):
             return None
+        weight = self.weight
         paths = {"glm_kernel": lambda r: cpu_kernels.bf16_mm(r, weight),
                  "torch_kernel": lambda r: onednn_linear(r, weight)}
         if cpu_kernels.has_amx():
