@@ -157,6 +157,28 @@ def test_kernel_matches_torchs_kernel(bits, monkeypatch):
 
 
 @needs_kernel
+def test_a_process_whose_path_finds_another_ninja_does_not_rebuild():
+    """Triton's stubs run with the venv's bin/ first on PATH, a plain ``.venv/bin/python`` with the
+    system's: each must find the library built by the other as it is (two ninja versions log different
+    command hashes, and used to rebuild it in turn, ~16 s a start)."""
+    import shutil
+
+    log = cpu_kernels.cache_dir() / ".ninja_log"
+    load = "from builder.model import cpu_kernels; assert cpu_kernels.build()"
+    system_path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                  if Path(p).resolve() != Path(sys.executable).parent.resolve())
+    venv_path = os.pathsep.join((str(Path(sys.executable).parent), system_path))
+    if shutil.which("ninja", path=system_path) is None:
+        system_path = venv_path  # no other ninja here: both processes find the same one
+    for path in (venv_path, system_path):
+        before = log.read_text() if log.exists() else ""
+        subprocess.run([sys.executable, "-c", load], cwd=ROOT, env=dict(os.environ, PATH=path), check=True,
+                       capture_output=True, timeout=600)
+        if path is system_path:  # the first run may build; the second finds its build as it is
+            assert log.read_text() == before, "the library was rebuilt"
+
+
+@needs_kernel
 def test_kernel_under_a_lower_torch_capability():
     """Under ``ATEN_CPU_CAPABILITY=avx2`` (torch's kernels change; ours is picked by cpuid), in a fresh
     process: the same results."""

@@ -32,6 +32,7 @@ where this library is built (the default) or in torch's for torch's kernel: :fun
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -75,9 +76,10 @@ def build(verbose: bool = False) -> str | None:
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(folder)
-        cpp_extension.load(name="glm_cpu_kernels", sources=[str(SOURCE)], build_directory=str(folder),
-                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=verbose)
+        with _our_ninja():
+            cpp_extension.load(name="glm_cpu_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+                               extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=verbose)
         isa = torch.ops.glm_cpu.isa(0)
     except Exception as err:  # no compiler, no ninja, a failed compile: torch's kernels do the work
         log.warning("glm-build's CPU decode kernel is not available (%s: %s); using torch's "
@@ -88,6 +90,29 @@ def build(verbose: bool = False) -> str | None:
                     "using torch's weight-only kernels")
         return None
     return isa
+
+
+@contextlib.contextmanager
+def _our_ninja():
+    """The ``ninja`` package's binary first on PATH while torch builds: every process then checks the
+    build with the same ninja. ninja 1.12 changed the command hash it logs, so where PATH finds another
+    ninja first in some processes (the system's 1.11 from a plain ``.venv/bin/python``; the venv's 1.13
+    in Triton's stubs, whose PATH starts with the venv), each saw the other's build as stale and
+    rebuilt it: ~16 s at every variant start after any other process had loaded the library."""
+    try:
+        import ninja
+    except ImportError:  # torch finds whatever ninja PATH has
+        yield
+        return
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(filter(None, (ninja.BIN_DIR, old)))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 STALE_LOCK_SECONDS = 600
