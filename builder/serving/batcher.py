@@ -161,21 +161,21 @@ class ChatSampling(ContinuousBatchingLogitsProcessorList):
     ``do_sample=False``) takes that arg-max. Two argument rows per request: temperature, top-p.
     """
 
-    KEYS = ("temperature", "top_p")
+    GREEDY = {"temperature": 0.0, "top_p": 1.0}  # the arguments, and a request's defaults
 
     def __init__(self):
         super().__init__(LogitsProcessorList())
-        self.tensors_required = len(self.KEYS)
-        self.supported_keys = {key: float for key in self.KEYS}
+        self.tensors_required = len(self.GREEDY)
+        self.supported_keys = {key: float for key in self.GREEDY}
         self.do_processing = True
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.copy_(torch.tensor([[0.0], [1.0]]).view(torch.int32))  # greedy
+        int32_tensor.copy_(torch.tensor([[v] for v in self.GREEDY.values()]).view(torch.int32))
 
     def prepare_tensor_args(self, requests_in_batch, arg_storage: torch.Tensor) -> torch.Tensor:
         rows = [r.state.logit_processor_kwargs for r in requests_in_batch if r.has_new_token]
         values = torch.tensor([[row.get(key, default) for row in rows]
-                               for key, default in zip(self.KEYS, (0.0, 1.0))], dtype=torch.float32)
+                               for key, default in self.GREEDY.items()], dtype=torch.float32)
         arg_storage[:, : len(rows)] = values.view(torch.int32).to(arg_storage.device)
         return arg_storage
 
@@ -406,7 +406,7 @@ class Batcher:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if temperature > 0:
             return {"temperature": float(temperature), "top_p": float(top_p)}
-        return {"temperature": 0.0, "top_p": 1.0}
+        return dict(ChatSampling.GREEDY)
 
     def submit_ids(self, prompt_ids: Sequence[int], *, max_length: int,
                    ignore_stop: bool = False) -> BatchRequest:
@@ -417,7 +417,7 @@ class Batcher:
         if max_length > self.config.max_tokens:
             raise ValueError(f"max_length={max_length} is more than the KV pool holds for one request: "
                              f"{self.config.max_tokens} tokens")
-        sampling = {"temperature": 0.0, "top_p": 1.0}
+        sampling = dict(ChatSampling.GREEDY)
         return self._add("", (), list(prompt_ids), max_length, sampling, lambda *update: None,
                          [] if ignore_stop else list(self._stop_ids))
 

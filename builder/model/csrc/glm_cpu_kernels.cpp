@@ -1056,7 +1056,7 @@ at::Tensor blocks_mm(const at::Tensor& xc, const at::Tensor& codes, const at::Te
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::ThreadLocalStateGuard guard(state);
     // inside the parallel region ATen's ops (and oneDNN's matmul) run on this thread alone
-    at::Tensor w = bits == 16 && !f32 ? at::Tensor() : at::empty({block, K}, xc.options());
+    at::Tensor w = bits == 16 ? at::Tensor() : at::empty({block, K}, xc.options());  // converted codes
     at::Tensor wf = f32 ? at::empty({block, K}, xm.options()) : at::Tensor();
     at::Tensor out = at::empty({M, block}, xm.options());
     for (int64_t b = b0; b < b1; ++b) {
@@ -1075,8 +1075,8 @@ at::Tensor blocks_mm(const at::Tensor& xc, const at::Tensor& codes, const at::Te
       at::Tensor part = n == block ? out : out.narrow(1, 0, n);
       at::mm_out(part, xm, rows.t());
       at::Tensor dst = y.narrow(1, n0, n);
-      if (row_scale.defined()) at::mul_out(part, part, row_scale.narrow(0, n0, n));
-      dst.copy_(part);
+      if (row_scale.defined()) at::mul_out(dst, part, row_scale.narrow(0, n0, n));
+      else dst.copy_(part);
     }
   });
   return y;
