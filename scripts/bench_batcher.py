@@ -159,13 +159,15 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_serving import mixed_prompts
 
-        questions = ([prompt for prompt, _ in mixed_prompts(tok, 0)] * args.requests)[:args.requests]
+        questions = [prompt for prompt, _ in mixed_prompts(tok, 0, args.requests)]
     else:
         questions = (QUESTIONS * args.requests)[:args.requests]
     longest = max(len(tok.build_chat_input(q)) for q in questions) + args.new_tokens
     blocks = args.requests * -(-longest // args.block_size)  # every chat at its longest, at once
+    # No prefix sharing: the chats repeat a few prompts, and found in the pool they would measure
+    # the cache, not the batching (chat() one at a time has none). bench_chat_turns.py measures it.
     config = BatcherConfig(num_blocks=blocks, block_size=args.block_size,
-                           max_batch_tokens=args.requests * longest)
+                           max_batch_tokens=args.requests * longest, prefix_sharing=False)
     print(f"{path.name}: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
           f"{args.bits}-bit {args.dtype}, loaded in {time.perf_counter() - start:.1f} s; "
           f"{args.requests} chats x <= {args.new_tokens} new tokens; torch {torch.__version__}, "

@@ -98,12 +98,15 @@ def generated_tokens(metrics_url: str) -> dict[str, float]:
             re.finditer(r'^glm_generated_tokens_total\{model="([^"]+)"\} (\S+)$', text, re.M)}
 
 
-def mixed_prompts(tokenizer, new_tokens: int) -> list[tuple[str, int]]:
-    """Prompts of about 16, 64 and 200 tokens, each with max_token = its length + new_tokens."""
+def mixed_prompts(tokenizer, new_tokens: int, count: int = 3, first: int = 0) -> list[tuple[str, int]]:
+    """``count`` prompts of about 16, 64 and 200 tokens in turn, each with max_token = its length +
+    new_tokens. Each starts with its own number (``first``, ``first + 1``, ...): a variant's batcher
+    reuses the KV blocks of a prefix it has seen (whole blocks of 16 tokens on a CPU), so prompts
+    repeated across requests would measure that cache instead of the batching."""
     base = "鸡兔同笼，共有10个头，28只脚，鸡和兔子各有几只？"
     out = []
-    for repeat in (1, 4, 13):
-        prompt = " ".join([base] * repeat)
+    for number in range(first, first + count):
+        prompt = f"[{number}] " + " ".join([base] * (1, 4, 13)[number % 3])
         out.append((prompt, len(tokenizer.build_chat_input(prompt)) + new_tokens))
     return out
 
@@ -125,7 +128,15 @@ def batched(args) -> None:
     stream_router = family.stream_router_name
     levels = [int(x) for x in args.levels.split(",")]
     tokenizer = family.load_tokenizer(checkpoint)
-    prompts = mixed_prompts(tokenizer, args.new_tokens)
+    prompts = mixed_prompts(tokenizer, args.new_tokens)  # their lengths, for the report
+    issued = 0
+
+    def fresh(count: int) -> list[tuple[str, int]]:
+        """``count`` prompts no request of this run has sent."""
+        nonlocal issued
+        issued += count
+        return mixed_prompts(tokenizer, args.new_tokens, count, first=issued - count)
+
     targets = ([t.replace("chatglm2-6b", family.name, 1) for t in args.targets.split(",")]
                if args.targets == ",".join(BATCHED_TARGETS) else args.targets.split(","))
     rows, curves = [], []
@@ -137,13 +148,14 @@ def batched(args) -> None:
         with TritonServer(options, ready_timeout=600) as server:
             url, metrics_url = server.urls["grpc"], server.urls["metrics"]
             for target in targets:  # warm up: first calls pay for lazy initialisation
-                run_load(url, prompts, concurrency=len(prompts), requests=len(prompts), model=target)
+                run_load(url, fresh(3), concurrency=3, requests=3, model=target)
             ramp = {}  # per target: its p50 latency at concurrency 1 (with --ramp)
             for target in targets:
                 for level in levels:
                     time.sleep(1.2)  # the variants publish their counters every second
                     before = generated_tokens(metrics_url)
-                    result = run_load(url, prompts, concurrency=level, requests=args.per_client * level,
+                    result = run_load(url, fresh(args.per_client * level), concurrency=level,
+                                      requests=args.per_client * level,
                                       model=target, ramp_s=ramp.get(target, 0.0) if level > 1 else 0.0,
                                       count_tokens=lambda text: len(tokenizer.encode(text)))
                     time.sleep(1.2)
@@ -176,7 +188,8 @@ def batched(args) -> None:
         f"## Serving many requests at once ({label}{', steady traffic' if args.ramp else ''})", "",
         f"Command: `{command_line()}`", "", f"Machine: {machine()}", "",
         f"Each level sends {args.per_client} × concurrency streamed chats, greedy, prompts of "
-        f"{', '.join(str(m - args.new_tokens) for _, m in prompts)} tokens in turn, each asking for "
+        f"{', '.join(str(m - args.new_tokens) for _, m in prompts)} tokens in turn (each starting with its "
+        "own number: no request finds another's KV blocks), each asking for "
         f"{args.new_tokens} new tokens (random weights rarely stop early). tokens/s: answer tokens "
         "the variants generated (their `glm_generated_tokens_total`) over the level's wall time; "
         "TTFT: until the first streamed piece; TPOT: the rest of the answer over its tokens, per "

@@ -167,6 +167,41 @@ def test_a_cancelled_request_leaves_the_batch_and_gives_its_blocks_back(tiny):
     assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
+def test_a_chats_next_turn_reuses_its_history_s_blocks_and_answers_the_same(tiny, monkeypatch):
+    """Each turn of a chat resends its history: with 16-token pages (a CPU plan's) the next turn
+    finds the previous turns' whole blocks in the pool instead of prefilling them again, and
+    answers what ``chat()`` answers from scratch."""
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    model, tok = tiny
+    reused = []  # tokens each request found in the pool (transformers' own search, observed)
+    search = PagedAttentionCache.search_prefix_match
+    monkeypatch.setattr(PagedAttentionCache, "search_prefix_match",
+                        lambda cache, *args: reused.append(search(cache, *args)) or reused[-1])
+    turns = [q for q, _ in QUESTIONS[4:7]]
+    expected, history = [], []
+    for query in turns:
+        (response, history), = answers(model, tok, [(query, history)])
+        expected.append((response, history))
+    prompts = [len(tok.build_chat_input(q, h)) for q, (_, h) in zip(turns, [([], [])] + expected)]
+    got, history = [], []
+    with Batcher(model, tok, CONFIG) as batcher:
+        for query in turns:
+            update = Updates()
+            assert batcher.submit(query, history, max_length=256, temperature=0,
+                                  on_update=update).wait(30)
+            got.append(update.calls[-1][:2])
+            history = got[-1][1]
+        stats = settled(batcher)
+    assert got == expected
+    # the first turn finds nothing; each later one at least its previous prompt's whole blocks
+    assert reused[0] == 0, (reused, prompts)
+    for turn in (1, 2):
+        assert reused[turn] >= prompts[turn - 1] // 16 * 16 > 0, (reused, prompts)
+        assert reused[turn] < prompts[turn]
+    assert stats.kv_blocks_used == 0 and stats.finished_requests == 3
+
+
 def test_bad_requests_fail_alone(tiny):
     model, tok = tiny
     expected = answers(model, tok, QUESTIONS[:2])

@@ -220,7 +220,7 @@ def test_routing_module_imports_no_torch():
 # -- the batchers' KV pools -------------------------------------------------------------------------
 def test_kv_pools_come_from_the_headroom_and_fit_with_a_full_batch():
     from builder.plan.memory import estimate_memory
-    from builder.plan.placement import KV_PAGE_SIZE, MAX_RUNNING
+    from builder.plan.placement import KV_PAGE_SIZE, MAX_RUNNING  # a GPU plan's pages
 
     for profile_name, precisions in (("p40", "int4"), ("p40", "int8,int4"), ("p40x2", "fp16,int8,int4")):
         profile = load_profile(profile_name)

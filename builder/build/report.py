@@ -211,11 +211,11 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str
 def plan_lines(plan: Plan, markdown: bool = False) -> list[str]:
     """The placement table and one fit line per device."""
     from ..model.family import get_family
-    from ..plan.placement import CONCURRENCY_LENGTHS, KV_PAGE_SIZE
+    from ..plan.placement import CONCURRENCY_LENGTHS
 
     chatglm2 = get_family(plan.model_name).kind == "chatglm2"  # the 6B's table, beside each variant
     rows = [[p.variant.name, p.device_label, p.dtype, _gib(p.weights_bytes), _gib(p.need_bytes),
-             str(p.max_tokens), f"{p.kv_blocks} × {KV_PAGE_SIZE}",
+             str(p.max_tokens), f"{p.kv_blocks} × {p.kv_page_size}",
              " / ".join(str(p.concurrency(t)) for t in (*CONCURRENCY_LENGTHS, p.max_tokens)),
              *([_published_cell(p.variant)] if chatglm2 else [])] for p in plan.placements]
     lines = _table(["variant", "device", "dtype", "weights", "need at limit", "limit tokens",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import jinja2
 
-from ..plan.placement import KV_PAGE_SIZE, MODEL_NAME, Plan
+from ..plan.placement import MODEL_NAME, Plan
 from .report import glm_build_version
 
 if TYPE_CHECKING:  # the weights stage imports this one's path filter
@@ -152,7 +152,7 @@ def render_models(plan: Plan, staging: Path, *, checkpoint: Path, weights: Place
         quantized_here = p.variant.precision in weights.quantized
         location = weights.locations[p.variant.precision]
         context = dict(common, variant=p.variant, device=p.device, dtype=p.dtype,
-                       max_tokens=p.max_tokens, kv_blocks=p.kv_blocks, kv_page_size=KV_PAGE_SIZE,
+                       max_tokens=p.max_tokens, kv_blocks=p.kv_blocks, kv_page_size=p.kv_page_size,
                        max_batch_tokens=p.max_batch_tokens, checkpoint=location,
                        tokenizer=f"{location}/{tokenizer_file}",
                        # fp16 has nothing to quantize: it always loads the checkpoint as it is

@@ -54,7 +54,13 @@ report compares against the table with ``all_logits=True`` but plans with this."
 
 # -- the KV pool each variant's continuous batcher gets (builder.serving.batcher) ---------------------
 KV_PAGE_SIZE = 256
-"""Tokens per KV block (transformers' ``ContinuousBatchingConfig.page_size`` default)."""
+"""Tokens per KV block on a GPU: transformers' ``ContinuousBatchingConfig.page_size`` default, and a
+size flash attention's paged kernels take (their blocks are multiples of 256 tokens)."""
+CPU_KV_PAGE_SIZE = 16
+"""Tokens per KV block on a CPU. Prefix sharing reuses whole blocks only, so a chat's next turn
+reuses its history down to 16 tokens instead of 256: on the CPU, where a prefill is compute-bound,
+that is most of the next turn's time to first token. CPU attention reads the cache token by token,
+so smaller blocks cost nothing measurable (``docs/benchmarks.md``, issue 25's eighth round)."""
 KV_POOL_SHARE = 0.8
 """Of a device's headroom at the routing limits, the part split among its variants' KV pools. The
 rest absorbs what grows with a running batch besides its KV cache: one row per request through
@@ -68,9 +74,19 @@ CONCURRENCY_LENGTHS = (512, 2048)
 """Request lengths at which reports print how many requests a pool holds (and at the limit)."""
 
 
-def kv_blocks_for(tokens: int) -> int:
-    """KV blocks one request of ``tokens`` in total holds (``KV_PAGE_SIZE`` tokens each)."""
-    return -(-tokens // KV_PAGE_SIZE)
+def kv_page_size(device: str) -> int:
+    """Tokens per KV block where the batcher runs: ``device`` is a torch device type (``"cpu"``,
+    ``"cuda"``) or a profile's kind (``"cpu"``, ``"gpu"``).
+
+    >>> kv_page_size("cpu"), kv_page_size("gpu")
+    (16, 256)
+    """
+    return CPU_KV_PAGE_SIZE if device == "cpu" else KV_PAGE_SIZE
+
+
+def kv_blocks_for(tokens: int, page_size: int) -> int:
+    """KV blocks of ``page_size`` tokens that one request of ``tokens`` in total holds."""
+    return -(-tokens // page_size)
 
 
 MAX_SUGGESTED_COUNT = 16  # the largest NAMExN a PlacementError suggests
@@ -207,12 +223,16 @@ class Placement:
     min_need_bytes: int  # estimated need at the plan's min_tokens (what placement used)
     weights_bytes: int  # the variant's parameters in their stored format
     dtype: str  # activations' dtype ("float16" / "bfloat16")
-    kv_blocks: int = 0  # KV pool of its continuous batcher: blocks of KV_PAGE_SIZE tokens
+    kv_blocks: int = 0  # KV pool of its continuous batcher: blocks of kv_page_size tokens
     max_batch_tokens: int = 0  # tokens one batcher step may process (prefill chunk + decode rows)
+
+    @property
+    def kv_page_size(self) -> int:
+        return kv_page_size("cpu" if self.device is None else "cuda")
 
     def concurrency(self, tokens: int) -> int:
         """How many requests of ``tokens`` in total its KV pool holds at once."""
-        return self.kv_blocks // kv_blocks_for(tokens)
+        return self.kv_blocks // kv_blocks_for(tokens, self.kv_page_size)
 
     @property
     def device_label(self) -> str:
@@ -281,7 +301,7 @@ class Plan:
                             "device": p.device, "dtype": p.dtype, "max_tokens": p.max_tokens,
                             "need_bytes": p.need_bytes, "min_need_bytes": p.min_need_bytes,
                             "weights_bytes": p.weights_bytes, "kv_blocks": p.kv_blocks,
-                            "kv_page_size": KV_PAGE_SIZE, "max_batch_tokens": p.max_batch_tokens,
+                            "kv_page_size": p.kv_page_size, "max_batch_tokens": p.max_batch_tokens,
                             "concurrency": {str(t): p.concurrency(t) for t in
                                             (*CONCURRENCY_LENGTHS, p.max_tokens)}}
                            for p in self.placements],
@@ -441,18 +461,18 @@ def make_plan(config: ChatGLM2Config, precisions: Iterable[str] | str, profile: 
     return dataclasses.replace(plan, placements=tuple(kv_pools(plan)))
 
 
-def batch_pool(tokens: int, concurrency: int) -> tuple[int, int]:
-    """``(blocks, max_batch_tokens)`` of a batcher sized for ``concurrency`` requests of ``tokens``
-    (what ``glm-build profile`` runs ``generate:512x8`` with)."""
-    return concurrency * kv_blocks_for(tokens), min(tokens, MAX_BATCH_TOKENS)
+def batch_pool(tokens: int, concurrency: int, page_size: int) -> tuple[int, int]:
+    """``(blocks, max_batch_tokens)`` of a batcher with blocks of ``page_size`` tokens, sized for
+    ``concurrency`` requests of ``tokens`` (what ``glm-build profile`` runs ``generate:512x8`` with)."""
+    return concurrency * kv_blocks_for(tokens, page_size), min(tokens, MAX_BATCH_TOKENS)
 
 
-def batcher_buffer_bytes(config: ChatGLM2Config, blocks: int, step: int) -> int:
-    """What transformers' continuous batching holds beside the KV pool: an attention mask of
-    ``step × (pool + step)`` float32s and, measured (``glm-build profile --workloads
-    generate:512x8`` was 9-10% above the estimate without it), about one batch step's float32
-    logits, ``step × vocab``. ``step``: tokens per batch step."""
-    return (step * (blocks * KV_PAGE_SIZE + step) + step * config.padded_vocab_size) * 4
+def batcher_buffer_bytes(config: ChatGLM2Config, pool_tokens: int, step: int) -> int:
+    """What transformers' continuous batching holds beside a KV pool of ``pool_tokens``: an
+    attention mask of ``step × (pool + step)`` float32s and, measured (``glm-build profile
+    --workloads generate:512x8`` was 9-10% above the estimate without it), about one batch step's
+    float32 logits, ``step × vocab``. ``step``: tokens per batch step."""
+    return (step * (pool_tokens + step) + step * config.padded_vocab_size) * 4
 
 
 def kv_pools(plan: Plan) -> list[Placement]:
@@ -477,11 +497,11 @@ def kv_pools(plan: Plan) -> list[Placement]:
         step = min(p.max_tokens, MAX_BATCH_TOKENS)
 
         def fits(blocks: int) -> bool:
-            return all(blocks // kv_blocks_for(tokens) <= 1
+            return all(blocks // kv_blocks_for(tokens, p.kv_page_size) <= 1
                        or batch_bytes(plan.config, p.variant, plan.profile, tokens, blocks, step) <= available
                        for tokens in pool_lengths(p.max_tokens))
 
-        per_request = kv_blocks_for(p.max_tokens)  # blocks of one request at the limit
+        per_request = kv_blocks_for(p.max_tokens, p.kv_page_size)  # blocks of one request at the limit
         lo, hi = per_request, MAX_RUNNING * per_request
         while lo < hi:  # the largest pool that fits: the need grows with the blocks
             mid = (lo + hi + 1) // 2
@@ -500,12 +520,13 @@ def batch_bytes(config: ChatGLM2Config, variant: Variant, profile: GpuProfile, t
     """Bytes of ``variant`` with a pool of ``blocks`` full of requests of ``tokens``: their
     :func:`phase_need` plus the batcher's buffers (:func:`batcher_buffer_bytes`) and, on a GPU,
     its CUDA graphs' pool and async batching's second inputs (``memory.cuda_graph_bytes``)."""
-    requests = max(1, blocks // kv_blocks_for(tokens))
+    page = kv_page_size(profile.kind)
+    requests = max(1, blocks // kv_blocks_for(tokens, page))
     graphs = 0
     if profile.kind == "gpu":  # the batcher captures its steps in CUDA graphs there
-        graphs = cuda_graph_bytes(config, variant.bits, step, tokens, blocks * KV_PAGE_SIZE)
+        graphs = cuda_graph_bytes(config, variant.bits, step, tokens, blocks * page)
     return (phase_need(config, variant, tokens, profile, requests)
-            + batcher_buffer_bytes(config, blocks, step) + graphs)
+            + batcher_buffer_bytes(config, blocks * page, step) + graphs)
 
 
 def phase_need(config: ChatGLM2Config, variant: Variant, tokens: int, profile: GpuProfile,

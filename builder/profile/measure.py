@@ -273,19 +273,20 @@ def _run_batched(model, run: Run, stage: Callable[[str], None]) -> float:
     variant's continuous batcher, its KV pool sized for exactly them); the seconds it took."""
     import torch
 
-    from ..plan.placement import KV_PAGE_SIZE, batch_pool
+    from ..plan.placement import batch_pool, kv_page_size
     from ..serving.batcher import Batcher, BatcherConfig
     from ..model.tokenizer import ChatGLM2Tokenizer
 
     from .. import TINY_CHECKPOINT
 
-    blocks, step = batch_pool(run.tokens, run.concurrency)
+    page = kv_page_size(run.device)
+    blocks, step = batch_pool(run.tokens, run.concurrency, page)
     tokenizer = ChatGLM2Tokenizer(TINY_CHECKPOINT / "tokenizer.model")  # only its stop ids matter
     g = torch.Generator().manual_seed(0)
     encode = run.phase == "encode"
     stage(f"{run.concurrency} × {run.phase} {run.tokens} tokens")
     start = time.perf_counter()
-    with Batcher(model, tokenizer, BatcherConfig(num_blocks=blocks, block_size=KV_PAGE_SIZE,
+    with Batcher(model, tokenizer, BatcherConfig(num_blocks=blocks, block_size=page,
                                                  max_batch_tokens=step, prefix_sharing=False,
                                                  max_queue=run.concurrency)) as batcher:
         handles = []

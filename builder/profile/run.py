@@ -32,7 +32,7 @@ from ..model.config import CHATGLM2_6B, ChatGLM2Config
 from ..plan.memory import PHASES, PUBLISHED_TABLE, MemoryEstimate, estimate_breakdown
 from .measure import PROMPT_TOKENS, RunFailedError  # noqa: F401  (re-exported)
 from ..model.family import SPECS  # --spec NAME: random weights with that model's shapes
-from ..plan.placement import Variant, batch_pool, batcher_buffer_bytes, variants_of
+from ..plan.placement import Variant, batch_pool, batcher_buffer_bytes, kv_page_size, variants_of
 
 DEFAULT_WORKLOADS = "encode:2048,generate:8192"  # the published table's
 DEFAULT_OUT = Path("profile")
@@ -317,12 +317,13 @@ def estimate_for(config: ChatGLM2Config, variant: Variant, workload: Workload,
         return estimate
     # N requests at once run through the continuous batcher: prompts are prefilled in chunks of
     # its step, and it keeps buffers beside the pool
-    blocks, step = batch_pool(workload.tokens, workload.concurrency)
+    page = kv_page_size(device)
+    blocks, step = batch_pool(workload.tokens, workload.concurrency, page)
     activations = estimate.activations
     if workload.phase == "encode" and workload.tokens > step:
         activations = estimate_breakdown(config, variant.bits, step, "encode", group_size=variant.group_size,
                                          dtype_bytes=2, device=device, all_logits=False).activations
-    return dataclasses.replace(estimate, activations=activations + batcher_buffer_bytes(config, blocks, step))
+    return dataclasses.replace(estimate, activations=activations + batcher_buffer_bytes(config, blocks * page, step))
 
 
 def published_for(target: Target, variant: Variant, workload: Workload) -> Optional[int]:

@@ -83,7 +83,7 @@ class VariantParameters:
     dtype: str  # compute dtype of the unquantized parts: "float16", "bfloat16", "float32"
     seq_length: int  # longer max_token values are clamped to this
     kv_blocks: int = 0  # the batcher's KV pool from the memory plan (0: a config from before it)
-    kv_page_size: int = 256  # tokens per KV block
+    kv_page_size: int = 256  # tokens per KV block (a config from before the plan set it: 256)
     max_batch_tokens: int = 0  # tokens one batcher step may process
     max_running: int = 0  # requests in the running batch at once (0: no cap but the KV pool's)
     family: str = "chatglm2-6b"  # the model's GLM family (builder.model.family): tokenizer, format
