@@ -240,6 +240,23 @@ def test_kv_pools_come_from_the_headroom_and_fit_with_a_full_batch():
             assert total <= d.budget_bytes, (profile_name, d.label, total / GIB)
 
 
+@pytest.mark.parametrize("precisions", ["int8", "int4", "fp16", "int8,int4"])
+def test_a_cpu_pool_is_sized_for_a_cpu_s_batch_not_for_the_whole_host(precisions):
+    """A CPU profile's budget is the whole host. Sized for 32 requests at the 32768-token limit, a
+    single int8 variant's pool held 327,664 tokens and its full batch 1.77x its need at the limit,
+    more than transformers takes at load; now 32 requests of 2048 tokens, and one at the limit."""
+    from builder.plan.placement import MAX_RUNNING, batch_bytes, pool_lengths
+
+    profile = load_profile("cpu")
+    plan = make_plan(CHATGLM2_6B, precisions, profile)
+    for p in plan.placements:
+        assert p.kv_page_size == 16
+        assert p.concurrency(p.max_tokens) >= 1 and p.concurrency(2048) <= MAX_RUNNING
+        full = max(batch_bytes(CHATGLM2_6B, p.variant, profile, tokens, p.kv_blocks, p.max_batch_tokens)
+                   for tokens in pool_lengths(p.max_tokens))
+        assert full <= 1.15 * p.need_bytes, (p.variant.name, full / GIB, p.need_bytes / GIB)
+
+
 def test_concurrency_grows_the_estimate_by_kv_and_decode_rows():
     from builder.plan.memory import estimate_breakdown, kv_cache_bytes
 

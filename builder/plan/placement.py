@@ -66,8 +66,14 @@ KV_POOL_SHARE = 0.8
 rest absorbs what grows with a running batch besides its KV cache: one row per request through
 every decode step (``estimate_memory(..., concurrency=N)`` counts it)."""
 MAX_RUNNING = 32
-"""No pool is sized for more than this many requests at the routing limit (a CPU profile's
-budget is the whole host: a pool that large would be allocated for nothing)."""
+"""No pool is sized for more than this many requests at the routing limit, and on a CPU for no
+more than this many of :data:`CPU_POOL_REQUEST_TOKENS` (see :func:`kv_pool_cap`)."""
+CPU_POOL_REQUEST_TOKENS = 2048
+"""On a CPU a pool holds at most :data:`MAX_RUNNING` requests of this many tokens (and always one
+at the routing limit). A CPU profile's budget is the whole host, and a CPU's batch is compute-bound
+long before 32 requests: sized for 32 requests at ChatGLM2's 32768-token limit, a single int8
+6B variant got a 327,664-token pool, 21 GiB when full, and transformers refuses at load a pool whose
+buffers exceed the memory then free."""
 MAX_BATCH_TOKENS = 512
 """Tokens one batcher step processes at most (longer prompts are prefilled in chunks of this)."""
 CONCURRENCY_LENGTHS = (512, 2048)
@@ -480,7 +486,7 @@ def kv_pools(plan: Plan) -> list[Placement]:
     requests of any length in :data:`CONCURRENCY_LENGTHS` (or the routing limit) still fits its
     need at the limit plus its share of :data:`KV_POOL_SHARE` of the device's headroom, counting
     every request's KV cache and decode row (``estimate_memory(..., concurrency=N)``); at least one
-    request at the limit, at most :data:`MAX_RUNNING`. ``max_batch_tokens`` is
+    request at the limit, at most :func:`kv_pool_cap`'s. ``max_batch_tokens`` is
     :data:`MAX_BATCH_TOKENS` (or the limit, if shorter): prefills run in chunks no longer than the
     one the need already counts.
 
@@ -501,13 +507,29 @@ def kv_pools(plan: Plan) -> list[Placement]:
                        or batch_bytes(plan.config, p.variant, plan.profile, tokens, blocks, step) <= available
                        for tokens in pool_lengths(p.max_tokens))
 
-        per_request = kv_blocks_for(p.max_tokens, p.kv_page_size)  # blocks of one request at the limit
-        lo, hi = per_request, MAX_RUNNING * per_request
+        lo, hi = kv_pool_cap(p)
         while lo < hi:  # the largest pool that fits: the need grows with the blocks
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         pools.append(dataclasses.replace(p, kv_blocks=lo, max_batch_tokens=step))
     return pools
+
+
+def kv_pool_cap(p: Placement) -> tuple[int, int]:
+    """``(fewest, most)`` blocks a placement's pool may have: one request at its routing limit, and
+    :data:`MAX_RUNNING` requests at the limit on a GPU or of :data:`CPU_POOL_REQUEST_TOKENS` (at
+    most the limit) on a CPU, if more than one at the limit.
+
+    >>> from builder import CHATGLM2_6B, load_profile
+    >>> (p,) = make_plan(CHATGLM2_6B, "int8", load_profile("cpu")).placements
+    >>> kv_pool_cap(p), p.kv_page_size
+    ((2048, 4096), 16)
+    """
+    per_request = kv_blocks_for(p.max_tokens, p.kv_page_size)
+    if p.device is not None:
+        return per_request, MAX_RUNNING * per_request
+    longest = min(p.max_tokens, CPU_POOL_REQUEST_TOKENS)
+    return per_request, max(per_request, MAX_RUNNING * kv_blocks_for(longest, p.kv_page_size))
 
 
 def pool_lengths(max_tokens: int) -> list[int]:
