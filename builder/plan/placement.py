@@ -234,6 +234,7 @@ class Placement:
 
     @property
     def kv_page_size(self) -> int:
+        """Tokens per block of its KV pool (:func:`kv_page_size` of its device)."""
         return kv_page_size("cpu" if self.device is None else "cuda")
 
     def concurrency(self, tokens: int) -> int:
