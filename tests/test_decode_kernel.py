@@ -1,4 +1,4 @@
-"""glm-build's own CPU decode kernel (builder/model/cpu_kernels.py, csrc/glm_cpu_kernels.cpp) against
+"""glm-build's own CPU decode kernel (builder/model/cpu_kernels.py, csrc/) against
 the formula and torch's kernels, in both of its ISA variants; answers unchanged with it on or off.
 Skipped where it cannot be built (no compiler, not x86-64, no AVX2)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""glm-build's own int8/int4 CPU kernels (``csrc/glm_cpu_kernels.cpp``), built once per torch version
+"""glm-build's own int8/int4 CPU kernels (``csrc/``), built once per torch version
 with torch's C++ extension tooling (and OpenMP: without it ``at::parallel_for`` runs on one thread),
 and torch's kernels where they cannot be built.
 
@@ -43,7 +43,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "glm_cpu_kernels.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+"""The library's files (``csrc/glm_cpu.h`` says which holds what), compiled into one library."""
 ISAS = {"": 0, "auto": 0, "avx2": 2, "avx2i16": 3, "avx512": 5, "avx512bf16": 6}
 """``GLM_CPU_KERNEL_ISA`` -> the ops' code: 0 is the best the CPU has, AMX included (``dense_mm``'s
 tile path). The others leave AMX out and name one form of the GEMVs: ``avx512bf16`` bfloat16 dot
@@ -77,7 +78,7 @@ def build(verbose: bool = False) -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(folder)
         with _our_ninja():
-            cpp_extension.load(name="glm_cpu_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+            cpp_extension.load(name="glm_cpu_kernels", sources=[str(path) for path in SOURCES], build_directory=str(folder),
                                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=verbose)
         isa = torch.ops.glm_cpu.isa(0)
