@@ -8,15 +8,17 @@ plan's, ``builder.plan.placement.CPU_KV_PAGE_SIZE``) all of it but the last part
 in the pool. This runs ``--chats`` chats of the same ``--turns`` questions through
 ``builder.serving.batcher.Batcher`` (the serving path, in-process, off the main thread), one turn
 at a time, each chat on its own, with each page size in turn (alternated over ``--rounds``, after
-a warm-up chat), and prints per turn: the prompt's tokens, the tokens found in the pool, and the TTFT min / median.
+a warm-up chat), and prints per turn: the prompt's tokens, the tokens found in the pool (the
+batcher's ``reused_prompt_tokens``), and the TTFT min / median.
 
     .venv/bin/python scripts/bench_chat_turns.py --checkpoint /tmp/glm-synthetic-2l --bits 8
     .venv/bin/python scripts/bench_chat_turns.py --checkpoint /tmp/glm-synthetic-2l --bits 8 --served
 
 ``--served`` asks a live Triton instead: for each page size it builds a CPU repository of the one
 variant (the plan sizing its pool in blocks of that size), then runs the chats through the
-streaming router, each repository's server in turn over ``--rounds``. There the pool's search
-cannot be observed, so "found" is not printed, and TTFT is until the first streamed piece.
+streaming router, each repository's server in turn over ``--rounds``. There "found" is not
+printed (the variants publish ``glm_prompt_tokens_reused_total`` once a second, not per request),
+and TTFT is until the first streamed piece.
 
 Each chat starts with its own number, so no chat finds another's blocks: only its own history.
 With a synthetic checkpoint (random weights) the answers are noise; when the history is re-encoded
@@ -46,37 +48,20 @@ TURNS = ["鸡兔同笼，共有10个头，28只脚，鸡和兔子各有几只？
          "再出一道类似的题目给我。", "谢谢！再见。"]
 
 
-def observe_reuse() -> list[int]:
-    """The tokens each new request finds in the pool, from transformers' own search (observed)."""
-    from transformers.generation.continuous_batching.cache import PagedAttentionCache
-
-    found: list[int] = []
-    search = PagedAttentionCache.search_prefix_match
-
-    def observed(cache, *args):
-        found.append(search(cache, *args))
-        return found[-1]
-
-    PagedAttentionCache.search_prefix_match = observed
-    return found
-
-
-def one_chat(batcher: Batcher, tok, number: int, turns: list[str], new_tokens: int,
-             found: list[int]) -> list[tuple[int, int, float]]:
+def one_chat(batcher: Batcher, tok, number: int, turns: list[str], new_tokens: int) -> list[tuple[int, int, float]]:
     """``(prompt tokens, tokens found in the pool, TTFT s)`` of each turn of one chat."""
     history, rows = [], []
     for index, query in enumerate(turns):
         query = f"[{number}] {query}" if index == 0 else query
         answer: dict = {}
         prompt = len(tok.build_chat_input(query, history))
-        before = len(found)
+        before = batcher.stats().reused_prompt_tokens
         handle = batcher.submit(query, history, max_length=prompt + new_tokens, temperature=0,
                                 on_update=lambda text, h, finished, error: answer.update(h=h))
         handle.wait()
         if handle.error is not None:
             raise handle.error
-        rows.append((prompt, found[before] if len(found) > before else 0,
-                     handle.time_to_first_token_s))
+        rows.append((prompt, batcher.stats().reused_prompt_tokens - before, handle.time_to_first_token_s))
         history = answer["h"]
     return rows
 
@@ -136,13 +121,12 @@ def served(args, pages: list[int], rows: dict) -> None:
 def in_process(args, pages: list[int], rows: dict) -> None:
     """The chats through a Batcher per page size, in this process, off the main thread."""
     model, tok = load_chatglm2(args.checkpoint, bits=args.bits, dtype=torch.bfloat16)
-    found = observe_reuse()
     number = 0
 
     def run():
         nonlocal number
         with Batcher(model, tok, BatcherConfig(num_blocks=-(-8192 // pages[0]), block_size=pages[0])) as batcher:
-            one_chat(batcher, tok, 0, TURNS[:2], args.new_tokens, found)  # warm-up, not counted
+            one_chat(batcher, tok, 0, TURNS[:2], args.new_tokens)  # warm-up, not counted
         for _ in range(args.rounds):
             for page in pages:  # alternated: the host's speed drifts
                 blocks = -(-8192 // page)
@@ -150,7 +134,7 @@ def in_process(args, pages: list[int], rows: dict) -> None:
                     for _ in range(args.chats):
                         number += 1
                         rows[page].append(one_chat(batcher, tok, number, TURNS[:args.turns],
-                                                   args.new_tokens, found))
+                                                   args.new_tokens))
 
     worker = threading.Thread(target=run)  # as the batcher's loop runs: off the main thread
     worker.start()

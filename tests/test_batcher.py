@@ -2,6 +2,7 @@
 trouble kept to itself."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from types import SimpleNamespace
@@ -167,31 +168,26 @@ def test_a_cancelled_request_leaves_the_batch_and_gives_its_blocks_back(tiny):
     assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
-def test_a_chats_next_turn_reuses_its_history_s_blocks_and_answers_the_same(tiny, monkeypatch):
+def test_a_chats_next_turn_reuses_its_history_s_blocks_and_answers_the_same(tiny):
     """Each turn of a chat resends its history: with 16-token pages (a CPU plan's) the next turn
-    finds the previous turns' whole blocks in the pool instead of prefilling them again, and
-    answers what ``chat()`` answers from scratch."""
-    from transformers.generation.continuous_batching.cache import PagedAttentionCache
-
+    finds the previous turns' whole blocks in the pool instead of prefilling them again (counted in
+    ``reused_prompt_tokens``), and answers what ``chat()`` answers from scratch."""
     model, tok = tiny
-    reused = []  # tokens each request found in the pool (transformers' own search, observed)
-    search = PagedAttentionCache.search_prefix_match
-    monkeypatch.setattr(PagedAttentionCache, "search_prefix_match",
-                        lambda cache, *args: reused.append(search(cache, *args)) or reused[-1])
     turns = [q for q, _ in QUESTIONS[4:7]]
     expected, history = [], []
     for query in turns:
         (response, history), = answers(model, tok, [(query, history)])
         expected.append((response, history))
     prompts = [len(tok.build_chat_input(q, h)) for q, (_, h) in zip(turns, [([], [])] + expected)]
-    got, history = [], []
+    got, history, reused = [], [], []
     with Batcher(model, tok, CONFIG) as batcher:
         for query in turns:
-            update = Updates()
+            update, before = Updates(), batcher.stats().reused_prompt_tokens
             assert batcher.submit(query, history, max_length=256, temperature=0,
                                   on_update=update).wait(30)
             got.append(update.calls[-1][:2])
             history = got[-1][1]
+            reused.append(batcher.stats().reused_prompt_tokens - before)
         stats = settled(batcher)
     assert got == expected
     # the first turn finds nothing; each later one at least its previous prompt's whole blocks
@@ -199,7 +195,19 @@ def test_a_chats_next_turn_reuses_its_history_s_blocks_and_answers_the_same(tiny
     for turn in (1, 2):
         assert reused[turn] >= prompts[turn - 1] // 16 * 16 > 0, (reused, prompts)
         assert reused[turn] < prompts[turn]
+    assert stats.prompt_tokens == sum(prompts) and stats.reused_prompt_tokens == sum(reused)
     assert stats.kv_blocks_used == 0 and stats.finished_requests == 3
+
+
+def test_without_prefix_sharing_nothing_is_found_in_the_pool(tiny):
+    model, tok = tiny
+    (response, history), = answers(model, tok, [(QUESTIONS[4][0], [])])
+    with Batcher(model, tok, dataclasses.replace(CONFIG, prefix_sharing=False)) as batcher:
+        for query, past in ((QUESTIONS[4][0], []), (QUESTIONS[5][0], history)):
+            assert batcher.submit(query, past, max_length=256, temperature=0,
+                                  on_update=Updates()).wait(30)
+        stats = settled(batcher)
+    assert stats.reused_prompt_tokens == 0 and stats.prompt_tokens > 0
 
 
 def test_bad_requests_fail_alone(tiny):

@@ -72,12 +72,34 @@ def test_the_batch_metrics_are_on_the_metrics_port(server):
     time.sleep(1.5)  # the variants publish every second
     found = metrics(server)
     for name in ("glm_batch_running_requests", "glm_batch_queued_requests", "glm_kv_blocks_used",
-                 "glm_kv_blocks_free", "glm_generated_tokens_total",
+                 "glm_kv_blocks_free", "glm_generated_tokens_total", "glm_prompt_tokens_total",
+                 "glm_prompt_tokens_reused_total",
                  "glm_time_to_first_token_seconds_count"):
         assert f"{name}[chatglm2-6b-fp16]" in found, name
     assert found["glm_generated_tokens_total[chatglm2-6b-fp16]"] > 0
     assert found["glm_time_to_first_token_seconds_count[chatglm2-6b-fp16]"] >= 1
     assert found["glm_kv_blocks_used[chatglm2-6b-fp16]"] == 0  # nothing running now
+
+
+def test_a_chats_next_turn_finds_its_history_in_the_kv_pool(server):
+    """The `cpu` plan's 16-token blocks: the second turn of a chat, sent with its history through
+    the router, is counted on the metrics port as prompt tokens found in the pool."""
+    client = ChatGLMClient(server.urls["grpc"], temperature=0, max_token=160, timeout_s=120)
+    try:
+        first = client.chat("A cage holds chickens and rabbits: 21 heads and 60 feet. How many of each?",
+                            model="chatglm2-6b-fp16")
+        time.sleep(1.5)  # the variants publish every second
+        before = metrics(server)
+        second = client.chat("And with 30 heads?", first.history, model="chatglm2-6b-fp16")
+    finally:
+        client.close()
+    time.sleep(1.5)
+    after = metrics(server)
+    assert second.variant == "fp16" and len(second.history) == 2
+    name = "glm_prompt_tokens_reused_total[chatglm2-6b-fp16]"
+    assert after[name] - before[name] >= 16  # at least the first turn's whole blocks
+    prompt = "glm_prompt_tokens_total[chatglm2-6b-fp16]"
+    assert after[prompt] - before[prompt] > after[name] - before[name]
 
 
 def test_a_bad_request_among_good_ones_fails_alone(server):

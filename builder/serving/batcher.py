@@ -96,6 +96,8 @@ class BatcherStats:
     kv_blocks_used: int  # held by requests; blocks kept only for prefix reuse count as free
     kv_blocks_free: int
     generated_tokens: int  # answer tokens streamed since start (stop tokens not counted)
+    prompt_tokens: int  # prompt tokens of the requests submitted since start
+    reused_prompt_tokens: int  # of those, the ones found in the pool (a prefix computed before)
     finished_requests: int
     failed_requests: int
     cancelled_requests: int
@@ -322,7 +324,8 @@ class Batcher:
         self._lock = threading.Lock()
         self._requests: dict[str, BatchRequest] = {}
         self._next_id = 0
-        self._counts = {"generated": 0, "finished": 0, "failed": 0, "cancelled": 0}
+        self._counts = {"generated": 0, "prompt": 0, "reused": 0, "finished": 0, "failed": 0,
+                        "cancelled": 0}
         self._ttfts: deque[float] = deque(maxlen=256)
         self._accepting = False
         self._stopping = False
@@ -342,9 +345,27 @@ class Batcher:
                 self._manager.stop(block=True, timeout=timeout)
                 raise BatcherStoppedError(f"the generation loop did not start: {self._fatal_error()}")
             time.sleep(0.01)
+        self._count_reuse(self._manager.batch_processor.cache)
         self._accepting = True
         self._thread = threading.Thread(target=self._deliver_loop, name="glm-batcher", daemon=True)
         self._thread.start()
+
+    def _count_reuse(self, cache) -> None:
+        """Count the prompt tokens each request finds in the pool (``stats().reused_prompt_tokens``).
+        transformers' scheduler asks the cache's ``search_prefix_match`` once per new request and
+        keeps no total, so the cache's method is wrapped (a transformers without it: not counted)."""
+        search = getattr(cache, "search_prefix_match", None)
+        if search is None:
+            log.warning("this transformers' cache has no search_prefix_match: prefix reuse is not counted")
+            return
+
+        def counted(*args, **kwargs):
+            found = search(*args, **kwargs)
+            with self._lock:
+                self._counts["reused"] += found
+            return found
+
+        cache.search_prefix_match = counted
 
     def stop(self, timeout: float | None = 60.0) -> None:
         """Stop now: requests still running get ``on_update(..., finished=True, error=...)``."""
@@ -441,6 +462,8 @@ class Batcher:
             with self._lock:
                 self._requests.pop(request_id, None)
             raise BatcherStoppedError(f"the batcher is not running: {self._fatal_error()}")
+        with self._lock:
+            self._counts["prompt"] += len(prompt_ids)
         return handle
 
     def stats(self) -> BatcherStats:
@@ -448,6 +471,7 @@ class Batcher:
         total = total or self.config.num_blocks
         with self._lock:
             return BatcherStats(running, queued, total, used, total - used, self._counts["generated"],
+                                self._counts["prompt"], self._counts["reused"],
                                 self._counts["finished"], self._counts["failed"],
                                 self._counts["cancelled"], tuple(self._ttfts))
 

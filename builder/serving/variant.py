@@ -66,13 +66,16 @@ class VariantMetrics:
         self.kv_used = family("glm_kv_blocks_used", GAUGE, "KV-cache blocks held by requests")
         self.kv_free = family("glm_kv_blocks_free", GAUGE, "KV-cache blocks free")
         self.tokens = family("glm_generated_tokens_total", COUNTER, "Answer tokens generated")
+        self.prompt = family("glm_prompt_tokens_total", COUNTER, "Prompt tokens of the requests submitted")
+        self.reused = family("glm_prompt_tokens_reused_total", COUNTER,
+                             "Prompt tokens found in the KV pool instead of prefilled (prefix sharing)")
         self.cancelled = family("glm_cancelled_requests_total", COUNTER,
                                 "Requests that left the batch because their client went away")
         self.ttft_sum = family("glm_time_to_first_token_seconds_sum", COUNTER,
                                "Sum of the times to first token, seconds")
         self.ttft_count = family("glm_time_to_first_token_seconds_count", COUNTER,
                                  "Requests that got a first token")
-        self._tokens = self._cancelled = 0
+        self._tokens = self._cancelled = self._prompt = self._reused = 0
 
     def publish(self, stats) -> None:
         self.running.set(stats.running_requests)
@@ -83,6 +86,10 @@ class VariantMetrics:
         self._tokens = stats.generated_tokens
         self.cancelled.increment(stats.cancelled_requests - self._cancelled)
         self._cancelled = stats.cancelled_requests
+        self.prompt.increment(stats.prompt_tokens - self._prompt)
+        self._prompt = stats.prompt_tokens
+        self.reused.increment(stats.reused_prompt_tokens - self._reused)
+        self._reused = stats.reused_prompt_tokens
 
     def first_token(self, seconds: float) -> None:
         try:
