@@ -75,21 +75,17 @@ class VariantMetrics:
                                "Sum of the times to first token, seconds")
         self.ttft_count = family("glm_time_to_first_token_seconds_count", COUNTER,
                                  "Requests that got a first token")
-        self._tokens = self._cancelled = self._prompt = self._reused = 0
+        self._published: dict[str, float] = {}  # each counter's total so far, by name
 
     def publish(self, stats) -> None:
         self.running.set(stats.running_requests)
         self.queued.set(stats.queued_requests)
         self.kv_used.set(stats.kv_blocks_used)
         self.kv_free.set(stats.kv_blocks_free)
-        self.tokens.increment(stats.generated_tokens - self._tokens)
-        self._tokens = stats.generated_tokens
-        self.cancelled.increment(stats.cancelled_requests - self._cancelled)
-        self._cancelled = stats.cancelled_requests
-        self.prompt.increment(stats.prompt_tokens - self._prompt)
-        self._prompt = stats.prompt_tokens
-        self.reused.increment(stats.reused_prompt_tokens - self._reused)
-        self._reused = stats.reused_prompt_tokens
+        for counter, total in ((self.tokens, stats.generated_tokens), (self.cancelled, stats.cancelled_requests),
+                               (self.prompt, stats.prompt_tokens), (self.reused, stats.reused_prompt_tokens)):
+            counter.increment(total - self._published.get(counter.name, 0))  # the batcher keeps totals
+            self._published[counter.name] = total
 
     def first_token(self, seconds: float) -> None:
         try:
