@@ -48,7 +48,8 @@ TURNS = ["鸡兔同笼，共有10个头，28只脚，鸡和兔子各有几只？
          "再出一道类似的题目给我。", "谢谢！再见。"]
 
 
-def one_chat(batcher: Batcher, tok, number: int, turns: list[str], new_tokens: int) -> list[tuple[int, int, float]]:
+def one_chat(batcher: Batcher, tok, number: int, turns: list[str],
+             new_tokens: int) -> list[tuple[int, int, float]]:
     """``(prompt tokens, tokens found in the pool, TTFT s)`` of each turn of one chat."""
     history, rows = [], []
     for index, query in enumerate(turns):

@@ -78,9 +78,9 @@ def build(verbose: bool = False) -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(folder)
         with _our_ninja():
-            cpp_extension.load(name="glm_cpu_kernels", sources=[str(path) for path in SOURCES], build_directory=str(folder),
-                               extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                               is_python_module=False, verbose=verbose)
+            cpp_extension.load(name="glm_cpu_kernels", sources=[str(path) for path in SOURCES],
+                               build_directory=str(folder), extra_cflags=["-O3", "-fopenmp"],
+                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
         isa = torch.ops.glm_cpu.isa(0)
     except Exception as err:  # no compiler, no ninja, a failed compile: torch's kernels do the work
         log.warning("glm-build's CPU decode kernel is not available (%s: %s); using torch's "

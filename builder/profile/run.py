@@ -323,7 +323,8 @@ def estimate_for(config: ChatGLM2Config, variant: Variant, workload: Workload,
     if workload.phase == "encode" and workload.tokens > step:
         activations = estimate_breakdown(config, variant.bits, step, "encode", group_size=variant.group_size,
                                          dtype_bytes=2, device=device, all_logits=False).activations
-    return dataclasses.replace(estimate, activations=activations + batcher_buffer_bytes(config, blocks * page, step))
+    buffers = batcher_buffer_bytes(config, blocks * page, step)
+    return dataclasses.replace(estimate, activations=activations + buffers)
 
 
 def published_for(target: Target, variant: Variant, workload: Workload) -> Optional[int]:
